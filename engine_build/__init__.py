@@ -1,0 +1,1 @@
+"""engine_build: turn the trained model into serving engines and measure them."""

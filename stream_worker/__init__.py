@@ -1,0 +1,3 @@
+"""lookout: a Kafka-native image classification service."""
+
+__version__ = "0.1.0"
