@@ -1,0 +1,86 @@
+"""Shared fixtures. Integration tiers start the real services through scripts/services.
+
+A service that cannot start is a test error, never a skip.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+REPO = Path(__file__).resolve().parent.parent
+SERVICES = REPO / "scripts" / "services"
+
+
+@dataclass(frozen=True)
+class Services:
+    """Where the real Kafka broker and Redis server of this test session listen."""
+
+    bootstrap: str
+    redis_url: str
+
+
+def _services_env() -> dict[str, str]:
+    out = subprocess.run([str(SERVICES), "env"], check=True, capture_output=True, text=True).stdout
+    pairs = (line.removeprefix("export ").split("=", 1) for line in out.splitlines() if "=" in line)
+    return {k: v for k, v in pairs}
+
+
+@pytest.fixture(scope="session")
+def services() -> Services:
+    """Start (or reuse) the real Kafka and Redis; fail loudly when they cannot start."""
+    result = subprocess.run([str(SERVICES), "up"], capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        pytest.fail(f"scripts/services up failed:\n{result.stderr}", pytrace=False)
+    env = _services_env()
+    return Services(bootstrap=env["KAFKA_BOOTSTRAP"], redis_url=env["REDIS_URL"])
+
+
+TopicFactory = Callable[..., Awaitable[str]]
+
+
+@pytest.fixture
+async def make_topic(services: Services) -> AsyncIterator[TopicFactory]:
+    """Create uuid-named topics for one test; they are deleted afterwards."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=services.bootstrap)
+    await admin.start()
+    created: list[str] = []
+
+    async def factory(prefix: str = "t", partitions: int = 1, config: dict[str, str] | None = None) -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+        await admin.create_topics([NewTopic(name, partitions, 1, topic_configs=config or {})])
+        created.append(name)
+        return name
+
+    try:
+        yield factory
+    finally:
+        if created:
+            try:
+                await admin.delete_topics(created)
+            except Exception:  # noqa: BLE001 - cleanup must not hide the test's own result
+                pass
+        await admin.close()
+
+
+@pytest.fixture
+async def redis_client(services: Services) -> AsyncIterator[aioredis.Redis]:
+    """A client of the real Redis server."""
+    client = aioredis.from_url(services.redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def key_prefix() -> Iterator[str]:
+    """A fresh Redis key prefix per test, so tests never see each other's keys."""
+    yield f"lookout-test-{uuid.uuid4().hex[:10]}"
