@@ -71,6 +71,9 @@ class TopicSettings:
     )
     review_topic: str = opt("review", "LOOKOUT_REVIEW_TOPIC", "low-confidence frames sampled for review")
     group: str = opt("lookout", "LOOKOUT_GROUP", "consumer group id")
+    topic_replication: int = opt(
+        1, "LOOKOUT_TOPIC_REPLICATION", "replication factor of output topics the worker creates (use 3 in production)"
+    )
 
 
 @dataclass(frozen=True, slots=True)

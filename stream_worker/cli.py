@@ -1,0 +1,215 @@
+"""``stream-worker``: argument parsing, logging set-up and the only ``sys.exit`` of lookout.
+
+User mistakes (a bad flag, a missing engine, an unreachable broker) end in one line on stderr
+that says what to do, with exit code 2; a worker that fails at run time exits 1 so that its
+supervisor restarts it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stream_worker import __version__
+from stream_worker.errors import ConfigError, EngineError, LookoutError
+from stream_worker.frames import SourceKind
+from stream_worker.settings import Settings, add_flags, as_dict, load_settings
+
+log = logging.getLogger("lookout")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        """One line, what to do, exit 2 (argparse would print the whole usage)."""
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``stream-worker`` command line."""
+    parser = _Parser(prog="stream-worker", description="lookout: Kafka-native image classification worker")
+    parser.add_argument("--version", action="version", version=f"lookout {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="consume frames, publish labels and counts (the worker)")
+    run.add_argument("--config", help="YAML settings file (env LOOKOUT_CONFIG)")
+    run.add_argument("--no-create-topics", action="store_true", help="do not create missing output topics")
+    add_flags(run)
+
+    config = sub.add_parser("config", help="print the effective settings, secrets redacted")
+    config.add_argument("--config", help="YAML settings file (env LOOKOUT_CONFIG)")
+    config.add_argument("--json", action="store_true", help="JSON instead of YAML")
+    add_flags(config)
+
+    replay = sub.add_parser("replay", help="replay videos / image folders / globs as camera feeds")
+    replay.add_argument("sources", nargs="+", metavar="SOURCE", help="video file, image folder or glob")
+    replay.add_argument("--topic", help="frames topic (default: the first --frames-topic)")
+    replay.add_argument("--source-id", action="append", default=[], help="id of each source, in order")
+    replay.add_argument(
+        "--kind", default="traffic", choices=[k.value for k in SourceKind], help="source-kind header"
+    )
+    replay.add_argument("--site", help="site header")
+    replay.add_argument("--fps", type=float, default=10.0, help="frames per second per source (0 = as fast as possible)")
+    replay.add_argument("--quality", type=int, default=85, help="JPEG quality")
+    replay.add_argument("--loop", action="store_true", help="start again at the end")
+    replay.add_argument("--limit", type=int, default=0, help="frames per source (0 = all)")
+    replay.add_argument("--resize", help="WIDTHxHEIGHT, e.g. 1920x1080 (upscales small footage)")
+    replay.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_flags(replay, ["kafka", "topics"])
+
+    counts = sub.add_parser("counts", help="show the counts of a source")
+    counts.add_argument("--source", required=True, help="source id")
+    counts.add_argument("--window", default="1m", help="window name (one of --windows)")
+    counts.add_argument("--json", action="store_true", help="print one JSON object")
+    add_flags(counts, ["redis"])
+
+    demo = sub.add_parser("demo", help="services, engine, worker and real street footage, with live counts")
+    demo.add_argument("--seconds", type=float, default=60.0, help="how long to run (Ctrl-C ends it sooner)")
+    demo.add_argument("--cameras", type=int, default=3, help="how many cameras replay the footage")
+    demo.add_argument("--fps", type=float, default=5.0, help="frames per second per camera")
+    demo.add_argument("--no-services", action="store_true", help="use already running Kafka/Redis")
+    add_flags(demo, ["kafka", "redis", "engine"])
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Settings from the parsed flags (+ env + the optional YAML file)."""
+    flags = {k: v for k, v in vars(args).items() if v is not None}
+    return load_settings(flags=flags, config_file=getattr(args, "config", None))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``stream-worker`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from(args)
+        from stream_worker.observability import setup_logging
+
+        setup_logging(settings.ops.log_level, settings.ops.log_format)
+        code = COMMANDS[args.command](args, settings)
+    except (ConfigError, EngineError) as exc:
+        print(f"stream-worker: {exc}", file=sys.stderr)
+        code = EXIT_USAGE
+    except LookoutError as exc:
+        print(f"stream-worker: {exc}", file=sys.stderr)
+        code = EXIT_FAILED
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+def _cmd_config(args: argparse.Namespace, settings: Settings) -> int:
+    data = as_dict(settings)
+    print(json.dumps(data, indent=2) if args.json else yaml.safe_dump(data, sort_keys=False), end="")
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from stream_worker.service import run_worker
+
+    return asyncio.run(_with_signals(lambda stop: run_worker(settings, stop, create_topics=not args.no_create_topics)))
+
+
+def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    from tqdm import tqdm
+
+    from stream_worker.replay import ReplayOptions, ReplaySource, replay
+
+    if args.source_id and len(args.source_id) != len(args.sources):
+        raise ConfigError(f"give one --source-id per source ({len(args.sources)} sources, {len(args.source_id)} ids)")
+    ids = args.source_id or [f"{Path(s).stem or 'source'}-{i}" for i, s in enumerate(args.sources)]
+    resize = None
+    if args.resize:
+        try:
+            w, h = (int(v) for v in args.resize.lower().split("x"))
+        except ValueError:
+            raise ConfigError(f"--resize takes WIDTHxHEIGHT, e.g. 1920x1080, not {args.resize!r}") from None
+        resize = (w, h)
+    sources = [ReplaySource(p, i, SourceKind(args.kind), args.site) for p, i in zip(args.sources, ids, strict=True)]
+    options = ReplayOptions(fps=args.fps, quality=args.quality, loop=args.loop, limit=args.limit, resize=resize)
+    topic = args.topic or settings.topics.frames_topic[0]
+    bar = None if args.no_progress else tqdm(unit="frame", desc=f"replay -> {topic}")
+
+    async def go(stop: asyncio.Event) -> int:
+        sent = await replay(settings.kafka, topic, sources, options, stop=stop,
+                            on_frame=(lambda _s: bar.update()) if bar is not None else None)
+        if bar is not None:
+            bar.close()
+        print(json.dumps({"topic": topic, "sent": sent}))
+        return EXIT_OK
+
+    return asyncio.run(_with_signals(go))
+
+
+def _cmd_counts(args: argparse.Namespace, settings: Settings) -> int:
+    from stream_worker.service import read_counts
+
+    report = asyncio.run(read_counts(settings, args.source, args.window))
+    if args.json:
+        print(json.dumps(report))
+        return EXIT_OK
+    print(format_counts_table(report))
+    return EXIT_OK
+
+
+def format_counts_table(report: dict[str, Any]) -> str:
+    """A plain-text table: one row per window, one column per label."""
+    labels = sorted(report["total"])
+    if not report["windows"]:
+        return f"no counts for source {report['source_id']!r} in window {report['window']!r}"
+    header = ["window start (UTC)", "frames", *labels]
+    rows = [header]
+    import datetime as dt
+
+    for w in report["windows"]:
+        start = dt.datetime.fromtimestamp(w["start"] / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        rows.append([start, str(w["frames"]), *(str(w["counts"].get(label, 0)) for label in labels)])
+    rows.append(["total", str(sum(w["frames"] for w in report["windows"])), *(str(report["total"][lb]) for lb in labels)])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(widths[i]) for i, cell in enumerate(r)) for r in rows)
+
+
+def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from stream_worker.demo import run_demo
+
+    return asyncio.run(_with_signals(lambda stop: run_demo(settings, stop, args)))
+
+
+async def _with_signals(body: Any) -> int:
+    """Run ``body(stop)`` with SIGTERM/SIGINT setting ``stop`` (a second signal exits at once)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            raise SystemExit(128 + signum)
+        log.info("signal %d: draining and stopping", signum)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    result: int = await body(stop)
+    return result
+
+
+COMMANDS = {
+    "run": _cmd_run,
+    "config": _cmd_config,
+    "replay": _cmd_replay,
+    "counts": _cmd_counts,
+    "demo": _cmd_demo,
+}
+
+
+if __name__ == "__main__":
+    main()

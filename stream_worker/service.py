@@ -1,0 +1,126 @@
+"""The shell around the worker: preflight checks, topics, engine, metrics server, counts queries.
+
+Every check here turns a user mistake into one actionable line before any frame is consumed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+from redis import exceptions as redis_errors
+
+from stream_worker.backends.base import Backend, open_backend
+from stream_worker.errors import ConfigError, LookoutError
+from stream_worker.kafka import ensure_topics, partitions_of
+from stream_worker.observability import HealthServer, Metrics
+from stream_worker.settings import Settings
+from stream_worker.sinks.counts import RedisCounts, make_redis
+from stream_worker.taxonomy import Taxonomy
+from stream_worker.worker import Worker
+
+log = logging.getLogger("lookout.service")
+
+
+async def check_redis(settings: Settings) -> None:
+    """One-line error when Redis cannot be reached or refuses us."""
+    client = make_redis(settings.redis)
+    try:
+        await client.ping()
+    except redis_errors.AuthenticationError as exc:
+        raise ConfigError(f"Redis refused the credentials ({exc}): check REDIS_USERNAME / REDIS_PASSWORD_FILE") from exc
+    except redis_errors.RedisError as exc:
+        raise ConfigError(
+            f"cannot reach Redis at {settings.redis.redis_url.split('@')[-1]} ({exc.__class__.__name__}): "
+            "start it (scripts/services up) or fix --redis-url / REDIS_URL"
+        ) from exc
+    finally:
+        await client.aclose()
+
+
+async def prepare_topics(settings: Settings) -> None:
+    """Create missing output topics: labels, compacted counts, dead letters, review."""
+    t = settings.topics
+    partitions = 1
+    for topic in t.frames_topic:
+        partitions = max(partitions, await partitions_of(settings.kafka, topic))
+    wanted: dict[str, tuple[int, dict[str, str]]] = {
+        t.labels_topic: (partitions, {}),
+        t.counts_topic: (partitions, {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"}),
+        t.review_topic: (1, {}),
+    }
+    if not t.frames_pattern:
+        for topic in t.frames_topic:
+            wanted[t.dlq_topic.format(topic=topic)] = (1, {})
+    created = await ensure_topics(settings.kafka, wanted, replication=t.topic_replication)
+    if created:
+        log.info("created topics %s", ", ".join(created))
+
+
+def backend_factory(settings: Settings) -> Backend:
+    """Open the configured engine (default: the CPU engine, built on first use)."""
+    e = settings.engine
+    engine = Path(e.engine) if e.engine else None
+    if engine is not None and not engine.exists():
+        raise ConfigError(f"engine {engine} does not exist: build it with `engine-build build ... --out {engine}` "
+                          "or leave --engine empty for the default CPU engine")
+    return open_backend(engine, threads=e.inference_threads or None, cache_dir=Path(e.cache_dir))
+
+
+async def run_worker(settings: Settings, stop: asyncio.Event, *, create_topics: bool = True) -> int:
+    """Preflight, then run one worker until ``stop``; returns the exit code."""
+    await check_redis(settings)
+    if create_topics:
+        await prepare_topics(settings)
+    metrics = Metrics()
+    worker = Worker(settings, backend_factory=lambda: backend_factory(settings), taxonomy=Taxonomy.load(),
+                    metrics=metrics)
+    server = HealthServer(metrics, ready=worker.ready, live=worker.live)
+    if settings.ops.metrics_port:
+        try:
+            port = await server.start(settings.ops.metrics_host, settings.ops.metrics_port)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot serve metrics on {settings.ops.metrics_host}:{settings.ops.metrics_port} ({exc.strerror}): "
+                "set --metrics-port to a free port, or 0 to turn it off"
+            ) from exc
+        log.info("metrics on http://%s:%d/metrics", settings.ops.metrics_host, port)
+    try:
+        await worker.run(stop)
+    finally:
+        await server.stop()
+    log.info("worker stopped")
+    return 0
+
+
+async def read_counts(settings: Settings, source_id: str, window: str) -> dict[str, Any]:
+    """The counts of one source as plain data (the ``counts --json`` format)."""
+    client = make_redis(settings.redis)
+    try:
+        counts = RedisCounts(client, key_prefix=settings.redis.key_prefix, ttl_s=settings.redis.counts_ttl_s,
+                             event_gap_ms=0)
+        try:
+            windows = await counts.read(source_id, window)
+        except LookoutError as exc:
+            raise ConfigError(f"cannot read counts: {exc}; is Redis up (scripts/services up) and --redis-url right?") from exc
+    finally:
+        await client.aclose()
+    total: dict[str, int] = {}
+    events_total: dict[str, int] = {}
+    for w in windows:
+        for label, n in w.labels.items():
+            total[label] = total.get(label, 0) + n
+        for label, n in w.events.items():
+            events_total[label] = events_total.get(label, 0) + n
+    return {
+        "source_id": source_id,
+        "window": window,
+        "windows": [
+            {"start": w.start_ms, "frames": w.frames, "counts": w.labels, "events": w.events} for w in windows
+        ],
+        "total": total,
+        "events_total": events_total,
+        "frames_total": sum(w.frames for w in windows),
+    }

@@ -1,0 +1,612 @@
+"""The consume -> decode -> infer -> publish -> count -> commit loop: the one place that wires it all.
+
+Three asyncio tasks form a pipeline joined by small bounded queues, so decoding of the next batch
+overlaps inference of this one and publishing of the last:
+
+* **poll**: ``getmany`` from the frames topics, header checks, decode + preprocess submitted to a
+  thread pool straight into a slot of a preallocated batch buffer; closes a batch at
+  ``max_batch`` frames or ``max_wait_ms`` after its first frame. Pauses every partition while
+  ``max_in_flight`` frames are uncommitted and resumes when there is room.
+* **infer**: waits for the batch's decodes, runs the engine on the one inference thread that owns
+  it, applies the taxonomy.
+* **sink**: labels, dead letters and review samples to Kafka (idempotent producer, acks=all,
+  all acknowledged), then one Lua call per partition-batch to Redis (exactly-once through the
+  partition's offset watermark), then the absolute window counts to the compacted counts topic,
+  then, only then, the offset commit. A retriable failure retries the unfinished steps of the same
+  batch with backoff; anything else stops the worker loudly.
+
+Batches leave each stage in the order they entered it, so commits only ever move forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import zlib
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.structs import OffsetAndMetadata
+
+from stream_worker import codec, counting
+from stream_worker.backends.base import Backend
+from stream_worker.decode import DecodeLimits, decode_into
+from stream_worker.errors import BadFrame, LookoutError, ServiceUnavailable
+from stream_worker.frames import Frame, FrameLabels, Prediction, SourceKind
+from stream_worker.kafka import kafka_failure, make_consumer, make_producer
+from stream_worker.observability import Metrics
+from stream_worker.settings import Settings
+from stream_worker.sinks.counts import CountedFrame, RedisCounts, WindowCounts, make_redis, redis_failure
+from stream_worker.taxonomy import Taxonomy
+
+log = logging.getLogger("lookout.worker")
+
+BUFFER_POOL_SIZE = 3  # one filling, one in inference, one spare
+
+
+@dataclass(slots=True)
+class DeadFrame:
+    """A record that will never be classified, on its way to the dead-letter topic."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...]
+    error: BadFrame
+
+
+@dataclass(slots=True)
+class Batch:
+    """One micro-batch moving through the pipeline, with what each stage left on it."""
+
+    seq: int
+    opened_at: float
+    buffer: npt.NDArray[np.float32] | None = None
+    frames: list[Frame] = field(default_factory=list)
+    decodes: list[asyncio.Future[Any]] = field(default_factory=list)
+    dead: list[DeadFrame] = field(default_factory=list)
+    predictions: list[Prediction] = field(default_factory=list)
+    offsets: dict[TopicPartition, int] = field(default_factory=dict)  # last offset seen per partition
+    records: int = 0
+    # Progress, so a retry redoes only what failed.
+    published: bool = False
+    counted: set[TopicPartition] = field(default_factory=set)
+    windows: dict[TopicPartition, tuple[WindowCounts, ...]] = field(default_factory=dict)
+    counts_published: bool = False
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+
+    async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        await self._worker.on_revoked(list(revoked))
+
+    async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        await self._worker.on_assigned(list(assigned))
+
+
+class Worker:
+    """One lookout worker: a consumer-group member that labels and counts frames."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        backend_factory: Callable[[], Backend],
+        taxonomy: Taxonomy,
+        metrics: Metrics | None = None,
+        clock_ms: Callable[[], int] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self._backend_factory = backend_factory
+        self._taxonomy = taxonomy
+        self._clock_ms = clock_ms or (lambda: int(time.time() * 1000))
+        b = settings.batch
+        self._limits = DecodeLimits(max_frame_bytes=b.max_frame_bytes, max_pixels=b.max_pixels)
+        self._windows = [counting.WindowSpec.parse(w) for w in settings.counts.windows]
+        self._event_gap_ms = int(settings.counts.event_gap_s * 1000)
+        self._review_cutoff = int(settings.counts.review_sample_rate * 10_000)
+        self._decode_pool = ThreadPoolExecutor(b.decode_threads, thread_name_prefix="lookout-decode")
+        self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="lookout-infer")
+        self._backend: Backend | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._redis: aioredis.Redis | None = None
+        self._counts: RedisCounts | None = None
+        self._drift = counting.DriftTracker(settings.counts.drift_window_frames, settings.counts.review_threshold)
+        self._pool: asyncio.Queue[npt.NDArray[np.float32]] = asyncio.Queue()
+        # Unbounded on purpose: the in-flight limit bounds them, and the poll stage must never
+        # wait on a sink (only, briefly, on a free batch buffer from inference).
+        self._infer_q: asyncio.Queue[Batch | None] = asyncio.Queue()
+        self._sink_q: asyncio.Queue[Batch | None] = asyncio.Queue()
+        self._open: Batch | None = None
+        self._seq = 0
+        self._in_flight = 0
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._paused = False
+        self._rebalancing = False
+        self._max_batch = b.max_batch
+        self._model: dict[str, str] = {}
+        self._ready = False
+        self._last_poll = time.monotonic()
+        self._fatal: BaseException | None = None
+        self._stopping = asyncio.Event()
+        self.started = asyncio.Event()
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set (then drain within the deadline) or a fatal error is raised."""
+        loop = asyncio.get_running_loop()
+        # The backend is created on the inference thread: it owns the engine (and a CUDA context).
+        self._backend = await loop.run_in_executor(self._infer_pool, self._backend_factory)
+        info = self._backend.info
+        self._max_batch = max(1, min(self.settings.batch.max_batch, info.max_batch))
+        self._model = {
+            "name": info.model_name,
+            "version": info.model_version,
+            "backend": info.backend,
+            "precision": info.precision,
+        }
+        height, width = info.spec.height, info.spec.width
+        for _ in range(BUFFER_POOL_SIZE):
+            self._pool.put_nowait(np.zeros((self._max_batch, 3, height, width), dtype=np.float32))
+
+        s = self.settings
+        self._redis = make_redis(s.redis)
+        self._counts = RedisCounts(
+            self._redis,
+            key_prefix=s.redis.key_prefix,
+            ttl_s=s.redis.counts_ttl_s,
+            event_gap_ms=self._event_gap_ms,
+            windows=[(w.name, w.size_ms) for w in self._windows],
+        )
+        self._producer = make_producer(s.kafka, client_id_suffix="worker")
+        self._consumer = make_consumer(s.kafka, s.topics.group, max_poll_records=self._max_batch * 4)
+        await self._producer.start()
+        listener = _Rebalance(self)
+        if s.topics.frames_pattern:
+            self._consumer.subscribe(pattern=s.topics.frames_pattern, listener=listener)
+        else:
+            self._consumer.subscribe(topics=list(s.topics.frames_topic), listener=listener)
+        await self._consumer.start()
+        self._ready = True
+        self.started.set()
+        log.info(
+            "worker started",
+            extra={"engine": info.path.name if hasattr(info.path, "name") else str(info.path),
+                   "max_batch": self._max_batch, "group": s.topics.group},
+        )
+        pipeline = [
+            asyncio.create_task(self._poll_loop(stop), name="poll"),
+            asyncio.create_task(self._infer_loop(), name="infer"),
+            asyncio.create_task(self._sink_loop(), name="sink"),
+        ]
+        tasks = [*pipeline, asyncio.create_task(self._lag_loop(), name="lag")]
+        try:
+            done, _ = await asyncio.wait(pipeline, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                error = None if task.cancelled() else task.exception()
+                if error is not None:
+                    self._fatal = error
+                    raise error
+        finally:
+            self._ready = False
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._close()
+
+    async def _close(self) -> None:
+        if self._consumer is not None:
+            try:
+                await self._consumer.stop()  # leaves the group
+            except KafkaError as exc:
+                log.warning("consumer stop failed: %s", exc)
+        if self._producer is not None:
+            try:
+                await self._producer.stop()
+            except KafkaError as exc:
+                log.warning("producer stop failed: %s", exc)
+        if self._redis is not None:
+            await self._redis.aclose()
+        backend = self._backend
+        if backend is not None:
+            await asyncio.get_running_loop().run_in_executor(self._infer_pool, backend.close)
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        self._infer_pool.shutdown(wait=False)
+
+    def live(self) -> tuple[bool, str]:
+        """Liveness: the loop answers and the pipeline has not died."""
+        if self._fatal is not None:
+            return False, f"fatal: {self._fatal}"
+        return True, "ok"
+
+    def ready(self) -> tuple[bool, str]:
+        """Readiness: engine loaded, consumer running, polling recently."""
+        if not self._ready:
+            return False, "starting or stopping"
+        if time.monotonic() - self._last_poll > 30:
+            return False, "no poll for 30 s"
+        return True, "ok"
+
+    # ----------------------------------------------------------------- poll stage
+
+    async def _poll_loop(self, stop: asyncio.Event) -> None:
+        consumer = self._consumer
+        assert consumer is not None  # noqa: S101 - set in run()
+        poll_ms = 100
+        while not stop.is_set():
+            self._backpressure()
+            timeout_ms = poll_ms
+            if self._open is not None and self._open.frames:
+                wait_left = self._open.opened_at + self.settings.batch.max_wait_ms / 1000 - time.monotonic()
+                timeout_ms = max(0, min(poll_ms, int(wait_left * 1000)))
+            room = max(1, self.settings.batch.max_in_flight - self._in_flight)
+            try:
+                records = await consumer.getmany(timeout_ms=timeout_ms, max_records=min(room, self._max_batch * 4))
+            except KafkaError as exc:
+                raise kafka_failure(exc, "consuming frames") from exc
+            self._last_poll = time.monotonic()
+            if self._rebalancing:
+                # Records fetched while partitions are being revoked are re-fetched after the
+                # rebalance from the committed offsets; processing them now could double-publish.
+                continue
+            for tp, batch_records in records.items():
+                self.metrics.frames_in.labels(tp.topic).inc(len(batch_records))
+                for record in batch_records:
+                    await self._add(tp, record)
+            if self._open is not None and self._due(self._open):
+                await self._close_open()
+        self._stopping.set()
+        await self._close_open()
+        await self._drain(self.settings.ops.drain_deadline_s, "shutdown")
+        await self._infer_q.put(None)
+
+    def _due(self, batch: Batch) -> bool:
+        if not batch.frames:
+            return bool(batch.dead)
+        return time.monotonic() >= batch.opened_at + self.settings.batch.max_wait_ms / 1000
+
+    async def _add(self, tp: TopicPartition, record: Any) -> None:
+        if self._open is None:
+            self._open = Batch(seq=self._seq, opened_at=time.monotonic())
+            self._seq += 1
+        batch = self._open
+        batch.records += 1
+        batch.offsets[tp] = record.offset
+        self._in_flight += 1
+        self._drained.clear()
+        try:
+            frame = codec.frame_from_record(
+                record.topic, record.partition, record.offset, record.timestamp,
+                record.key, record.value, list(record.headers),
+            )
+        except BadFrame as exc:
+            batch.dead.append(_dead(record, exc))
+            return
+        if batch.buffer is None:
+            batch.buffer = await self._pool.get()
+            batch.opened_at = time.monotonic()
+        slot = batch.buffer[len(batch.frames)]
+        spec = self._backend.info.spec if self._backend else None
+        batch.frames.append(frame)
+        batch.decodes.append(
+            asyncio.get_running_loop().run_in_executor(
+                self._decode_pool, decode_into, frame.data, frame.content_type, slot, spec, self._limits
+            )
+        )
+        if len(batch.frames) >= self._max_batch:
+            await self._close_open()
+
+    async def _close_open(self) -> None:
+        batch, self._open = self._open, None
+        if batch is not None and batch.records:
+            await self._infer_q.put(batch)
+
+    def _backpressure(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None  # noqa: S101
+        full = self._in_flight >= self.settings.batch.max_in_flight
+        if full and not self._paused:
+            consumer.pause(*consumer.assignment())
+            self._paused = True
+            self.metrics.paused.set(1)
+        elif not full and self._paused:
+            consumer.resume(*consumer.paused())
+            self._paused = False
+            self.metrics.paused.set(0)
+        self.metrics.in_flight.set(self._in_flight)
+
+    # ----------------------------------------------------------------- infer stage
+
+    async def _infer_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        backend = self._backend
+        assert backend is not None  # noqa: S101
+        while (batch := await self._infer_q.get()) is not None:
+            if batch.frames:
+                started = time.monotonic()
+                results = await asyncio.gather(*batch.decodes, return_exceptions=True)
+                self.metrics.decode_seconds.observe(time.monotonic() - started)
+                good = []
+                for i, (frame, result) in enumerate(zip(batch.frames, results, strict=True)):
+                    if isinstance(result, BadFrame):
+                        batch.dead.append(_dead_frame(frame, result))
+                    elif isinstance(result, BaseException):
+                        # An unexpected decoder exception is still about this frame's bytes.
+                        error = BadFrame("decode", "decoder_error", f"{result.__class__.__name__}: {result}")
+                        batch.dead.append(_dead_frame(frame, error))
+                    else:
+                        good.append(i)
+                buffer = batch.buffer
+                assert buffer is not None  # noqa: S101
+                if good:
+                    n = len(batch.frames)
+                    started = time.monotonic()
+                    labels = await loop.run_in_executor(self._infer_pool, self._classify, backend, buffer, n, good)
+                    self.metrics.inference_seconds.observe(time.monotonic() - started)
+                    self.metrics.batch_size.observe(len(good))
+                    now_ms = self._clock_ms()
+                    for i, result in zip(good, labels, strict=True):
+                        frame = batch.frames[i]
+                        batch.predictions.append(
+                            Prediction(frame, result, now_ms, float(now_ms - frame.captured_at_ms))
+                        )
+                batch.buffer = None
+                batch.decodes = []
+                self._pool.put_nowait(buffer)
+            await self._sink_q.put(batch)
+        await self._sink_q.put(None)
+
+    def _classify(self, backend: Backend, buffer: npt.NDArray[np.float32], n: int, good: list[int]) -> list[FrameLabels]:
+        """Runs on the inference thread: engine, then taxonomy (both CPU-bound)."""
+        probs = backend.infer(buffer[:n])
+        if len(good) != n:
+            probs = probs[good]
+        lab = self.settings.labels
+        return self._taxonomy.classify(
+            probs,
+            mode=lab.label_mode,  # type: ignore[arg-type]
+            rollup_threshold=lab.rollup_threshold,
+            thresholds=lab.label_thresholds or None,
+            default_threshold=lab.default_label_threshold,
+            top_k=lab.top_k,
+        )
+
+    # ----------------------------------------------------------------- sink stage
+
+    async def _sink_loop(self) -> None:
+        while (batch := await self._sink_q.get()) is not None:
+            started = time.monotonic()
+            await self._retrying(lambda b=batch: self._publish(b))
+            await self._commit(batch)
+            self.metrics.sink_seconds.observe(time.monotonic() - started)
+            now_ms = self._clock_ms()
+            for p in batch.predictions:
+                self.metrics.e2e_seconds.observe(max(0.0, (now_ms - p.frame.captured_at_ms) / 1000))
+            self._in_flight -= batch.records
+            self.metrics.in_flight.set(self._in_flight)
+            if self._in_flight == 0:
+                self._drained.set()
+
+    async def _retrying(self, step: Callable[[], Awaitable[None]]) -> None:
+        delay = 0.2
+        while True:
+            try:
+                await step()
+                return
+            except LookoutError as exc:
+                if not exc.retriable:
+                    self._fatal = exc
+                    raise
+                self.metrics.retries.labels(exc.__class__.__name__).inc()
+                log.warning("sink write failed, retrying in %.1fs: %s", delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.ops.retry_max_s)
+
+    async def _publish(self, batch: Batch) -> None:
+        producer, counts = self._producer, self._counts
+        assert producer is not None and counts is not None  # noqa: S101
+        if not batch.published:
+            await self._send_all(producer, self._kafka_records(batch), "publishing labels")
+            batch.published = True
+            self._count_published(batch)
+        by_partition: dict[TopicPartition, list[CountedFrame]] = {}
+        for p in batch.predictions:
+            by_partition.setdefault(TopicPartition(p.frame.topic, p.frame.partition), []).append(self._counted(p))
+        for tp, frames in by_partition.items():
+            if tp in batch.counted:
+                continue
+            result = await counts.apply(tp.topic, tp.partition, frames)
+            self.metrics.counts_skipped.inc(len(frames) - result.applied)
+            batch.windows[tp] = result.windows
+            batch.counted.add(tp)
+        if not batch.counts_published:
+            await self._publish_windows(batch.windows)
+            batch.counts_published = True
+
+    async def _publish_windows(self, windows: dict[TopicPartition, tuple[WindowCounts, ...]]) -> None:
+        producer, counts = self._producer, self._counts
+        assert producer is not None and counts is not None  # noqa: S101
+        records = []
+        for group in windows.values():
+            for w in group:
+                key, value = codec.count_record(w.source_id, w.window, w.start_ms, {"_frames": w.frames, **w.labels})
+                records.append((self.settings.topics.counts_topic, key, value, []))
+                if w.events:
+                    key, value = codec.count_record(w.source_id, w.window, w.start_ms, w.events, "events")
+                    records.append((self.settings.topics.counts_topic, key, value, []))
+        if not records:
+            return
+        await self._send_all(producer, records, "publishing counts")
+        for tp, group in windows.items():
+            await counts.mark_published(tp.topic, tp.partition, group)
+
+    def _kafka_records(self, batch: Batch) -> list[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]]:
+        topics = self.settings.topics
+        out: list[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]] = []
+        for p in batch.predictions:
+            value = codec.label_record(p, self._model)
+            out.append((topics.labels_topic, p.frame.source_id.encode(), value, []))
+            if self._review_cutoff and p.result.best_score < self.settings.counts.review_threshold:
+                if zlib.crc32(p.frame.frame_id.encode()) % 10_000 < self._review_cutoff:
+                    out.append((topics.review_topic, p.frame.source_id.encode(), p.frame.data,
+                                [*p.frame.headers, ("lookout-labels", value)]))
+                    self.metrics.frames_review.inc()
+        for d in batch.dead:
+            keep = d.value if d.value is not None and len(d.value) <= self.settings.batch.max_frame_bytes else b""
+            headers = codec.dead_letter_headers(
+                d.topic, d.partition, d.offset, d.error.stage, d.error.reason, d.error, d.headers
+            )
+            out.append((topics.dlq_topic.format(topic=d.topic), d.key, keep, headers))
+        return out
+
+    def _count_published(self, batch: Batch) -> None:
+        """Metrics and the drift signal for a published batch (per batch, not per frame)."""
+        by_topic: dict[str, int] = {}
+        for p in batch.predictions:
+            by_topic[p.frame.topic] = by_topic.get(p.frame.topic, 0) + 1
+            top = p.result.labels[0].label if p.result.labels else "unknown"
+            self._drift.observe(p.frame.source_id, top, p.result.best_score)
+        for topic, n in by_topic.items():
+            self.metrics.frames_out.labels(topic).inc(n)
+        for d in batch.dead:
+            self.metrics.frames_dead.labels(d.error.stage, d.error.reason).inc()
+        for source in {p.frame.source_id for p in batch.predictions}:
+            snapshot = self._drift.snapshot(source)
+            self.metrics.low_confidence_share.labels(source).set(snapshot.low_confidence_share)
+            for label, share in snapshot.label_share.items():
+                self.metrics.label_share.labels(source, label).set(share)
+
+    @staticmethod
+    def _counted(p: Prediction) -> CountedFrame:
+        events: tuple[str, ...] | None = None
+        if p.frame.source_kind is SourceKind.WILDLIFE:
+            events = tuple(sorted(counting.species_of(p.result.labels)))
+        return CountedFrame(
+            p.frame.offset,
+            p.frame.source_id,
+            p.frame.captured_at_ms,
+            tuple(sorted(counting.counted_labels(p.result.labels))),
+            events,
+        )
+
+    @staticmethod
+    async def _send_all(
+        producer: AIOKafkaProducer,
+        records: Sequence[tuple[str, bytes | None, bytes, Sequence[tuple[str, bytes]]]],
+        what: str,
+    ) -> None:
+        """Send every record, then wait for every acknowledgement (one flush per batch)."""
+        try:
+            futures = [
+                await producer.send(topic, value, key=key, headers=list(headers) or None)
+                for topic, key, value, headers in records
+            ]
+            await asyncio.gather(*futures)
+        except KafkaError as exc:
+            raise kafka_failure(exc, what) from exc
+
+    async def _commit(self, batch: Batch) -> None:
+        consumer = self._consumer
+        assert consumer is not None  # noqa: S101
+        owned = consumer.assignment()
+        offsets = {tp: OffsetAndMetadata(last + 1, "") for tp, last in batch.offsets.items() if tp in owned}
+        if not offsets:
+            return
+        try:
+            await consumer.commit(offsets)
+        except (CommitFailedError, IllegalStateError) as exc:
+            # The partitions moved to another worker; it resumes from the Redis watermark, so
+            # the counts stay exact (labels may repeat, with the same frame ids).
+            log.warning("commit refused after a rebalance: %s", exc)
+        except KafkaError as exc:
+            raise kafka_failure(exc, "committing offsets") from exc
+
+    # ----------------------------------------------------------------- rebalance
+
+    async def _drain(self, deadline_s: float, why: str) -> bool:
+        try:
+            await asyncio.wait_for(self._drained.wait(), timeout=deadline_s)
+            return True
+        except TimeoutError:
+            log.warning("%s: %d frames still in flight after %.0fs", why, self._in_flight, deadline_s)
+            return False
+
+    async def on_revoked(self, revoked: list[TopicPartition]) -> None:
+        """Finish and commit what belongs to the revoked partitions before they move."""
+        self._rebalancing = True
+        if not revoked:
+            return
+        await self._close_open()
+        await self._drain(self.settings.ops.drain_deadline_s, "rebalance")
+
+    async def on_assigned(self, assigned: list[TopicPartition]) -> None:
+        """Resume each partition after the committed offset or the Redis watermark, whichever is further."""
+        consumer, counts = self._consumer, self._counts
+        assert consumer is not None and counts is not None  # noqa: S101
+        try:
+            for tp in assigned:
+                watermark = await counts.watermark(tp.topic, tp.partition)
+                committed = await consumer.committed(tp)
+                if watermark >= 0 and (committed is None or watermark + 1 > committed):
+                    log.info("resuming %s:%d at the Redis watermark %d (committed %s)",
+                             tp.topic, tp.partition, watermark + 1, committed)
+                    consumer.seek(tp, watermark + 1)
+                dirty = await counts.dirty(tp.topic, tp.partition)
+                if dirty:
+                    await self._publish_windows({tp: tuple(dirty)})
+        except LookoutError as exc:
+            # Still safe: the watermark makes any replay a no-op for the counts.
+            log.warning("could not check watermarks on assignment: %s", exc)
+        finally:
+            self._rebalancing = False
+            self._paused = False
+
+    async def _lag_loop(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None  # noqa: S101
+        while True:
+            await asyncio.sleep(5)
+            for tp in consumer.assignment():
+                try:
+                    high = consumer.highwater(tp)
+                    position = await consumer.position(tp)
+                except (KafkaError, IllegalStateError):
+                    continue
+                if high is not None:
+                    self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, high - position))
+
+
+def _dead(record: Any, error: BadFrame) -> DeadFrame:
+    return DeadFrame(
+        record.topic, record.partition, record.offset, record.key, record.value, tuple(record.headers or ()), error
+    )
+
+
+def _dead_frame(frame: Frame, error: BadFrame) -> DeadFrame:
+    return DeadFrame(
+        frame.topic, frame.partition, frame.offset, frame.source_id.encode(), frame.data, frame.headers, error
+    )
+
+
+def is_retriable(exc: BaseException) -> bool:
+    """Whether the supervisor (or the worker) should retry after ``exc``."""
+    return isinstance(exc, ServiceUnavailable) or (isinstance(exc, LookoutError) and exc.retriable)
+
+
+__all__ = ["Batch", "DeadFrame", "Worker", "is_retriable", "redis_failure"]
