@@ -261,10 +261,6 @@ class Worker:
             except KafkaError as exc:
                 raise kafka_failure(exc, "consuming frames") from exc
             self._last_poll = time.monotonic()
-            if self._rebalancing:
-                # Records fetched while partitions are being revoked are re-fetched after the
-                # rebalance from the committed offsets; processing them now could double-publish.
-                continue
             for tp, batch_records in records.items():
                 self.metrics.frames_in.labels(tp.topic).inc(len(batch_records))
                 for record in batch_records:
@@ -320,6 +316,8 @@ class Worker:
     def _backpressure(self) -> None:
         consumer = self._consumer
         assert consumer is not None  # noqa: S101
+        if self._rebalancing:
+            return  # on_revoked owns the pause state until the new assignment arrives
         full = self._in_flight >= self.settings.batch.max_in_flight
         if full and not self._paused:
             consumer.pause(*consumer.assignment())
@@ -549,9 +547,14 @@ class Worker:
 
     async def on_revoked(self, revoked: list[TopicPartition]) -> None:
         """Finish and commit what belongs to the revoked partitions before they move."""
-        self._rebalancing = True
         if not revoked:
             return
+        consumer = self._consumer
+        assert consumer is not None  # noqa: S101
+        # Nothing new from the revoked partitions while their in-flight frames drain; every
+        # record already handed to us is finished and committed, never dropped.
+        self._rebalancing = True
+        consumer.pause(*[tp for tp in revoked if tp in consumer.assignment()])
         await self._close_open()
         await self._drain(self.settings.ops.drain_deadline_s, "rebalance")
 

@@ -1,0 +1,383 @@
+"""Kafka bytes and headers <-> lookout's values. Bytes stop here.
+
+Input contract (headers of a frames-topic record; the value is the encoded image):
+
+============== ========== ==================================================================
+header         required   value
+============== ========== ==================================================================
+content-type   see below  ``image/jpeg`` or ``image/png`` (``image/jpg`` is read as JPEG)
+source-id      or key     ``[A-Za-z0-9][A-Za-z0-9._:@/+=-]*``, at most 200 characters
+source-kind    yes [1]_   ``traffic``, ``wildlife`` or ``fleet``
+frame-id       no         any UTF-8 text up to 512 bytes; default ``topic/partition/offset``
+captured-at    no         epoch milliseconds, decimal digits; default the record timestamp
+site           no         UTF-8 text up to 200 characters
+lat, lon       no         decimal degrees, both or neither
+============== ========== ==================================================================
+
+.. [1] unless the worker is configured with a default kind.
+
+Decisions:
+
+* Header names are matched case-insensitively; when a name repeats, the last one wins
+  (Kafka's ``Headers.lastHeader``).
+* A missing ``content-type`` is filled in only from JPEG or PNG magic bytes; anything else
+  is a ``headers/missing_content_type`` dead letter, never a guess. A declared type is passed
+  on as declared (lower-cased, parameters dropped) and the decode guard judges it, so a
+  mistyped frame fails there with ``unsupported_type`` or ``magic_mismatch``.
+* A missing record value is an empty frame; the decode guard refuses it as ``empty``.
+* Source ids are restricted so that they are safe in Redis keys (no braces, which would
+  change Redis Cluster hash slots, no spaces or control characters) and in record keys.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from stream_worker.counting import parse_duration_ms
+from stream_worker.decode import JPEG_MAGIC, PNG_MAGIC, normalise_content_type
+from stream_worker.errors import BadFrame, LookoutError
+from stream_worker.frames import Frame, Prediction, SourceKind
+
+SCHEMA_VERSION = 1
+
+CONTENT_TYPE = "content-type"
+SOURCE_ID = "source-id"
+SOURCE_KIND = "source-kind"
+FRAME_ID = "frame-id"
+CAPTURED_AT = "captured-at"
+SITE = "site"
+LAT = "lat"
+LON = "lon"
+
+ERROR_HEADER_PREFIX = "__connect.errors."
+REASON_HEADER = "lookout.errors.reason"
+COUNT_KINDS = ("labels", "events")
+MODEL_FIELDS = ("name", "version", "backend", "precision")
+
+_SOURCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+=-]{0,199}")
+_DIGITS = re.compile(r"[0-9]{1,15}")
+_MAX_FRAME_ID_BYTES = 512
+_MAX_SITE_CHARS = 200
+_MAX_ERROR_MESSAGE_CHARS = 2000
+_CONTENT_TYPE_ALIASES = {"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg", "image/x-png": "image/png"}
+
+RawHeaders = Sequence[tuple[str, bytes | None]] | Sequence[tuple[str, bytes]]
+
+
+def frame_from_record(
+    topic: str,
+    partition: int,
+    offset: int,
+    timestamp_ms: int | None,
+    key: bytes | None,
+    value: bytes | None,
+    headers: RawHeaders,
+    *,
+    default_kind: SourceKind | None = None,
+) -> Frame:
+    """Build a :class:`Frame` from a consumed record; raise ``BadFrame(stage="headers")`` when it cannot be.
+
+    Reasons: ``not_utf8``, ``missing_source_id``, ``bad_source_id``, ``missing_source_kind``,
+    ``bad_source_kind``, ``bad_frame_id``, ``bad_captured_at``, ``missing_captured_at``,
+    ``missing_content_type``, ``bad_site``, ``bad_location``, ``control_characters``.
+    """
+    by_name: dict[str, bytes | None] = {name.lower(): raw for name, raw in headers}
+    data = value or b""
+
+    source_id = _text(by_name, SOURCE_ID)
+    if source_id is None and key:
+        source_id = _decode(key, "record key")
+    if not source_id:
+        raise BadFrame("headers", "missing_source_id", "no source-id header and no record key")
+    if _SOURCE_ID.fullmatch(source_id) is None:
+        raise BadFrame(
+            "headers",
+            "bad_source_id",
+            f"source id {source_id[:80]!r} must match {_SOURCE_ID.pattern}",
+        )
+
+    kind_text = _text(by_name, SOURCE_KIND)
+    if kind_text is None:
+        if default_kind is None:
+            raise BadFrame(
+                "headers", "missing_source_kind", "no source-kind header (traffic, wildlife or fleet)"
+            )
+        source_kind = default_kind
+    else:
+        try:
+            source_kind = SourceKind(kind_text.strip().lower())
+        except ValueError:
+            raise BadFrame(
+                "headers",
+                "bad_source_kind",
+                f"source-kind {kind_text[:40]!r} is not traffic, wildlife or fleet",
+            ) from None
+
+    frame_id = _text(by_name, FRAME_ID)
+    if frame_id is None:
+        frame_id = f"{topic}/{partition}/{offset}"
+    elif not frame_id or len(frame_id.encode()) > _MAX_FRAME_ID_BYTES:
+        raise BadFrame("headers", "bad_frame_id", f"frame-id must have 1 to {_MAX_FRAME_ID_BYTES} bytes")
+
+    captured_text = _text(by_name, CAPTURED_AT)
+    if captured_text is not None:
+        if _DIGITS.fullmatch(captured_text.strip()) is None:
+            raise BadFrame(
+                "headers", "bad_captured_at", f"captured-at {captured_text[:40]!r} is not epoch milliseconds"
+            )
+        captured_at_ms = int(captured_text.strip())
+    elif timestamp_ms is not None and timestamp_ms >= 0:
+        captured_at_ms = timestamp_ms
+    else:
+        raise BadFrame("headers", "missing_captured_at", "no captured-at header and no record timestamp")
+
+    declared = _text(by_name, CONTENT_TYPE)
+    if declared is None:
+        if data.startswith(JPEG_MAGIC):
+            content_type = "image/jpeg"
+        elif data.startswith(PNG_MAGIC):
+            content_type = "image/png"
+        else:
+            raise BadFrame(
+                "headers",
+                "missing_content_type",
+                "no content-type header and the bytes are neither JPEG nor PNG",
+            )
+    else:
+        content_type = normalise_content_type(declared)
+        content_type = _CONTENT_TYPE_ALIASES.get(content_type, content_type)
+
+    site = _text(by_name, SITE)
+    if site is not None and not 0 < len(site) <= _MAX_SITE_CHARS:
+        raise BadFrame("headers", "bad_site", f"site must have 1 to {_MAX_SITE_CHARS} characters")
+
+    lat = _degrees(by_name, LAT, 90.0)
+    lon = _degrees(by_name, LON, 180.0)
+    if (lat is None) != (lon is None):
+        raise BadFrame("headers", "bad_location", "lat and lon must be given together")
+
+    return Frame(
+        topic=topic,
+        partition=partition,
+        offset=offset,
+        source_id=source_id,
+        source_kind=source_kind,
+        frame_id=frame_id,
+        captured_at_ms=captured_at_ms,
+        content_type=content_type,
+        data=data,
+        site=site,
+        lat=lat,
+        lon=lon,
+        headers=tuple((name, raw if raw is not None else b"") for name, raw in headers),
+    )
+
+
+def frame_headers(
+    source_id: str,
+    source_kind: SourceKind | str,
+    frame_id: str,
+    captured_at_ms: int,
+    content_type: str,
+    site: str | None = None,
+    lat: float | None = None,
+    lon: float | None = None,
+) -> list[tuple[str, bytes]]:
+    """The headers of a frames-topic record, as replay produces them."""
+    if (lat is None) != (lon is None):
+        raise ValueError("lat and lon must be given together")
+    kind = SourceKind(source_kind).value
+    headers = [
+        (CONTENT_TYPE, content_type.encode()),
+        (SOURCE_ID, source_id.encode()),
+        (SOURCE_KIND, kind.encode()),
+        (FRAME_ID, frame_id.encode()),
+        (CAPTURED_AT, str(int(captured_at_ms)).encode()),
+    ]
+    if site is not None:
+        headers.append((SITE, site.encode()))
+    if lat is not None and lon is not None:
+        headers.extend([(LAT, repr(float(lat)).encode()), (LON, repr(float(lon)).encode())])
+    return headers
+
+
+def label_record(prediction: Prediction, model: Mapping[str, str]) -> bytes:
+    """The labels-topic value for one classified frame (JSON, ``schema_version`` 1).
+
+    ``model`` must name ``name``, ``version``, ``backend`` and ``precision``.
+    """
+    missing = [name for name in MODEL_FIELDS if name not in model]
+    if missing:
+        raise LookoutError(f"model description lacks {', '.join(missing)}")
+    frame, result = prediction.frame, prediction.result
+    record = {
+        "schema_version": SCHEMA_VERSION,
+        "frame_id": frame.frame_id,
+        "source_id": frame.source_id,
+        "source_kind": frame.source_kind.value,
+        "captured_at": frame.captured_at_ms,
+        "processed_at": prediction.processed_at_ms,
+        "labels": [
+            {"label": label.label, "score": _score(label.score), "path": list(label.path)}
+            for label in result.labels
+        ],
+        "top_k": [{"index": c.index, "name": c.name, "score": _score(c.score)} for c in result.top_k],
+        "model": {name: model[name] for name in MODEL_FIELDS},
+        "latency_ms": round(prediction.latency_ms, 3),
+        "site": frame.site,
+        "lat": frame.lat,
+        "lon": frame.lon,
+        "topic": frame.topic,
+        "partition": frame.partition,
+        "offset": frame.offset,
+    }
+    return _dumps(record)
+
+
+def parse_label_record(data: bytes) -> dict[str, Any]:
+    """Read a labels-topic value; raises ``BadFrame(stage="record")`` when it is not one."""
+    return _loads_record(data, ("frame_id", "source_id", "captured_at", "labels"))
+
+
+def count_key(source_id: str, window_name: str, window_start_ms: int, kind: str = "labels") -> bytes:
+    """The counts-topic key: one compacted record per source, window, window start and kind."""
+    if kind not in COUNT_KINDS:
+        raise LookoutError(f"count kind must be one of {COUNT_KINDS}, got {kind!r}")
+    return f"{source_id}|{window_name}|{window_start_ms}|{kind}".encode()
+
+
+def count_record(
+    source_id: str,
+    window_name: str,
+    window_start_ms: int,
+    counts: Mapping[str, int],
+    kind: str = "labels",
+) -> tuple[bytes, bytes]:
+    """Key and value of a counts-topic record, with the window's *absolute* counts.
+
+    ``kind`` is ``labels`` (frames per label) or ``events`` (camera-trap events per species);
+    it is part of the key so that compaction keeps both.
+    """
+    key = count_key(source_id, window_name, window_start_ms, kind)
+    value = {
+        "schema_version": SCHEMA_VERSION,
+        "source_id": source_id,
+        "window": window_name,
+        "window_start": window_start_ms,
+        "window_end": window_start_ms + parse_duration_ms(window_name),
+        "kind": kind,
+        "counts": {label: int(n) for label, n in sorted(counts.items())},
+    }
+    return key, _dumps(value)
+
+
+def parse_count_record(data: bytes) -> dict[str, Any]:
+    """Read a counts-topic value; raises ``BadFrame(stage="record")`` when it is not one."""
+    return _loads_record(data, ("source_id", "window", "window_start", "kind", "counts"))
+
+
+def dead_letter_headers(
+    topic: str,
+    partition: int,
+    offset: int,
+    stage: str,
+    reason: str,
+    exc: BaseException,
+    original_headers: Sequence[tuple[str, bytes]] = (),
+) -> list[tuple[str, bytes]]:
+    """Headers of a dead-letter record, Kafka Connect style, after the frame's own headers.
+
+    Error headers already on the original (a frame dead-lettered twice) are replaced, not
+    repeated, so that every name appears once.
+    """
+    kept = [(name, raw) for name, raw in original_headers if not _is_error_header(name)]
+    exc_type = type(exc)
+    message = str(exc)[:_MAX_ERROR_MESSAGE_CHARS]
+    return [
+        *kept,
+        (f"{ERROR_HEADER_PREFIX}topic", topic.encode()),
+        (f"{ERROR_HEADER_PREFIX}partition", str(partition).encode()),
+        (f"{ERROR_HEADER_PREFIX}offset", str(offset).encode()),
+        (f"{ERROR_HEADER_PREFIX}stage", stage.encode()),
+        (
+            f"{ERROR_HEADER_PREFIX}exception.class.name",
+            f"{exc_type.__module__}.{exc_type.__qualname__}".encode(),
+        ),
+        (f"{ERROR_HEADER_PREFIX}exception.message", message.encode(errors="replace")),
+        (REASON_HEADER, reason.encode()),
+    ]
+
+
+def dead_letter_headers_for(frame: Frame, exc: BadFrame) -> list[tuple[str, bytes]]:
+    """:func:`dead_letter_headers` for a parsed frame that failed with a :class:`BadFrame`."""
+    return dead_letter_headers(
+        frame.topic, frame.partition, frame.offset, exc.stage, exc.reason, exc, frame.headers
+    )
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _decode(raw: bytes, what: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadFrame("headers", "not_utf8", f"{what} is not valid UTF-8") from None
+
+
+def _text(by_name: Mapping[str, bytes | None], name: str) -> str | None:
+    raw = by_name.get(name)
+    if raw is None:
+        return None
+    text = _decode(raw, f"header {name}")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text):
+        raise BadFrame("headers", "control_characters", f"header {name} contains control characters")
+    return text
+
+
+def _degrees(by_name: Mapping[str, bytes | None], name: str, limit: float) -> float | None:
+    text = _text(by_name, name)
+    if text is None:
+        return None
+    try:
+        degrees = float(text)
+    except ValueError:
+        raise BadFrame("headers", "bad_location", f"{name} {text[:40]!r} is not a number") from None
+    if not math.isfinite(degrees) or abs(degrees) > limit:
+        raise BadFrame("headers", "bad_location", f"{name} {degrees} is outside -{limit:g}..{limit:g}")
+    return degrees
+
+
+def _is_error_header(name: str) -> bool:
+    return name.startswith(ERROR_HEADER_PREFIX) or name == REASON_HEADER
+
+
+def _score(score: float) -> float:
+    return round(float(score), 6)
+
+
+def _dumps(record: Mapping[str, Any]) -> bytes:
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def _loads_record(data: bytes, required: Sequence[str]) -> dict[str, Any]:
+    try:
+        record = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadFrame("record", "not_json", f"record is not JSON: {exc}") from None
+    if not isinstance(record, dict):
+        raise BadFrame("record", "not_object", "record is not a JSON object")
+    if record.get("schema_version") != SCHEMA_VERSION:
+        raise BadFrame(
+            "record",
+            "unsupported_schema",
+            f"schema_version {record.get('schema_version')!r}, expected {SCHEMA_VERSION}",
+        )
+    missing = [name for name in required if name not in record]
+    if missing:
+        raise BadFrame("record", "missing_field", f"record lacks {', '.join(missing)}")
+    return record

