@@ -1,0 +1,290 @@
+"""``engine-build``: export the model, build CPU/GPU engines, evaluate and compare them.
+
+User mistakes and stale or missing engines end with one line on stderr and exit code 2;
+there is never a traceback for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from stream_worker.errors import ConfigError, EngineError, LookoutError
+
+log = logging.getLogger("engine_build")
+
+USER_ERROR = 2
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the command and the fix."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every sub-command."""
+    parser = _OneLineParser(
+        prog="engine-build",
+        description="Turn lookout's ONNX model into serving engines and measure them.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
+
+    export = sub.add_parser("export", help="export the trained model to ONNX (needs the export extra)")
+    export.add_argument("--out", type=Path, required=True, help="ONNX file to write")
+    export.add_argument("--opset", type=_positive_int, default=17, help="ONNX opset (default 17)")
+
+    build = sub.add_parser("build", help="build an engine (and its sidecar) from the ONNX model")
+    build.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
+    build.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32")
+    build.add_argument("--out", type=Path, required=True, help="engine file to write (sidecar: OUT.json)")
+    build.add_argument("--onnx", type=Path, default=None, help="source ONNX (default: the committed model)")
+    build.add_argument("--calib", type=Path, default=None, help="int8 calibration images (default: dev set)")
+    build.add_argument("--calib-limit", type=_positive_int, default=256, help="max calibration images (256)")
+    build.add_argument("--min-batch", type=_positive_int, default=1)
+    build.add_argument("--opt-batch", type=_positive_int, default=8)
+    build.add_argument("--max-batch", type=_positive_int, default=32)
+    build.add_argument(
+        "--timing-cache", type=Path, default=None, help="TensorRT timing cache (OUT.timing-cache)"
+    )
+    build.add_argument(
+        "--workspace-mb", type=_positive_int, default=2048, help="TensorRT workspace (2048 MiB)"
+    )
+    quant = build.add_argument_group("CPU int8 quantisation (defaults measured best on AVX2)")
+    quant.add_argument("--quant-format", choices=("qdq", "qoperator"), default="qdq")
+    quant.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel weights")
+    quant.add_argument(
+        "--full-range", action="store_true", help="8-bit weights (VNNI CPUs; saturates on plain AVX2)"
+    )
+    quant.add_argument("--fp32-first-conv", action="store_true", help="keep the first convolution in fp32")
+    quant.add_argument("--int8-head", action="store_true", help="quantise the classifier head too")
+    quant.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax")
+    build.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    evaluate = sub.add_parser("evaluate", help="metrics of an engine on DIR/<leaf label>/*.jpg|png")
+    evaluate.add_argument("--engine", type=Path, required=True)
+    evaluate.add_argument("--data", type=Path, required=True)
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument("--threads", type=_positive_int, default=None, help="ONNX Runtime threads")
+
+    compare = sub.add_parser("compare", help="agreement of two engines on the same images")
+    compare.add_argument("--a", type=Path, required=True, help="first engine")
+    compare.add_argument("--b", type=Path, required=True, help="second engine")
+    compare.add_argument("--data", type=Path, required=True, help="folder of JPEG/PNG images (recursive)")
+    compare.add_argument("--json", action="store_true", help="print one JSON object")
+
+    info = sub.add_parser("info", help="describe an engine and check it against this machine")
+    info.add_argument("--engine", type=Path, required=True)
+    info.add_argument("--json", action="store_true", help="print the sidecar as JSON")
+    return parser
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    if importlib.util.find_spec("torch") is None:
+        raise ConfigError("engine-build export needs PyTorch and the model packages: pip install '.[export]'")
+    from engine_build.export import run_export
+
+    path = run_export(args.out, args.opset)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from stream_worker.backends.base import default_onnx_path
+
+    onnx_path = args.onnx or default_onnx_path()
+    if not onnx_path.is_file():
+        raise ConfigError(f"ONNX model not found: {onnx_path}")
+    if args.calib is not None and not args.calib.is_dir():
+        raise ConfigError(f"calibration folder not found: {args.calib}")
+    profile = (args.min_batch, args.opt_batch, args.max_batch)
+    if args.backend == "onnxruntime":
+        from engine_build.cpu import QuantOptions, build_cpu_engine
+
+        if args.precision == "fp16":
+            raise ConfigError("ONNX Runtime CPU engines are fp32 or int8; fp16 is for --backend tensorrt")
+        sidecar = build_cpu_engine(
+            onnx_path,
+            args.out,
+            precision=args.precision,
+            calib_dir=args.calib,
+            batch_profile=profile,
+            quant=QuantOptions(
+                quant_format=args.quant_format,
+                per_channel=not args.per_tensor,
+                reduce_range=not args.full_range,
+                keep_head_fp32=not args.int8_head,
+                keep_first_conv_fp32=args.fp32_first_conv,
+                calibrate_method=args.calib_method,
+            ),
+            calibration_limit=args.calib_limit,
+            progress=not args.quiet,
+        )
+    else:
+        from engine_build.tensorrt import build_tensorrt_engine
+
+        sidecar = build_tensorrt_engine(
+            onnx_path,
+            args.out,
+            precision=args.precision,
+            batch_profile=profile,
+            calib_dir=args.calib,
+            timing_cache=args.timing_cache,
+            workspace_bytes=args.workspace_mb << 20,
+            calibration_limit=args.calib_limit,
+            progress=not args.quiet,
+        )
+    print(f"wrote {args.out} ({sidecar.backend} {sidecar.precision}, batch {profile[0]}..{profile[2]})")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from engine_build.evaluate import evaluate_engine
+    from stream_worker.backends.base import open_backend
+    from stream_worker.taxonomy import Taxonomy
+
+    if not args.data.is_dir():
+        raise ConfigError(f"data folder not found: {args.data}")
+    backend = open_backend(args.engine, threads=args.threads)
+    try:
+        taxonomy = Taxonomy.load(class_names=backend.info.class_names)
+        report = evaluate_engine(backend, args.data, taxonomy)
+    finally:
+        backend.close()
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    print(f"engine   {args.engine} ({backend.info.backend} {backend.info.precision})")
+    print(f"images   {report.n}")
+    print(f"accuracy {report.accuracy:.4f}")
+    print(
+        f"macro    precision {report.macro_precision:.4f}  recall {report.macro_recall:.4f}  "
+        f"F1 {report.macro_f1:.4f}"
+    )
+    auc = "n/a (needs two labels)" if report.auc_roc_macro is None else f"{report.auc_roc_macro:.4f}"
+    print(f"AUC-ROC  {auc} (one-vs-rest, macro)")
+    print()
+    print(f"{'label':<12} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>7} {'auc':>7}")
+    for label, m in report.per_class.items():
+        auc_l = report.auc_roc_per_class.get(label)
+        auc_text = f"{auc_l:7.3f}" if auc_l is not None else f"{'-':>7}"
+        print(f"{label:<12} {m.precision:9.3f} {m.recall:7.3f} {m.f1:7.3f} {m.support:7d} {auc_text}")
+    print()
+    print("confusion (rows: true, columns: predicted)")
+    width = max(5, *(len(lab) for lab in report.labels))
+    print(" " * (width + 1) + " ".join(f"{lab[:width]:>{width}}" for lab in report.labels))
+    for label, row in zip(report.labels, report.confusion, strict=True):
+        print(f"{label:<{width}} " + " ".join(f"{v:>{width}d}" for v in row))
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from engine_build.evaluate import compare
+    from engine_build.imagefolder import folder_sources
+    from stream_worker.backends.base import open_backend
+    from stream_worker.taxonomy import Taxonomy
+
+    sources = folder_sources(args.data)
+    a = open_backend(args.a)
+    try:
+        b = open_backend(args.b)
+        try:
+            result = compare(a, b, sources, Taxonomy.load(class_names=a.info.class_names))
+        finally:
+            b.close()
+    finally:
+        a.close()
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    print(f"images            {result.n}")
+    print(f"top-1 agreement   {result.top1_agreement:.4f} (ImageNet class)")
+    print(f"label agreement   {result.label_agreement:.4f} (best taxonomy leaf)")
+    print(f"max |p_a - p_b|   {result.max_abs_diff:.6f}")
+    print(f"mean |p_a - p_b|  {result.mean_abs_diff:.6f}")
+    for name in result.disagreements[:10]:
+        print(f"  top-1 differs: {name}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from engine_build.metadata import read_sidecar
+    from stream_worker.backends.base import verify_engine
+
+    sidecar = read_sidecar(args.engine)
+    try:
+        verify_engine(args.engine)
+        status = "ok: loads on this machine"
+    except EngineError as exc:
+        status = f"stale: {exc}"
+    if args.json:
+        print(json.dumps({**json.loads(sidecar.to_json()), "status": status}, indent=2))
+        return 0
+    spec = sidecar.spec
+    rows = [
+        ("engine", str(args.engine)),
+        ("backend", f"{sidecar.backend} {sidecar.runtime_version}"),
+        ("precision", sidecar.precision),
+        ("batch", f"min {sidecar.min_batch} / opt {sidecar.opt_batch} / max {sidecar.max_batch}"),
+        ("model", f"{sidecar.model_name} {sidecar.model_version} ({len(sidecar.class_names)} classes)"),
+        ("onnx", f"{sidecar.onnx_path} sha256 {sidecar.onnx_sha256[:16]}..."),
+        ("input", f"{sidecar.input_name} 3x{spec.height}x{spec.width} {spec.colour_order}"),
+        ("taxonomy", sidecar.taxonomy_version),
+        ("gpu", sidecar.gpu_name or "-"),
+        ("created", sidecar.created_at),
+        ("status", status),
+    ]
+    for key, value in rows:
+        print(f"{key:<10} {value}")
+    return 0
+
+
+COMMANDS = {
+    "export": _cmd_export,
+    "build": _cmd_build,
+    "evaluate": _cmd_evaluate,
+    "compare": _cmd_compare,
+    "info": _cmd_info,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``engine-build``; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, EngineError) as exc:
+        print(f"engine-build: error: {exc}", file=sys.stderr)
+        return USER_ERROR
+    except LookoutError as exc:
+        print(f"engine-build: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("engine-build: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Engine builds, sidecars and their compatibility checks, and the engine-build CLI's errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine_build.cpu import build_cpu_engine
+from engine_build.imagefolder import path_sources, sample_photo
+from engine_build.metadata import Sidecar, check_compatible, read_sidecar, sha256_file, sidecar_path
+from stream_worker.backends import open_backend
+from stream_worker.backends.base import verify_engine
+from stream_worker.errors import ConfigError, EngineError
+from stream_worker.preprocess import preprocess_into
+from stream_worker.taxonomy import Taxonomy
+from tests.unit.engine_fixtures import COMMITTED_ONNX, REPO_ROOT, build_tiny_onnx
+
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+
+
+@pytest.fixture()
+def tiny(tmp_path: Path) -> tuple[Path, Path, Sidecar]:
+    onnx_path = build_tiny_onnx(tmp_path / "tiny.onnx")
+    engine = tmp_path / "tiny-fp32.onnx"
+    sidecar = build_cpu_engine(onnx_path, engine, precision="fp32")
+    return onnx_path, engine, sidecar
+
+
+def test_sidecar_describes_the_engine(tiny: tuple[Path, Path, Sidecar]) -> None:
+    onnx_path, engine, sidecar = tiny
+    assert read_sidecar(engine) == sidecar
+    assert (sidecar.backend, sidecar.precision) == ("onnxruntime", "fp32")
+    assert (sidecar.min_batch, sidecar.opt_batch, sidecar.max_batch) == (1, 8, 32)
+    assert sidecar.onnx_sha256 == sha256_file(onnx_path)
+    assert sidecar.engine_sha256 == sha256_file(engine)
+    assert sidecar.model_version == "test-1"
+    assert sidecar.taxonomy_version == Taxonomy.load().version
+    assert len(sidecar.class_names) == 1000
+    assert sidecar.spec.height == 224
+
+
+def test_runtime_mismatch_fails_with_the_rebuild_command(tiny: tuple[Path, Path, Sidecar]) -> None:
+    _, engine, sidecar = tiny
+    old = dataclasses.replace(sidecar, runtime_version="1.16.3")
+    with pytest.raises(EngineError) as excinfo:
+        check_compatible(old, "1.32.0", sidecar.onnx_sha256, engine_path=engine)
+    message = str(excinfo.value)
+    assert "built with onnxruntime 1.16.3, running 1.32.0" in message
+    assert f"engine-build build --backend onnxruntime --precision fp32 --out {engine}" in message
+
+
+def test_patch_releases_of_onnxruntime_stay_compatible(tiny: tuple[Path, Path, Sidecar]) -> None:
+    _, engine, sidecar = tiny
+    check_compatible(
+        dataclasses.replace(sidecar, runtime_version="1.32.0"), "1.32.7", None, engine_path=engine
+    )
+
+
+def test_tensorrt_engine_is_tied_to_its_gpu(tiny: tuple[Path, Path, Sidecar]) -> None:
+    _, engine, sidecar = tiny
+    plan = dataclasses.replace(
+        sidecar, backend="tensorrt", precision="fp16", runtime_version="10.9.0.34", gpu_name="NVIDIA L4"
+    )
+    check_compatible(plan, "10.9.0.34", None, engine_path=engine, gpu_name="NVIDIA L4")
+    with pytest.raises(EngineError, match="built for GPU NVIDIA L4, running on NVIDIA H100") as excinfo:
+        check_compatible(plan, "10.9.0.34", None, engine_path=engine, gpu_name="NVIDIA H100")
+    assert "--backend tensorrt --precision fp16" in str(excinfo.value)
+
+
+def test_engine_fails_to_load_after_its_onnx_changes(tiny: tuple[Path, Path, Sidecar]) -> None:
+    onnx_path, engine, _ = tiny
+    build_tiny_onnx(onnx_path, seed=7)
+    with pytest.raises(EngineError, match=r"source ONNX .* changed since the build"):
+        open_backend(engine)
+
+
+def test_engine_replaced_without_its_sidecar_fails_to_load(
+    tmp_path: Path, tiny: tuple[Path, Path, Sidecar]
+) -> None:
+    _, engine, _ = tiny
+    other = build_cpu_engine(
+        build_tiny_onnx(tmp_path / "other.onnx", seed=5), tmp_path / "other-fp32.onnx", precision="fp32"
+    )
+    assert other.engine_sha256 != sha256_file(engine)
+    engine.write_bytes((tmp_path / "other-fp32.onnx").read_bytes())
+    with pytest.raises(EngineError, match="does not match its sidecar"):
+        verify_engine(engine)
+
+
+def test_missing_sidecar_and_missing_engine_say_what_to_do(
+    tiny: tuple[Path, Path, Sidecar], tmp_path: Path
+) -> None:
+    _, engine, _ = tiny
+    sidecar_path(engine).unlink()
+    with pytest.raises(EngineError, match="has no sidecar"):
+        open_backend(engine)
+    with pytest.raises(EngineError, match=r"engine not found.*engine-build build"):
+        open_backend(tmp_path / "nope.onnx")
+
+
+def test_bad_batch_profile_and_precision_are_user_errors(tmp_path: Path) -> None:
+    onnx_path = build_tiny_onnx(tmp_path / "tiny.onnx")
+    with pytest.raises(ConfigError, match="min <= opt <= max"):
+        build_cpu_engine(onnx_path, tmp_path / "e.onnx", precision="fp32", batch_profile=(4, 2, 8))
+    with pytest.raises(ConfigError, match="fp32 or int8"):
+        build_cpu_engine(onnx_path, tmp_path / "e.onnx", precision="fp16")
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed here")
+def test_tensorrt_build_without_tensorrt_is_a_one_line_error(tmp_path: Path) -> None:
+    from engine_build.tensorrt import build_tensorrt_engine
+
+    with pytest.raises(EngineError) as excinfo:
+        build_tensorrt_engine(
+            build_tiny_onnx(tmp_path / "t.onnx"),
+            tmp_path / "t.plan",
+            precision="fp16",
+            batch_profile=(1, 8, 32),
+        )
+    assert "pip install 'lookout[gpu]'" in str(excinfo.value)
+    assert "\n" not in str(excinfo.value)
+
+
+def _top_class_and_leaf(engine: Path, photo: str) -> tuple[str, str]:
+    backend = open_backend(engine)
+    (source,) = path_sources([sample_photo(photo)])
+    batch = np.empty((1, *backend.info.input_shape), np.float32)
+    preprocess_into(source.load(), batch[0], backend.info.spec)
+    probs = backend.infer(batch)
+    taxonomy = Taxonomy.load(class_names=backend.info.class_names)
+    leaf = taxonomy.leaves[int(taxonomy.scores(probs)[0, : len(taxonomy.leaves)].argmax())]
+    return backend.info.class_names[int(probs[0].argmax())], leaf
+
+
+@pytest.mark.skipif(not COMMITTED_ONNX.is_file(), reason=f"{COMMITTED_ONNX} not exported yet")
+def test_fp32_and_int8_engines_both_see_the_cat(tmp_path: Path) -> None:
+    fp32 = tmp_path / "fp32.onnx"
+    int8 = tmp_path / "int8.onnx"
+    build_cpu_engine(COMMITTED_ONNX, fp32, precision="fp32")
+    sidecar = build_cpu_engine(COMMITTED_ONNX, int8, precision="int8", progress=False, calibration_limit=64)
+    assert sidecar.build["calibration_images"] > 0
+    assert int8.stat().st_size < fp32.stat().st_size / 2  # int8 weights really are stored as int8
+    fp32_class, fp32_leaf = _top_class_and_leaf(fp32, "chelsea.png")
+    int8_class, int8_leaf = _top_class_and_leaf(int8, "chelsea.png")
+    assert fp32_leaf == int8_leaf == "cat"
+    assert fp32_class == int8_class
+
+
+# --- CLI: user mistakes end with one line on stderr and exit code 2 -------------------------
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "engine_build.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=120,
+    )
+
+
+def _assert_one_line_error(result: subprocess.CompletedProcess[str], needle: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert needle in lines[0]
+
+
+def test_cli_missing_engine_is_one_line(tmp_path: Path) -> None:
+    _assert_one_line_error(
+        _cli("evaluate", "--engine", str(tmp_path / "missing.onnx"), "--data", str(tmp_path)),
+        "engine not found",
+    )
+
+
+def test_cli_bad_flag_is_one_line() -> None:
+    _assert_one_line_error(_cli("build", "--precision", "fp64", "--out", "x.onnx"), "invalid choice: 'fp64'")
+    _assert_one_line_error(_cli("build", "--max-batch", "0", "--out", "x.onnx"), "must be at least 1")
+
+
+def test_cli_fp16_on_cpu_is_one_line(tmp_path: Path) -> None:
+    onnx_path = build_tiny_onnx(tmp_path / "tiny.onnx")
+    result = _cli("build", "--precision", "fp16", "--onnx", str(onnx_path), "--out", str(tmp_path / "e.onnx"))
+    _assert_one_line_error(result, "fp16 is for --backend tensorrt")
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed here")
+def test_cli_tensorrt_without_gpu_is_one_line(tmp_path: Path) -> None:
+    onnx_path = build_tiny_onnx(tmp_path / "tiny.onnx")
+    result = _cli(
+        "build",
+        "--backend",
+        "tensorrt",
+        "--precision",
+        "fp16",
+        "--onnx",
+        str(onnx_path),
+        "--out",
+        str(tmp_path / "e.plan"),
+    )
+    _assert_one_line_error(result, "pip install 'lookout[gpu]'")
+
+
+def test_cli_build_then_info(tmp_path: Path) -> None:
+    onnx_path = build_tiny_onnx(tmp_path / "tiny.onnx")
+    engine = tmp_path / "e.onnx"
+    built = _cli(
+        "build", "--onnx", str(onnx_path), "--out", str(engine), "--max-batch", "16", "--opt-batch", "4"
+    )
+    assert built.returncode == 0, built.stderr
+    info = _cli("info", "--engine", str(engine), "--json")
+    assert info.returncode == 0, info.stderr
+    data = json.loads(info.stdout)
+    assert (data["backend"], data["precision"], data["max_batch"]) == ("onnxruntime", "fp32", 16)
+    assert data["status"].startswith("ok")
