@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--kind", default="traffic", choices=[k.value for k in SourceKind], help="source-kind header"
     )
     replay.add_argument("--site", help="site header")
-    replay.add_argument("--fps", type=float, default=10.0, help="frames per second per source (0 = as fast as possible)")
+    replay.add_argument(
+        "--fps", type=float, default=10.0, help="frames per second per source (0 = as fast as possible)"
+    )
     replay.add_argument("--quality", type=int, default=85, help="JPEG quality")
     replay.add_argument("--loop", action="store_true", help="start again at the end")
     replay.add_argument("--limit", type=int, default=0, help="frames per source (0 = all)")
@@ -117,7 +119,9 @@ def _cmd_config(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from stream_worker.service import run_worker
 
-    return asyncio.run(_with_signals(lambda stop: run_worker(settings, stop, create_topics=not args.no_create_topics)))
+    return asyncio.run(
+        _with_signals(lambda stop: run_worker(settings, stop, create_topics=not args.no_create_topics))
+    )
 
 
 def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
@@ -126,7 +130,9 @@ def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     from stream_worker.replay import ReplayOptions, ReplaySource, replay
 
     if args.source_id and len(args.source_id) != len(args.sources):
-        raise ConfigError(f"give one --source-id per source ({len(args.sources)} sources, {len(args.source_id)} ids)")
+        raise ConfigError(
+            f"give one --source-id per source ({len(args.sources)} sources, {len(args.source_id)} ids)"
+        )
     ids = args.source_id or [f"{Path(s).stem or 'source'}-{i}" for i, s in enumerate(args.sources)]
     resize = None
     if args.resize:
@@ -135,14 +141,24 @@ def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
         except ValueError:
             raise ConfigError(f"--resize takes WIDTHxHEIGHT, e.g. 1920x1080, not {args.resize!r}") from None
         resize = (w, h)
-    sources = [ReplaySource(p, i, SourceKind(args.kind), args.site) for p, i in zip(args.sources, ids, strict=True)]
-    options = ReplayOptions(fps=args.fps, quality=args.quality, loop=args.loop, limit=args.limit, resize=resize)
+    sources = [
+        ReplaySource(p, i, SourceKind(args.kind), args.site) for p, i in zip(args.sources, ids, strict=True)
+    ]
+    options = ReplayOptions(
+        fps=args.fps, quality=args.quality, loop=args.loop, limit=args.limit, resize=resize
+    )
     topic = args.topic or settings.topics.frames_topic[0]
     bar = None if args.no_progress else tqdm(unit="frame", desc=f"replay -> {topic}")
 
     async def go(stop: asyncio.Event) -> int:
-        sent = await replay(settings.kafka, topic, sources, options, stop=stop,
-                            on_frame=(lambda _s: bar.update()) if bar is not None else None)
+        sent = await replay(
+            settings.kafka,
+            topic,
+            sources,
+            options,
+            stop=stop,
+            on_frame=(lambda _s: bar.update()) if bar is not None else None,
+        )
         if bar is not None:
             bar.close()
         print(json.dumps({"topic": topic, "sent": sent}))
@@ -174,7 +190,13 @@ def format_counts_table(report: dict[str, Any]) -> str:
     for w in report["windows"]:
         start = dt.datetime.fromtimestamp(w["start"] / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
         rows.append([start, str(w["frames"]), *(str(w["counts"].get(label, 0)) for label in labels)])
-    rows.append(["total", str(sum(w["frames"] for w in report["windows"])), *(str(report["total"][lb]) for lb in labels)])
+    rows.append(
+        [
+            "total",
+            str(sum(w["frames"] for w in report["windows"])),
+            *(str(report["total"][lb]) for lb in labels),
+        ]
+    )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.rjust(widths[i]) for i, cell in enumerate(r)) for r in rows)
 

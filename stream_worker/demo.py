@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import importlib.util
 import subprocess
@@ -40,7 +41,9 @@ def start_services() -> None:
     """Start Kafka and Redis through scripts/services (a source checkout is needed)."""
     script = Path(__file__).resolve().parent.parent / "scripts" / "services"
     if not script.is_file():
-        raise ConfigError("scripts/services not found (not a source checkout): start Kafka/Redis and pass --no-services")
+        raise ConfigError(
+            "scripts/services not found (not a source checkout): start Kafka/Redis and pass --no-services"
+        )
     result = subprocess.run([str(script), "up"], capture_output=True, text=True)
     sys.stderr.write(result.stderr)
     if result.returncode != 0:
@@ -82,7 +85,8 @@ async def run_demo(settings: Settings, stop: asyncio.Event, args: argparse.Names
     started = time.time()
     run_id = time.strftime("%H%M%S")
     sources = [
-        ReplaySource(str(footage), f"street-cam-{i + 1}-{run_id}", SourceKind.TRAFFIC, "demo") for i in range(args.cameras)
+        ReplaySource(str(footage), f"street-cam-{i + 1}-{run_id}", SourceKind.TRAFFIC, "demo")
+        for i in range(args.cameras)
     ]
     feed = asyncio.create_task(
         replay(s.kafka, DEMO_TOPIC, sources, ReplayOptions(fps=args.fps, loop=True), stop=replay_stop)
@@ -95,16 +99,17 @@ async def run_demo(settings: Settings, stop: asyncio.Event, args: argparse.Names
             for task in (worker, feed):
                 if task.done() and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=3.0)
-            except TimeoutError:
-                pass
             table = await counts_table(s, [src.source_id for src in sources])
             elapsed = time.time() - started
             if interactive:
                 print("\x1b[2J\x1b[H", end="")
-            print(f"lookout demo: {args.cameras} cameras replaying {footage.name} at {args.fps:g} fps "
-                  f"- {elapsed:.0f}/{args.seconds:.0f} s (Ctrl-C to stop)\n{table}\n", flush=True)
+            print(
+                f"lookout demo: {args.cameras} cameras replaying {footage.name} at {args.fps:g} fps "
+                f"- {elapsed:.0f}/{args.seconds:.0f} s (Ctrl-C to stop)\n{table}\n",
+                flush=True,
+            )
     finally:
         replay_stop.set()
         sent = await feed if not feed.done() or feed.exception() is None else {}
@@ -123,7 +128,8 @@ async def counts_table(settings: Settings, source_ids: list[str]) -> str:
     labels = sorted({label for r in reports for label in r["total"]})
     header = ["camera", "frames", *labels]
     rows = [header] + [
-        [r["source_id"], str(r["frames_total"]), *(str(r["total"].get(label, 0)) for label in labels)] for r in reports
+        [r["source_id"], str(r["frames_total"]), *(str(r["total"].get(label, 0)) for label in labels)]
+        for r in reports
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(c.rjust(widths[i]) for i, c in enumerate(row)) for row in rows)

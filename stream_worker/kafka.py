@@ -25,7 +25,9 @@ def client_kwargs(kafka: KafkaSettings) -> dict[str, Any]:
     }
     if kafka.security_protocol in ("SSL", "SASL_SSL"):
         if not kafka.ssl_cafile:
-            raise ConfigError(f"{kafka.security_protocol} needs --ssl-cafile (the CA that signed the brokers)")
+            raise ConfigError(
+                f"{kafka.security_protocol} needs --ssl-cafile (the CA that signed the brokers)"
+            )
         context = ssl.create_default_context(cafile=kafka.ssl_cafile)
         if kafka.ssl_certfile:
             context.load_cert_chain(kafka.ssl_certfile, kafka.ssl_keyfile or None)
@@ -39,7 +41,9 @@ def client_kwargs(kafka: KafkaSettings) -> dict[str, Any]:
     return kwargs
 
 
-def make_producer(kafka: KafkaSettings, *, client_id_suffix: str = "producer", **extra: Any) -> AIOKafkaProducer:
+def make_producer(
+    kafka: KafkaSettings, *, client_id_suffix: str = "producer", **extra: Any
+) -> AIOKafkaProducer:
     """An idempotent, acks=all producer: a retried send never writes a record twice."""
     options: dict[str, Any] = {
         "client_id": f"{kafka.client_id}-{client_id_suffix}",

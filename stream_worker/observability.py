@@ -28,37 +28,69 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.frames_in = Counter("lookout_frames_in", "Frames consumed", ["topic"], registry=r)
-        self.frames_out = Counter("lookout_frames_labelled", "Frames labelled and published", ["topic"], registry=r)
+        self.frames_out = Counter(
+            "lookout_frames_labelled", "Frames labelled and published", ["topic"], registry=r
+        )
         self.frames_dead = Counter(
-            "lookout_frames_dead_lettered", "Frames sent to the dead-letter topic", ["stage", "reason"], registry=r
+            "lookout_frames_dead_lettered",
+            "Frames sent to the dead-letter topic",
+            ["stage", "reason"],
+            registry=r,
         )
         self.frames_review = Counter("lookout_frames_review", "Frames sampled for review", registry=r)
-        self.batch_size = Histogram("lookout_batch_size", "Frames per inference batch", buckets=BATCH_BUCKETS, registry=r)
+        self.batch_size = Histogram(
+            "lookout_batch_size", "Frames per inference batch", buckets=BATCH_BUCKETS, registry=r
+        )
         self.decode_seconds = Histogram(
-            "lookout_decode_seconds", "Decode + preprocess time of a batch", buckets=LATENCY_BUCKETS_S, registry=r
+            "lookout_decode_seconds",
+            "Decode + preprocess time of a batch",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
         )
         self.inference_seconds = Histogram(
             "lookout_inference_seconds", "Inference time of a batch", buckets=LATENCY_BUCKETS_S, registry=r
         )
         self.sink_seconds = Histogram(
-            "lookout_sink_seconds", "Publish + count + commit time of a batch", buckets=LATENCY_BUCKETS_S, registry=r
+            "lookout_sink_seconds",
+            "Publish + count + commit time of a batch",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
         )
         self.e2e_seconds = Histogram(
-            "lookout_end_to_end_seconds", "captured-at to label published", buckets=LATENCY_BUCKETS_S, registry=r
+            "lookout_end_to_end_seconds",
+            "captured-at to label published",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
         )
-        self.in_flight = Gauge("lookout_frames_in_flight", "Frames consumed but not yet committed", registry=r)
-        self.lag = Gauge("lookout_consumer_lag", "Records behind the partition's high watermark", ["topic", "partition"], registry=r)
-        self.paused = Gauge("lookout_partitions_paused", "1 while partitions are paused for back-pressure", registry=r)
+        self.in_flight = Gauge(
+            "lookout_frames_in_flight", "Frames consumed but not yet committed", registry=r
+        )
+        self.lag = Gauge(
+            "lookout_consumer_lag",
+            "Records behind the partition's high watermark",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.paused = Gauge(
+            "lookout_partitions_paused", "1 while partitions are paused for back-pressure", registry=r
+        )
         self.retries = Counter("lookout_sink_retries", "Retries of a failed sink write", ["sink"], registry=r)
         self.low_confidence_share = Gauge(
-            "lookout_drift_low_confidence_share", "Share of low-confidence frames in the sliding window", ["source"],
+            "lookout_drift_low_confidence_share",
+            "Share of low-confidence frames in the sliding window",
+            ["source"],
             registry=r,
         )
         self.label_share = Gauge(
-            "lookout_drift_label_share", "Share of each label in the sliding window", ["source", "label"], registry=r
+            "lookout_drift_label_share",
+            "Share of each label in the sliding window",
+            ["source", "label"],
+            registry=r,
         )
         self.counts_skipped = Counter(
-            "lookout_counts_replayed_frames", "Frames the Redis watermark recognised as already counted", registry=r
+            "lookout_counts_replayed_frames",
+            "Frames the Redis watermark recognised as already counted",
+            registry=r,
         )
 
     def render(self) -> bytes:
@@ -69,7 +101,9 @@ class Metrics:
 class HealthServer:
     """Serves /metrics, /healthz and /readyz on the worker's event loop."""
 
-    def __init__(self, metrics: Metrics, ready: Callable[[], tuple[bool, str]], live: Callable[[], tuple[bool, str]]):
+    def __init__(
+        self, metrics: Metrics, ready: Callable[[], tuple[bool, str]], live: Callable[[], tuple[bool, str]]
+    ):
         self._metrics = metrics
         self._ready = ready
         self._live = live
@@ -101,7 +135,10 @@ class HealthServer:
             else:
                 status, ctype, body = 404, "text/plain", b"not found\n"
             reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
-            head = f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            head = (
+                f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            )
             writer.write(head.encode() + body)
             await writer.drain()
         except (TimeoutError, ConnectionError):
@@ -118,7 +155,8 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         """Render the record as JSON."""
         payload: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "msg": record.getMessage(),

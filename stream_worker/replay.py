@@ -56,7 +56,9 @@ def image_files(path: str) -> list[Path]:
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
     else:
-        files = sorted(Path(f) for f in glob.glob(path, recursive=True) if Path(f).suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(
+            Path(f) for f in glob.glob(path, recursive=True) if Path(f).suffix.lower() in IMAGE_SUFFIXES
+        )
     return files
 
 
@@ -89,7 +91,7 @@ def iter_images(path: str, *, loop: bool) -> Iterator[npt.NDArray[np.uint8]]:
                     if not ok:
                         break
                     produced += 1
-                    yield frame
+                    yield np.asarray(frame, dtype=np.uint8)
             finally:
                 capture.release()
         else:
@@ -98,7 +100,7 @@ def iter_images(path: str, *, loop: bool) -> Iterator[npt.NDArray[np.uint8]]:
                 image = cv2.imread(str(f), cv2.IMREAD_COLOR)
                 if image is not None:
                     produced += 1
-                    yield image
+                    yield np.asarray(image, dtype=np.uint8)
         if not loop or produced == 0:
             return
 
@@ -107,7 +109,10 @@ def encode_jpeg(image: npt.NDArray[np.uint8], quality: int, resize: tuple[int, i
     """JPEG-encode one frame, resized first when asked (upscaling says so in the docs)."""
     if resize is not None and (image.shape[1], image.shape[0]) != resize:
         grow = resize[0] > image.shape[1]
-        image = cv2.resize(image, resize, interpolation=cv2.INTER_CUBIC if grow else cv2.INTER_AREA)
+        image = np.asarray(
+            cv2.resize(image, resize, interpolation=cv2.INTER_CUBIC if grow else cv2.INTER_AREA),
+            dtype=np.uint8,
+        )
     ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
         raise ValueError("JPEG encoding failed")

@@ -30,7 +30,9 @@ async def check_redis(settings: Settings) -> None:
     try:
         await client.ping()
     except redis_errors.AuthenticationError as exc:
-        raise ConfigError(f"Redis refused the credentials ({exc}): check REDIS_USERNAME / REDIS_PASSWORD_FILE") from exc
+        raise ConfigError(
+            f"Redis refused the credentials ({exc}): check REDIS_USERNAME / REDIS_PASSWORD_FILE"
+        ) from exc
     except redis_errors.RedisError as exc:
         raise ConfigError(
             f"cannot reach Redis at {settings.redis.redis_url.split('@')[-1]} ({exc.__class__.__name__}): "
@@ -64,8 +66,10 @@ def backend_factory(settings: Settings) -> Backend:
     e = settings.engine
     engine = Path(e.engine) if e.engine else None
     if engine is not None and not engine.exists():
-        raise ConfigError(f"engine {engine} does not exist: build it with `engine-build build ... --out {engine}` "
-                          "or leave --engine empty for the default CPU engine")
+        raise ConfigError(
+            f"engine {engine} does not exist: build it with `engine-build build ... --out {engine}` "
+            "or leave --engine empty for the default CPU engine"
+        )
     return open_backend(engine, threads=e.inference_threads or None, cache_dir=Path(e.cache_dir))
 
 
@@ -75,16 +79,17 @@ async def run_worker(settings: Settings, stop: asyncio.Event, *, create_topics: 
     if create_topics:
         await prepare_topics(settings)
     metrics = Metrics()
-    worker = Worker(settings, backend_factory=lambda: backend_factory(settings), taxonomy=Taxonomy.load(),
-                    metrics=metrics)
+    worker = Worker(
+        settings, backend_factory=lambda: backend_factory(settings), taxonomy=Taxonomy.load(), metrics=metrics
+    )
     server = HealthServer(metrics, ready=worker.ready, live=worker.live)
     if settings.ops.metrics_port:
         try:
             port = await server.start(settings.ops.metrics_host, settings.ops.metrics_port)
         except OSError as exc:
             raise ConfigError(
-                f"cannot serve metrics on {settings.ops.metrics_host}:{settings.ops.metrics_port} ({exc.strerror}): "
-                "set --metrics-port to a free port, or 0 to turn it off"
+                f"cannot serve metrics on {settings.ops.metrics_host}:{settings.ops.metrics_port} "
+                f"({exc.strerror}): set --metrics-port to a free port, or 0 to turn it off"
             ) from exc
         log.info("metrics on http://%s:%d/metrics", settings.ops.metrics_host, port)
     try:
@@ -99,12 +104,15 @@ async def read_counts(settings: Settings, source_id: str, window: str) -> dict[s
     """The counts of one source as plain data (the ``counts --json`` format)."""
     client = make_redis(settings.redis)
     try:
-        counts = RedisCounts(client, key_prefix=settings.redis.key_prefix, ttl_s=settings.redis.counts_ttl_s,
-                             event_gap_ms=0)
+        counts = RedisCounts(
+            client, key_prefix=settings.redis.key_prefix, ttl_s=settings.redis.counts_ttl_s, event_gap_ms=0
+        )
         try:
             windows = await counts.read(source_id, window)
         except LookoutError as exc:
-            raise ConfigError(f"cannot read counts: {exc}; is Redis up (scripts/services up) and --redis-url right?") from exc
+            raise ConfigError(
+                f"cannot read counts: {exc}; is Redis up (scripts/services up) and --redis-url right?"
+            ) from exc
     finally:
         await client.aclose()
     total: dict[str, int] = {}

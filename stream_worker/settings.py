@@ -21,6 +21,7 @@ import yaml
 from stream_worker.errors import ConfigError
 
 REDACTED = "***"
+FAULT_STAGES = ("inference", "labels", "counts", "commit")
 
 
 def opt(default: Any, env: str, doc: str, *, secret: bool = False, flag: bool = True) -> Any:
@@ -35,11 +36,15 @@ def opt(default: Any, env: str, doc: str, *, secret: bool = False, flag: bool = 
 class KafkaSettings:
     """How to reach the Kafka cluster."""
 
-    bootstrap: str = opt("127.0.0.1:9092", "KAFKA_BOOTSTRAP", "Kafka bootstrap servers, host:port[,host:port]")
+    bootstrap: str = opt(
+        "127.0.0.1:9092", "KAFKA_BOOTSTRAP", "Kafka bootstrap servers, host:port[,host:port]"
+    )
     security_protocol: str = opt(
         "PLAINTEXT", "KAFKA_SECURITY_PROTOCOL", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"
     )
-    sasl_mechanism: str = opt("SCRAM-SHA-512", "KAFKA_SASL_MECHANISM", "SASL mechanism (SCRAM-SHA-512, PLAIN, ...)")
+    sasl_mechanism: str = opt(
+        "SCRAM-SHA-512", "KAFKA_SASL_MECHANISM", "SASL mechanism (SCRAM-SHA-512, PLAIN, ...)"
+    )
     sasl_username: str = opt("", "KAFKA_SASL_USERNAME", "SASL user name")
     sasl_password_file: str = opt(
         "", "KAFKA_SASL_PASSWORD_FILE", "file holding the SASL password (never pass it inline)"
@@ -60,10 +65,10 @@ class KafkaSettings:
 class TopicSettings:
     """Which topics the worker reads and writes."""
 
-    frames_topic: list[str] = opt(
-        ["frames"], "LOOKOUT_FRAMES_TOPIC", "frames topic(s), comma separated"
+    frames_topic: list[str] = opt(["frames"], "LOOKOUT_FRAMES_TOPIC", "frames topic(s), comma separated")
+    frames_pattern: str = opt(
+        "", "LOOKOUT_FRAMES_PATTERN", "regex of frames topics (instead of --frames-topic)"
     )
-    frames_pattern: str = opt("", "LOOKOUT_FRAMES_PATTERN", "regex of frames topics (instead of --frames-topic)")
     labels_topic: str = opt("labels", "LOOKOUT_LABELS_TOPIC", "per-frame label records")
     counts_topic: str = opt("counts", "LOOKOUT_COUNTS_TOPIC", "compacted topic of absolute window counts")
     dlq_topic: str = opt(
@@ -72,7 +77,9 @@ class TopicSettings:
     review_topic: str = opt("review", "LOOKOUT_REVIEW_TOPIC", "low-confidence frames sampled for review")
     group: str = opt("lookout", "LOOKOUT_GROUP", "consumer group id")
     topic_replication: int = opt(
-        1, "LOOKOUT_TOPIC_REPLICATION", "replication factor of output topics the worker creates (use 3 in production)"
+        1,
+        "LOOKOUT_TOPIC_REPLICATION",
+        "replication factor of output topics the worker creates (use 3 in production)",
     )
 
 
@@ -85,9 +92,7 @@ class RedisSettings:
     redis_password_file: str = opt("", "REDIS_PASSWORD_FILE", "file holding the Redis ACL password")
     redis_ca_file: str = opt("", "REDIS_CA_FILE", "CA for rediss://")
     key_prefix: str = opt("lookout", "LOOKOUT_KEY_PREFIX", "prefix of every Redis key lookout writes")
-    counts_ttl_s: int = opt(
-        7 * 86400, "LOOKOUT_COUNTS_TTL_S", "time-to-live of window count keys in Redis"
-    )
+    counts_ttl_s: int = opt(7 * 86400, "LOOKOUT_COUNTS_TTL_S", "time-to-live of window count keys in Redis")
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +103,9 @@ class EngineSettings:
     cache_dir: str = opt(
         str(Path.home() / ".cache" / "lookout"), "LOOKOUT_CACHE_DIR", "where default engines are cached"
     )
-    inference_threads: int = opt(0, "LOOKOUT_INFERENCE_THREADS", "intra-op threads for ONNX Runtime (0 = auto)")
+    inference_threads: int = opt(
+        0, "LOOKOUT_INFERENCE_THREADS", "intra-op threads for ONNX Runtime (0 = auto)"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,9 +113,7 @@ class BatchSettings:
     """Micro-batching and back-pressure."""
 
     max_batch: int = opt(16, "LOOKOUT_MAX_BATCH", "largest inference batch (capped at the engine's profile)")
-    max_wait_ms: float = opt(
-        25.0, "LOOKOUT_MAX_WAIT_MS", "longest a frame waits for its batch to fill"
-    )
+    max_wait_ms: float = opt(25.0, "LOOKOUT_MAX_WAIT_MS", "longest a frame waits for its batch to fill")
     max_in_flight: int = opt(
         256, "LOOKOUT_MAX_IN_FLIGHT", "frames consumed but not yet committed; partitions pause above it"
     )
@@ -174,6 +179,21 @@ class OpsSettings:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class FaultSettings:
+    """Fault injection for lookout's own fault tests (tests/faults); never set these in production."""
+
+    fault_kill_at: str = opt(
+        "",
+        "LOOKOUT_FAULT_KILL_AT",
+        "SIGKILL at STAGE:N (inference|labels|counts|commit)",
+        flag=False,
+    )
+    fault_infer_delay_ms: float = opt(
+        0.0, "LOOKOUT_FAULT_INFER_DELAY_MS", "extra delay of every inference call", flag=False
+    )
+
+
 SECTIONS: dict[str, type[Any]] = {
     "kafka": KafkaSettings,
     "topics": TopicSettings,
@@ -183,6 +203,7 @@ SECTIONS: dict[str, type[Any]] = {
     "labels": LabelSettings,
     "counts": CountSettings,
     "ops": OpsSettings,
+    "faults": FaultSettings,
 }
 
 
@@ -198,6 +219,7 @@ class Settings:
     labels: LabelSettings = field(default_factory=LabelSettings)
     counts: CountSettings = field(default_factory=CountSettings)
     ops: OpsSettings = field(default_factory=OpsSettings)
+    faults: FaultSettings = field(default_factory=FaultSettings)
 
 
 def _convert(raw: Any, hint: Any, name: str, source: str) -> Any:
@@ -228,7 +250,9 @@ def _convert(raw: Any, hint: Any, name: str, source: str) -> Any:
             pairs = [p.split("=", 1) for p in str(raw).split(",") if p.strip()]
             return {k.strip(): float(v) for k, v in pairs}
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{name} from {source}: cannot read {raw!r} as {getattr(hint, '__name__', hint)}") from exc
+        raise ConfigError(
+            f"{name} from {source}: cannot read {raw!r} as {getattr(hint, '__name__', hint)}"
+        ) from exc
     raise ConfigError(f"{name}: unsupported option type {hint}")
 
 
@@ -251,7 +275,7 @@ def add_flags(parser: argparse.ArgumentParser, sections: Sequence[str] | None = 
         for f, _hint in _options(section):
             if not f.metadata["flag"]:
                 continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
             shown = ",".join(default) if isinstance(default, list) else default
             if f.metadata["secret"]:
                 shown = REDACTED
@@ -291,7 +315,9 @@ def load_settings(
         file_values = loaded
     unknown_sections = set(file_values) - set(SECTIONS)
     if unknown_sections:
-        raise ConfigError(f"settings file {path}: unknown section(s) {sorted(unknown_sections)}; known: {list(SECTIONS)}")
+        raise ConfigError(
+            f"settings file {path}: unknown section(s) {sorted(unknown_sections)}; known: {list(SECTIONS)}"
+        )
 
     built: dict[str, Any] = {}
     for section_name, section in SECTIONS.items():
@@ -299,13 +325,17 @@ def load_settings(
         known = {f.name for f in dataclasses.fields(section)}
         unknown = set(from_file) - known
         if unknown:
-            raise ConfigError(f"settings file {path}: unknown key(s) {sorted(unknown)} in section {section_name}")
+            raise ConfigError(
+                f"settings file {path}: unknown key(s) {sorted(unknown)} in section {section_name}"
+            )
         values: dict[str, Any] = {}
         for f, hint in _options(section):
             if flags.get(f.name) is not None:
                 values[f.name] = _convert(flags[f.name], hint, f.name, "flag " + flag_name(f.name))
             elif f.metadata["env"] in environ:
-                values[f.name] = _convert(environ[f.metadata["env"]], hint, f.name, "env " + f.metadata["env"])
+                values[f.name] = _convert(
+                    environ[f.metadata["env"]], hint, f.name, "env " + f.metadata["env"]
+                )
             elif f.name in from_file:
                 values[f.name] = _convert(from_file[f.name], hint, f.name, f"{path}")
         built[section_name] = section(**values)
@@ -333,6 +363,12 @@ def validate(settings: Settings) -> None:
         raise ConfigError("--security-protocol must be PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
     if not settings.topics.frames_topic and not settings.topics.frames_pattern:
         raise ConfigError("give --frames-topic or --frames-pattern")
+    if settings.faults.fault_kill_at:
+        stage, _, nth = settings.faults.fault_kill_at.partition(":")
+        if stage not in FAULT_STAGES or not nth.isdigit() or int(nth) < 1:
+            raise ConfigError(
+                f"LOOKOUT_FAULT_KILL_AT must be STAGE:N with STAGE one of {', '.join(FAULT_STAGES)}"
+            )
     if settings.ops.log_format not in ("text", "json"):
         raise ConfigError("--log-format must be 'text' or 'json'")
 
@@ -342,7 +378,9 @@ def read_secret(path: str, what: str) -> str:
     try:
         return Path(path).read_text().strip()
     except OSError as exc:
-        raise ConfigError(f"cannot read {what} from {path}: {exc.strerror}; check the mounted secret file") from exc
+        raise ConfigError(
+            f"cannot read {what} from {path}: {exc.strerror}; check the mounted secret file"
+        ) from exc
 
 
 def as_dict(settings: Settings, *, redact: bool = True) -> dict[str, dict[str, Any]]:

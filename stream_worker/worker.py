@@ -21,7 +21,11 @@ Batches leave each stage in the order they entered it, so commits only ever move
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import logging
+import os
+import signal
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
@@ -29,12 +33,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import cv2
 import numpy as np
 import numpy.typing as npt
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
+from redis import exceptions as redis_errors
 
 from stream_worker import codec, counting
 from stream_worker.backends.base import Backend
@@ -118,6 +124,8 @@ class Worker:
         self._windows = [counting.WindowSpec.parse(w) for w in settings.counts.windows]
         self._event_gap_ms = int(settings.counts.event_gap_s * 1000)
         self._review_cutoff = int(settings.counts.review_sample_rate * 10_000)
+        # The pool is the parallelism; OpenCV's own threads would only fight it for the cores.
+        cv2.setNumThreads(1)
         self._decode_pool = ThreadPoolExecutor(b.decode_threads, thread_name_prefix="lookout-decode")
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="lookout-infer")
         self._backend: Backend | None = None
@@ -125,7 +133,10 @@ class Worker:
         self._producer: AIOKafkaProducer | None = None
         self._redis: aioredis.Redis | None = None
         self._counts: RedisCounts | None = None
-        self._drift = counting.DriftTracker(settings.counts.drift_window_frames, settings.counts.review_threshold)
+        self._parent_labels = frozenset(p for p in taxonomy.parents.values() if p)
+        self._drift = counting.DriftTracker(
+            settings.counts.drift_window_frames, settings.counts.review_threshold
+        )
         self._pool: asyncio.Queue[npt.NDArray[np.float32]] = asyncio.Queue()
         # Unbounded on purpose: the in-flight limit bounds them, and the poll stage must never
         # wait on a sink (only, briefly, on a free batch buffer from inference).
@@ -137,13 +148,20 @@ class Worker:
         self._drained = asyncio.Event()
         self._drained.set()
         self._paused = False
-        self._rebalancing = False
+        # True until the first assignment has been checked against the Redis watermarks.
+        self._rebalancing = True
+        self._held: list[dict[TopicPartition, list[Any]]] = []
         self._max_batch = b.max_batch
         self._model: dict[str, str] = {}
         self._ready = False
         self._last_poll = time.monotonic()
         self._fatal: BaseException | None = None
         self._stopping = asyncio.Event()
+        self._live_last: dict[str, float] = {}
+        self._resume_at: dict[TopicPartition, int] = {}
+        self._infer_delay_s = settings.faults.fault_infer_delay_ms / 1000
+        stage, _, nth = settings.faults.fault_kill_at.partition(":")
+        self._kill_stage, self._kill_countdown = (stage, int(nth)) if stage else ("", 0)
         self.started = asyncio.Event()
 
     # ----------------------------------------------------------------- lifecycle
@@ -187,8 +205,11 @@ class Worker:
         self.started.set()
         log.info(
             "worker started",
-            extra={"engine": info.path.name if hasattr(info.path, "name") else str(info.path),
-                   "max_batch": self._max_batch, "group": s.topics.group},
+            extra={
+                "engine": info.path.name if hasattr(info.path, "name") else str(info.path),
+                "max_batch": self._max_batch,
+                "group": s.topics.group,
+            },
         )
         pipeline = [
             asyncio.create_task(self._poll_loop(stop), name="poll"),
@@ -247,7 +268,7 @@ class Worker:
 
     async def _poll_loop(self, stop: asyncio.Event) -> None:
         consumer = self._consumer
-        assert consumer is not None  # noqa: S101 - set in run()
+        assert consumer is not None
         poll_ms = 100
         while not stop.is_set():
             self._backpressure()
@@ -257,20 +278,40 @@ class Worker:
                 timeout_ms = max(0, min(poll_ms, int(wait_left * 1000)))
             room = max(1, self.settings.batch.max_in_flight - self._in_flight)
             try:
-                records = await consumer.getmany(timeout_ms=timeout_ms, max_records=min(room, self._max_batch * 4))
+                records = await consumer.getmany(
+                    timeout_ms=timeout_ms, max_records=min(room, self._max_batch * 4)
+                )
             except KafkaError as exc:
                 raise kafka_failure(exc, "consuming frames") from exc
             self._last_poll = time.monotonic()
-            for tp, batch_records in records.items():
-                self.metrics.frames_in.labels(tp.topic).inc(len(batch_records))
-                for record in batch_records:
-                    await self._add(tp, record)
+            if self._rebalancing:
+                # aiokafka may hand out records while our assignment callback is still seeking
+                # to the Redis watermarks: hold them until it is done, then filter them.
+                self._held.append(records)
+                continue
+            if self._held:
+                held, self._held = self._held, []
+                owned = consumer.assignment()
+                for earlier in held:
+                    await self._consume({tp: rs for tp, rs in earlier.items() if tp in owned})
+            await self._consume(records)
             if self._open is not None and self._due(self._open):
                 await self._close_open()
         self._stopping.set()
         await self._close_open()
         await self._drain(self.settings.ops.drain_deadline_s, "shutdown")
         await self._infer_q.put(None)
+
+    async def _consume(self, records: dict[TopicPartition, list[Any]]) -> None:
+        """Hand fetched records to the open batch, skipping any below the resume offset."""
+        for tp, batch_records in records.items():
+            self.metrics.frames_in.labels(tp.topic).inc(len(batch_records))
+            resume_at = self._resume_at.get(tp, -1)
+            for record in batch_records:
+                # Records fetched before our seek to the watermark took effect were already
+                # labelled and counted by a previous owner: skip them.
+                if record.offset >= resume_at:
+                    await self._add(tp, record)
 
     def _due(self, batch: Batch) -> bool:
         if not batch.frames:
@@ -288,8 +329,13 @@ class Worker:
         self._drained.clear()
         try:
             frame = codec.frame_from_record(
-                record.topic, record.partition, record.offset, record.timestamp,
-                record.key, record.value, list(record.headers),
+                record.topic,
+                record.partition,
+                record.offset,
+                record.timestamp,
+                record.key,
+                record.value,
+                list(record.headers),
             )
         except BadFrame as exc:
             batch.dead.append(_dead(record, exc))
@@ -298,7 +344,8 @@ class Worker:
             batch.buffer = await self._pool.get()
             batch.opened_at = time.monotonic()
         slot = batch.buffer[len(batch.frames)]
-        spec = self._backend.info.spec if self._backend else None
+        assert self._backend is not None
+        spec = self._backend.info.spec
         batch.frames.append(frame)
         batch.decodes.append(
             asyncio.get_running_loop().run_in_executor(
@@ -315,7 +362,7 @@ class Worker:
 
     def _backpressure(self) -> None:
         consumer = self._consumer
-        assert consumer is not None  # noqa: S101
+        assert consumer is not None
         if self._rebalancing:
             return  # on_revoked owns the pause state until the new assignment arrives
         full = self._in_flight >= self.settings.batch.max_in_flight
@@ -334,7 +381,7 @@ class Worker:
     async def _infer_loop(self) -> None:
         loop = asyncio.get_running_loop()
         backend = self._backend
-        assert backend is not None  # noqa: S101
+        assert backend is not None
         while (batch := await self._infer_q.get()) is not None:
             if batch.frames:
                 started = time.monotonic()
@@ -351,11 +398,13 @@ class Worker:
                     else:
                         good.append(i)
                 buffer = batch.buffer
-                assert buffer is not None  # noqa: S101
+                assert buffer is not None
                 if good:
                     n = len(batch.frames)
                     started = time.monotonic()
-                    labels = await loop.run_in_executor(self._infer_pool, self._classify, backend, buffer, n, good)
+                    labels = await loop.run_in_executor(
+                        self._infer_pool, self._classify, backend, buffer, n, good
+                    )
                     self.metrics.inference_seconds.observe(time.monotonic() - started)
                     self.metrics.batch_size.observe(len(good))
                     now_ms = self._clock_ms()
@@ -370,9 +419,14 @@ class Worker:
             await self._sink_q.put(batch)
         await self._sink_q.put(None)
 
-    def _classify(self, backend: Backend, buffer: npt.NDArray[np.float32], n: int, good: list[int]) -> list[FrameLabels]:
+    def _classify(
+        self, backend: Backend, buffer: npt.NDArray[np.float32], n: int, good: list[int]
+    ) -> list[FrameLabels]:
         """Runs on the inference thread: engine, then taxonomy (both CPU-bound)."""
         probs = backend.infer(buffer[:n])
+        if self._infer_delay_s:
+            time.sleep(self._infer_delay_s)
+        self._fault("inference")
         if len(good) != n:
             probs = probs[good]
         lab = self.settings.labels
@@ -390,9 +444,10 @@ class Worker:
     async def _sink_loop(self) -> None:
         while (batch := await self._sink_q.get()) is not None:
             started = time.monotonic()
-            await self._retrying(lambda b=batch: self._publish(b))
+            await self._retrying(functools.partial(self._publish, batch))
             await self._commit(batch)
             self.metrics.sink_seconds.observe(time.monotonic() - started)
+            await self._publish_live(batch)
             now_ms = self._clock_ms()
             for p in batch.predictions:
                 self.metrics.e2e_seconds.observe(max(0.0, (now_ms - p.frame.captured_at_ms) / 1000))
@@ -400,6 +455,67 @@ class Worker:
             self.metrics.in_flight.set(self._in_flight)
             if self._in_flight == 0:
                 self._drained.set()
+
+    def _fault(self, stage: str) -> None:
+        """Test-only fault injection (tests/faults): SIGKILL this process at STAGE:N."""
+        if stage != self._kill_stage:
+            return
+        self._kill_countdown -= 1
+        if self._kill_countdown == 0:
+            log.warning("fault injection: SIGKILL at %s", stage)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    async def _publish_live(self, batch: Batch) -> None:
+        """Best-effort live view for the dashboard: per-source stats, latest labels and thumbnail.
+
+        Never retried and never blocks a commit: it is a view, not a record.
+        """
+        if self._redis is None or (not batch.predictions and not batch.dead):
+            return
+        prefix, ttl = f"{self.settings.redis.key_prefix}:live", self.settings.counts.thumbnail_ttl_s
+        now = time.monotonic()
+        latest: dict[str, Prediction] = {}
+        per_source: dict[str, int] = {}
+        for p in batch.predictions:
+            latest[p.frame.source_id] = p
+            per_source[p.frame.source_id] = per_source.get(p.frame.source_id, 0) + 1
+        due = [p for s, p in latest.items() if now - self._live_last.get(s, 0.0) >= 1.0]
+        thumbs = (
+            await asyncio.get_running_loop().run_in_executor(self._decode_pool, _thumbnails, due)
+            if due
+            else {}
+        )
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for source, n in per_source.items():
+                    key = f"{prefix}:stats:{source}"
+                    snapshot = self._drift.snapshot(source)
+                    p = latest[source]
+                    pipe.hincrby(key, "frames", n)
+                    pipe.hset(
+                        key,
+                        mapping={
+                            "kind": p.frame.source_kind.value,
+                            "latency_ms": f"{p.latency_ms:.1f}",
+                            "low_confidence_share": f"{snapshot.low_confidence_share:.4f}",
+                            "label_share": json.dumps(snapshot.label_share),
+                            "updated_ms": str(p.processed_at_ms),
+                        },
+                    )
+                    pipe.expire(key, self.settings.redis.counts_ttl_s)
+                    pipe.sadd(f"{prefix}:sources", source)
+                for d in batch.dead:
+                    source = d.key.decode(errors="replace") if d.key else "unknown"
+                    pipe.hincrby(f"{prefix}:stats:{source}", "dead", 1)
+                for p in due:
+                    source = p.frame.source_id
+                    self._live_last[source] = now
+                    pipe.set(f"{prefix}:frame:{source}", codec.label_record(p, self._model), ex=ttl)
+                    if source in thumbs:
+                        pipe.set(f"{prefix}:thumb:{source}", thumbs[source], ex=ttl)
+                await pipe.execute()
+        except redis_errors.RedisError as exc:
+            log.debug("live view not updated: %s", exc)
 
     async def _retrying(self, step: Callable[[], Awaitable[None]]) -> None:
         delay = 0.2
@@ -418,14 +534,17 @@ class Worker:
 
     async def _publish(self, batch: Batch) -> None:
         producer, counts = self._producer, self._counts
-        assert producer is not None and counts is not None  # noqa: S101
+        assert producer is not None and counts is not None
         if not batch.published:
             await self._send_all(producer, self._kafka_records(batch), "publishing labels")
             batch.published = True
             self._count_published(batch)
+            self._fault("labels")
         by_partition: dict[TopicPartition, list[CountedFrame]] = {}
         for p in batch.predictions:
-            by_partition.setdefault(TopicPartition(p.frame.topic, p.frame.partition), []).append(self._counted(p))
+            by_partition.setdefault(TopicPartition(p.frame.topic, p.frame.partition), []).append(
+                self._counted(p)
+            )
         for tp, frames in by_partition.items():
             if tp in batch.counted:
                 continue
@@ -433,17 +552,20 @@ class Worker:
             self.metrics.counts_skipped.inc(len(frames) - result.applied)
             batch.windows[tp] = result.windows
             batch.counted.add(tp)
+            self._fault("counts")
         if not batch.counts_published:
             await self._publish_windows(batch.windows)
             batch.counts_published = True
 
     async def _publish_windows(self, windows: dict[TopicPartition, tuple[WindowCounts, ...]]) -> None:
         producer, counts = self._producer, self._counts
-        assert producer is not None and counts is not None  # noqa: S101
-        records = []
+        assert producer is not None and counts is not None
+        records: list[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]] = []
         for group in windows.values():
             for w in group:
-                key, value = codec.count_record(w.source_id, w.window, w.start_ms, {"_frames": w.frames, **w.labels})
+                key, value = codec.count_record(
+                    w.source_id, w.window, w.start_ms, {"_frames": w.frames, **w.labels}
+                )
                 records.append((self.settings.topics.counts_topic, key, value, []))
                 if w.events:
                     key, value = codec.count_record(w.source_id, w.window, w.start_ms, w.events, "events")
@@ -460,13 +582,24 @@ class Worker:
         for p in batch.predictions:
             value = codec.label_record(p, self._model)
             out.append((topics.labels_topic, p.frame.source_id.encode(), value, []))
-            if self._review_cutoff and p.result.best_score < self.settings.counts.review_threshold:
-                if zlib.crc32(p.frame.frame_id.encode()) % 10_000 < self._review_cutoff:
-                    out.append((topics.review_topic, p.frame.source_id.encode(), p.frame.data,
-                                [*p.frame.headers, ("lookout-labels", value)]))
-                    self.metrics.frames_review.inc()
+            # Sampling by a hash of the frame id, so a replayed frame is sampled the same way.
+            low = p.result.best_score < self.settings.counts.review_threshold
+            if low and zlib.crc32(p.frame.frame_id.encode()) % 10_000 < self._review_cutoff:
+                out.append(
+                    (
+                        topics.review_topic,
+                        p.frame.source_id.encode(),
+                        p.frame.data,
+                        [*p.frame.headers, ("lookout-labels", value)],
+                    )
+                )
+                self.metrics.frames_review.inc()
         for d in batch.dead:
-            keep = d.value if d.value is not None and len(d.value) <= self.settings.batch.max_frame_bytes else b""
+            keep = (
+                d.value
+                if d.value is not None and len(d.value) <= self.settings.batch.max_frame_bytes
+                else b""
+            )
             headers = codec.dead_letter_headers(
                 d.topic, d.partition, d.offset, d.error.stage, d.error.reason, d.error, d.headers
             )
@@ -490,11 +623,10 @@ class Worker:
             for label, share in snapshot.label_share.items():
                 self.metrics.label_share.labels(source, label).set(share)
 
-    @staticmethod
-    def _counted(p: Prediction) -> CountedFrame:
+    def _counted(self, p: Prediction) -> CountedFrame:
         events: tuple[str, ...] | None = None
         if p.frame.source_kind is SourceKind.WILDLIFE:
-            events = tuple(sorted(counting.species_of(p.result.labels)))
+            events = tuple(sorted(counting.species_of(p.result.labels, self._parent_labels)))
         return CountedFrame(
             p.frame.offset,
             p.frame.source_id,
@@ -521,11 +653,12 @@ class Worker:
 
     async def _commit(self, batch: Batch) -> None:
         consumer = self._consumer
-        assert consumer is not None  # noqa: S101
+        assert consumer is not None
         owned = consumer.assignment()
         offsets = {tp: OffsetAndMetadata(last + 1, "") for tp, last in batch.offsets.items() if tp in owned}
         if not offsets:
             return
+        self._fault("commit")
         try:
             await consumer.commit(offsets)
         except (CommitFailedError, IllegalStateError) as exc:
@@ -547,13 +680,13 @@ class Worker:
 
     async def on_revoked(self, revoked: list[TopicPartition]) -> None:
         """Finish and commit what belongs to the revoked partitions before they move."""
+        self._rebalancing = True
         if not revoked:
             return
         consumer = self._consumer
-        assert consumer is not None  # noqa: S101
+        assert consumer is not None
         # Nothing new from the revoked partitions while their in-flight frames drain; every
-        # record already handed to us is finished and committed, never dropped.
-        self._rebalancing = True
+        # record already in a batch is finished and committed, never dropped.
         consumer.pause(*[tp for tp in revoked if tp in consumer.assignment()])
         await self._close_open()
         await self._drain(self.settings.ops.drain_deadline_s, "rebalance")
@@ -561,15 +694,26 @@ class Worker:
     async def on_assigned(self, assigned: list[TopicPartition]) -> None:
         """Resume each partition after the committed offset or the Redis watermark, whichever is further."""
         consumer, counts = self._consumer, self._counts
-        assert consumer is not None and counts is not None  # noqa: S101
+        assert consumer is not None and counts is not None
+        # Records held so far were fetched under the old assignment; the new one starts again from
+        # the committed offsets, so they will come back. Those fetched from now on are kept.
+        self._held.clear()
         try:
             for tp in assigned:
                 watermark = await counts.watermark(tp.topic, tp.partition)
                 committed = await consumer.committed(tp)
                 if watermark >= 0 and (committed is None or watermark + 1 > committed):
-                    log.info("resuming %s:%d at the Redis watermark %d (committed %s)",
-                             tp.topic, tp.partition, watermark + 1, committed)
+                    log.info(
+                        "resuming %s:%d at the Redis watermark %d (committed %s)",
+                        tp.topic,
+                        tp.partition,
+                        watermark + 1,
+                        committed,
+                    )
                     consumer.seek(tp, watermark + 1)
+                    self._resume_at[tp] = watermark + 1
+                else:
+                    self._resume_at.pop(tp, None)
                 dirty = await counts.dirty(tp.topic, tp.partition)
                 if dirty:
                     await self._publish_windows({tp: tuple(dirty)})
@@ -582,7 +726,7 @@ class Worker:
 
     async def _lag_loop(self) -> None:
         consumer = self._consumer
-        assert consumer is not None  # noqa: S101
+        assert consumer is not None
         while True:
             await asyncio.sleep(5)
             for tp in consumer.assignment():
@@ -595,9 +739,33 @@ class Worker:
                     self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, high - position))
 
 
+THUMBNAIL_WIDTH = 240
+
+
+def _thumbnails(predictions: list[Prediction]) -> dict[str, bytes]:
+    """Small JPEG thumbnails of each source's latest frame (runs on the decode pool)."""
+    out: dict[str, bytes] = {}
+    for p in predictions:
+        image = cv2.imdecode(np.frombuffer(p.frame.data, np.uint8), cv2.IMREAD_REDUCED_COLOR_2)
+        if image is None:
+            continue
+        height = max(1, round(image.shape[0] * THUMBNAIL_WIDTH / image.shape[1]))
+        small = cv2.resize(image, (THUMBNAIL_WIDTH, height), interpolation=cv2.INTER_AREA)
+        ok, data = cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, 75])
+        if ok:
+            out[p.frame.source_id] = data.tobytes()
+    return out
+
+
 def _dead(record: Any, error: BadFrame) -> DeadFrame:
     return DeadFrame(
-        record.topic, record.partition, record.offset, record.key, record.value, tuple(record.headers or ()), error
+        record.topic,
+        record.partition,
+        record.offset,
+        record.key,
+        record.value,
+        tuple(record.headers or ()),
+        error,
     )
 
 

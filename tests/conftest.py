@@ -5,6 +5,7 @@ A service that cannot start is a test error, never a skip.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -63,10 +64,9 @@ async def make_topic(services: Services) -> AsyncIterator[TopicFactory]:
         yield factory
     finally:
         if created:
-            try:
+            # Cleanup must not hide the test's own result.
+            with contextlib.suppress(Exception):
                 await admin.delete_topics(created)
-            except Exception:  # noqa: BLE001 - cleanup must not hide the test's own result
-                pass
         await admin.close()
 
 

@@ -69,10 +69,14 @@ class ApplyResult:
 
 def redis_failure(exc: Exception) -> LookoutError:
     """Map a redis-py exception to lookout's tree: connection trouble is retriable."""
-    if isinstance(exc, redis_errors.ConnectionError | redis_errors.TimeoutError | redis_errors.BusyLoadingError):
+    if isinstance(
+        exc, redis_errors.ConnectionError | redis_errors.TimeoutError | redis_errors.BusyLoadingError
+    ):
         return ServiceUnavailable(f"Redis unavailable: {exc}")
     if isinstance(exc, redis_errors.AuthenticationError | redis_errors.NoPermissionError):
-        return LookoutError(f"Redis refused lookout's credentials: {exc}; check REDIS_USERNAME/REDIS_PASSWORD_FILE")
+        return LookoutError(
+            f"Redis refused lookout's credentials: {exc}; check REDIS_USERNAME/REDIS_PASSWORD_FILE"
+        )
     if isinstance(exc, redis_errors.ReadOnlyError | redis_errors.TryAgainError):
         return ServiceUnavailable(f"Redis not writable right now: {exc}")
     return LookoutError(f"Redis error: {exc}")
@@ -102,7 +106,9 @@ class RedisCounts:
         event_gap_ms: int,
         windows: Sequence[tuple[str, int]] = (("1m", 60_000), ("15m", 900_000)),
     ) -> None:
-        self._client = client
+        # redis-py's async typing is loose (bytes | str | Awaitable unions); the replies used
+        # here are plain bytes, so the client is held untyped.
+        self._client: Any = client
         self._windows = json.dumps([list(w) for w in windows])
         self._prefix = key_prefix
         self._ttl_s = ttl_s
@@ -168,7 +174,9 @@ class RedisCounts:
                 values = await pipe.execute()
         except redis_errors.RedisError as exc:
             raise redis_failure(exc) from exc
-        return [self._parse_hash(stem, key, self._flatten(v)) for key, v in zip(keys, values, strict=True) if v]
+        return [
+            self._parse_hash(stem, key, self._flatten(v)) for key, v in zip(keys, values, strict=True) if v
+        ]
 
     async def mark_published(self, topic: str, partition: int, windows: Sequence[WindowCounts]) -> None:
         """Forget the dirty marks of windows now on the counts topic."""

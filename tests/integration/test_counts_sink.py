@@ -9,12 +9,16 @@ from stream_worker.sinks.counts import CountedFrame, RedisCounts
 MIN = 60_000
 
 
-def frame(offset: int, source: str, t: int, labels: tuple[str, ...], events: tuple[str, ...] | None = None) -> CountedFrame:
+def frame(
+    offset: int, source: str, t: int, labels: tuple[str, ...], events: tuple[str, ...] | None = None
+) -> CountedFrame:
     return CountedFrame(offset, source, t, labels, events)
 
 
 async def test_replayed_batch_changes_nothing(redis_client: aioredis.Redis, key_prefix: str) -> None:
-    counts = RedisCounts(redis_client, key_prefix=key_prefix, ttl_s=3600, event_gap_ms=30_000, windows=[("1m", MIN)])
+    counts = RedisCounts(
+        redis_client, key_prefix=key_prefix, ttl_s=3600, event_gap_ms=30_000, windows=[("1m", MIN)]
+    )
     batch = [
         frame(0, "cam-1", 1_000, ("car", "vehicle")),
         frame(1, "cam-1", 2_000, ("bus", "vehicle")),
@@ -36,8 +40,12 @@ async def test_replayed_batch_changes_nothing(redis_client: aioredis.Redis, key_
     assert await counts.sources() == ["cam-1", "cam-2"]
 
 
-async def test_camera_trap_sequences_count_each_species_once(redis_client: aioredis.Redis, key_prefix: str) -> None:
-    counts = RedisCounts(redis_client, key_prefix=key_prefix, ttl_s=3600, event_gap_ms=10_000, windows=[("1m", MIN)])
+async def test_camera_trap_sequences_count_each_species_once(
+    redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    counts = RedisCounts(
+        redis_client, key_prefix=key_prefix, ttl_s=3600, event_gap_ms=10_000, windows=[("1m", MIN)]
+    )
     # Sequence 1: deer seen in 3 frames 2 s apart, a fox joins; sequence 2 (after a 20 s gap): deer again.
     batch1 = [
         frame(0, "trap", 0, ("deer", "mammal", "animal"), ("deer",)),

@@ -100,7 +100,10 @@ async def test_committed_offsets_survive_a_new_consumer(services: Services, make
     tp = TopicPartition(topic, 0)
 
     first = AIOKafkaConsumer(
-        topic, bootstrap_servers=services.bootstrap, group_id=group, enable_auto_commit=False,
+        topic,
+        bootstrap_servers=services.bootstrap,
+        group_id=group,
+        enable_auto_commit=False,
         auto_offset_reset="earliest",
     )
     await first.start()
@@ -108,13 +111,18 @@ async def test_committed_offsets_survive_a_new_consumer(services: Services, make
         async with asyncio.timeout(30):
             records = []
             while len(records) < 6:
-                records.extend((await first.getmany(tp, timeout_ms=500, max_records=6 - len(records))).get(tp, []))
+                records.extend(
+                    (await first.getmany(tp, timeout_ms=500, max_records=6 - len(records))).get(tp, [])
+                )
         await first.commit({tp: records[-1].offset + 1})
     finally:
         await first.stop()
 
     second = AIOKafkaConsumer(
-        topic, bootstrap_servers=services.bootstrap, group_id=group, enable_auto_commit=False,
+        topic,
+        bootstrap_servers=services.bootstrap,
+        group_id=group,
+        enable_auto_commit=False,
         auto_offset_reset="earliest",
     )
     await second.start()

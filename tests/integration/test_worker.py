@@ -20,7 +20,9 @@ from tests.support.pipeline import produce_frames, read_topic, running_worker, w
 SOURCES = ("cam-north", "cam-south", "cam-east", "cam-west", "cam-gate")
 
 
-async def counts_by_source(redis_client: aioredis.Redis, prefix: str, window: str) -> dict[str, dict[str, int]]:
+async def counts_by_source(
+    redis_client: aioredis.Redis, prefix: str, window: str
+) -> dict[str, dict[str, int]]:
     counts = RedisCounts(redis_client, key_prefix=prefix, ttl_s=3600, event_gap_ms=1)
     out: dict[str, dict[str, int]] = {}
     for source in await counts.sources():
@@ -94,7 +96,9 @@ async def test_bad_frames_are_dead_lettered_once_and_good_frames_around_them_lab
         frames.extend([("cam-1", good[2 * i]), ("cam-1", data), ("cam-1", good[2 * i + 1])])
     ids = await produce_frames(services.bootstrap, topic, frames)
     bad_ids = {ids[3 * i + 1]: name for i, name in enumerate(bad)}
-    settings = worker_settings(services.bootstrap, services.redis_url, topic, key_prefix, max_frame_bytes=500_000)
+    settings = worker_settings(
+        services.bootstrap, services.redis_url, topic, key_prefix, max_frame_bytes=500_000
+    )
     async with running_worker(settings):
         labels = await read_topic(services.bootstrap, settings.topics.labels_topic, len(ids) - len(bad))
         dead = await read_topic(services.bootstrap, f"{topic}.dlq", len(bad))
@@ -119,7 +123,10 @@ async def test_bad_frames_are_dead_lettered_once_and_good_frames_around_them_lab
             assert record.value in (b"", None)  # over the cap: bytes not copied
         else:
             assert record.value == original
-    assert dict(by_frame[next(k for k, v in bad_ids.items() if v == "mistyped")][1])["lookout.errors.reason"] == b"magic_mismatch"
+    assert (
+        dict(by_frame[next(k for k, v in bad_ids.items() if v == "mistyped")][1])["lookout.errors.reason"]
+        == b"magic_mismatch"
+    )
 
 
 async def test_two_workers_split_the_partitions_and_label_every_frame_once(
@@ -130,8 +137,12 @@ async def test_two_workers_split_the_partitions_and_label_every_frame_once(
     async with running_worker(settings) as first, running_worker(settings) as second:
         # Wait until the group has settled with both members owning partitions.
         async with asyncio.timeout(60):
-            while not (first._consumer and second._consumer and first._consumer.assignment()
-                       and second._consumer.assignment()):
+            while not (
+                first._consumer
+                and second._consumer
+                and first._consumer.assignment()
+                and second._consumer.assignment()
+            ):
                 await asyncio.sleep(0.2)
         owned = [first._consumer.assignment(), second._consumer.assignment()]
         frames = [(f"cam-{i % 8}", data) for i, data in enumerate(street_jpegs(80))]
@@ -140,7 +151,10 @@ async def test_two_workers_split_the_partitions_and_label_every_frame_once(
     assert not owned[0] & owned[1] and len(owned[0] | owned[1]) == 4
     frame_ids = [codec.parse_label_record(r.value)["frame_id"] for r in labels]
     assert sorted(frame_ids) == sorted(ids)  # all of them, none twice
-    per_worker = [first.metrics.frames_out.labels(topic)._value.get(), second.metrics.frames_out.labels(topic)._value.get()]
+    per_worker = [
+        first.metrics.frames_out.labels(topic)._value.get(),
+        second.metrics.frames_out.labels(topic)._value.get(),
+    ]
     assert all(n > 0 for n in per_worker) and sum(per_worker) == len(ids)
 
 
@@ -155,12 +169,17 @@ async def test_a_batch_replayed_after_a_crash_leaves_counts_unchanged(
     async with running_worker(settings):
         await read_topic(services.bootstrap, settings.topics.labels_topic, len(ids))
     before = await counts_by_source(redis_client, key_prefix, "1m")
-    events_before = [w.events for w in await RedisCounts(redis_client, key_prefix=key_prefix, ttl_s=60,
-                                                           event_gap_ms=1).read("trap-1", "1m")]
+    events_before = [
+        w.events
+        for w in await RedisCounts(redis_client, key_prefix=key_prefix, ttl_s=60, event_gap_ms=1).read(
+            "trap-1", "1m"
+        )
+    ]
 
     # Simulate a crash between the Redis update and the commit: rewind the group to offset 0.
-    rewind = AIOKafkaConsumer(bootstrap_servers=services.bootstrap, group_id=settings.topics.group,
-                              enable_auto_commit=False)
+    rewind = AIOKafkaConsumer(
+        bootstrap_servers=services.bootstrap, group_id=settings.topics.group, enable_auto_commit=False
+    )
     await rewind.start()
     try:
         rewind.assign([TopicPartition(topic, p) for p in (0, 1)])
@@ -174,8 +193,12 @@ async def test_a_batch_replayed_after_a_crash_leaves_counts_unchanged(
                 await asyncio.sleep(0.2)
         await asyncio.sleep(5)  # time enough to replay the whole topic if it were going to
     assert await counts_by_source(redis_client, key_prefix, "1m") == before
-    events_after = [w.events for w in await RedisCounts(redis_client, key_prefix=key_prefix, ttl_s=60,
-                                                          event_gap_ms=1).read("trap-1", "1m")]
+    events_after = [
+        w.events
+        for w in await RedisCounts(redis_client, key_prefix=key_prefix, ttl_s=60, event_gap_ms=1).read(
+            "trap-1", "1m"
+        )
+    ]
     assert events_after == events_before and sum(sum(e.values()) for e in events_after) >= 1
     labels = await read_topic(services.bootstrap, settings.topics.labels_topic, len(ids), settle_s=2.0)
     assert len(labels) == len(ids), "the watermark should stop the replay before any label is repeated"

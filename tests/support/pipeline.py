@@ -18,7 +18,9 @@ from stream_worker.taxonomy import Taxonomy
 from stream_worker.worker import Worker
 
 
-def worker_settings(bootstrap: str, redis_url: str, frames_topic: str, key_prefix: str, **flags: Any) -> Settings:
+def worker_settings(
+    bootstrap: str, redis_url: str, frames_topic: str, key_prefix: str, **flags: Any
+) -> Settings:
     """Settings for a test worker: its own topics, group and key prefix; no metrics port."""
     base = {
         "bootstrap": bootstrap,
@@ -83,7 +85,9 @@ async def produce_frames(
             seq[source] = n + 1
             frame_id = f"{source}/{n}-{uuid.uuid4().hex[:6]}"
             headers = codec.frame_headers(source, kind, frame_id, start_ms + n * step_ms, content_type)
-            futures.append(await producer.send(topic, data, key=source.encode(), headers=[*headers, *extra_headers]))
+            futures.append(
+                await producer.send(topic, data, key=source.encode(), headers=[*headers, *extra_headers])
+            )
             ids.append(frame_id)
         await asyncio.gather(*futures)
     finally:
@@ -91,11 +95,18 @@ async def produce_frames(
     return ids
 
 
-async def read_topic(bootstrap: str, topic: str, expected: int, *, timeout_s: float = 90, settle_s: float = 1.0) -> list[Any]:
+async def read_topic(
+    bootstrap: str, topic: str, expected: int, *, timeout_s: float = 90, settle_s: float = 1.0
+) -> list[Any]:
     """Read records from the start of ``topic`` until ``expected`` arrived (then ``settle_s`` more
     to catch extras), or fail after ``timeout_s``."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                enable_auto_commit=False, group_id=None)
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+    )
     await consumer.start()
     records: list[Any] = []
     try:
@@ -111,7 +122,9 @@ async def read_topic(bootstrap: str, topic: str, expected: int, *, timeout_s: fl
             for recs in batch.values():
                 records.extend(recs)
     except TimeoutError:
-        raise AssertionError(f"only {len(records)} of {expected} records arrived on {topic} in {timeout_s} s") from None
+        raise AssertionError(
+            f"only {len(records)} of {expected} records arrived on {topic} in {timeout_s} s"
+        ) from None
     finally:
         await consumer.stop()
     return records
