@@ -53,5 +53,7 @@ def photo_jpeg(name: str, quality: int = 90) -> bytes:
 
 def _reencode(name: str, ext: str, quality: int = 90) -> bytes:
     image = cv2.imread(str(skimage_photo(name)), cv2.IMREAD_COLOR)
+    if image is None:
+        raise RuntimeError(f"cannot read {skimage_photo(name)}")
     params = [cv2.IMWRITE_JPEG_QUALITY, quality] if ext == ".jpg" else []
     return cv2.imencode(ext, image, params)[1].tobytes()

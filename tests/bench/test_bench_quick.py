@@ -1,0 +1,43 @@
+"""CI's smoke run of the benchmark: it must run end to end and report every figure.
+
+Slow numbers never fail it (they are measured in bench/, not asserted); errors do.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO, Services
+
+KEYS = (
+    "e2e_fps",
+    "naive_fps",
+    "ceiling_fps",
+    "p99_ms_at_50pct",
+    "int8_speedup",
+    "decode_reduced_speedup",
+    "peak_rss_mb",
+    "rss_growth_pct",
+)
+
+
+def test_quick_benchmark_reports_every_figure(services: Services, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--no-services", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    [report] = tmp_path.glob("*.json")
+    data = json.loads(report.read_text())
+    for key in KEYS:
+        assert isinstance(data[key], float) and math.isfinite(data[key]), key
+    assert data["e2e_fps"] > 0 and data["naive_fps"] > 0
+    assert data["end_to_end"]["max"]["frames"] == 300  # every produced frame was labelled
+    assert list(tmp_path.glob("*.png")), "the plot is written beside the JSON"

@@ -1,0 +1,375 @@
+"""Locked-down services for the security tests: a SASL_SSL Kafka broker and an ACL + TLS Redis.
+
+Both run as separate processes on their own free ports and state directories, next to (never
+instead of) the session's plain services. Certificates are made here with the ``openssl``
+command line: a throw-away CA, a server certificate for ``127.0.0.1``/``localhost`` signed by
+it, and, for the untrusted-certificate test, a second CA that signed nothing the servers use.
+
+The broker is the same Apache Kafka build that ``scripts/services`` runs (the jars cached in
+``~/.cache/lookout/kafka-<version>/libs``), started with the same java command line and a
+server.properties of its own:
+
+* ``SASL_SSL`` listener (SCRAM-SHA-512 over TLS) for clients and for inter-broker traffic;
+  TLS uses PEM key and trust stores, so no keytool and no JKS passwords;
+* the KRaft controller listener stays PLAINTEXT on loopback (it is not a client port);
+* SCRAM users are created when the storage is formatted (``StorageTool format --add-scram``),
+  so they exist before the broker first accepts a connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+KAFKA_POM = REPO / "scripts" / "kafka" / "pom.xml"
+
+# The commands the worker sends to Redis, and nothing else: preflight PING, the counts Lua
+# script (EVALSHA, with SCRIPT LOAD/EXISTS when the server does not have it yet; the script's
+# own calls are checked against the same ACL), watermark reads, the dirty-window flush, the
+# live view (HSET/SET/EXPIRE) and the counts readers. CLIENT SETINFO is what redis-py sends
+# on connect (it ignores a refusal, but an allowed call keeps the ACL log clean).
+WORKER_REDIS_COMMANDS = (
+    "ping",
+    "hello",
+    "client|setinfo",
+    "evalsha",
+    "eval",
+    "script|load",
+    "script|exists",
+    "get",
+    "set",
+    "expire",
+    "hset",
+    "hget",
+    "hmget",
+    "hgetall",
+    "hincrby",
+    "sadd",
+    "srem",
+    "smembers",
+    "zadd",
+    "zrange",
+    "zremrangebyscore",
+)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:``port``."""
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        return True
+    return False
+
+
+def new_secret() -> str:
+    """A random password (hex: safe in JAAS strings, StorageTool arguments and ACL files)."""
+    return secrets.token_hex(16)
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    result = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        raise RuntimeError(f"openssl {args[0]} failed: {result.stderr.strip()}")
+
+
+@dataclass(frozen=True)
+class Authority:
+    """A certificate authority made for one test module: its certificate and private key."""
+
+    name: str
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class ServerCert:
+    """A server certificate and its (unencrypted PKCS#8) key, signed by ``issuer``."""
+
+    cert: Path
+    key: Path
+    issuer: Authority
+
+    def keystore_pem(self) -> Path:
+        """Key and certificate in one PEM file: Kafka's ``ssl.keystore.type=PEM`` format."""
+        path = self.cert.with_suffix(".keystore.pem")
+        path.write_text(self.key.read_text() + self.cert.read_text())
+        path.chmod(0o600)
+        return path
+
+
+def make_authority(directory: Path, name: str) -> Authority:
+    """A self-signed CA (EC P-256, valid 2 days) in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
+    _openssl(
+        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+        "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN=lookout test {name}",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        cwd=directory,
+    )  # fmt: skip
+    return Authority(name, cert, key)
+
+
+def issue_server_cert(authority: Authority, directory: Path, name: str) -> ServerCert:
+    """A certificate for ``127.0.0.1`` and ``localhost``, signed by ``authority``."""
+    cert, key, csr = directory / f"{name}.pem", directory / f"{name}.key", directory / f"{name}.csr"
+    ext = directory / f"{name}.ext"
+    ext.write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+        "extendedKeyUsage=serverAuth,clientAuth\n"
+        "basicConstraints=CA:FALSE\n"
+    )
+    _openssl(
+        "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+        "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}",
+        cwd=directory,
+    )  # fmt: skip
+    _openssl(
+        "x509", "-req", "-in", str(csr), "-CA", str(authority.cert), "-CAkey", str(authority.key),
+        "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext),
+        cwd=directory,
+    )  # fmt: skip
+    key.chmod(0o600)
+    return ServerCert(cert, key, authority)
+
+
+def write_secret(directory: Path, name: str, value: str) -> Path:
+    """A secret file as a Kubernetes Secret volume would mount it: owner-readable only."""
+    path = directory / name
+    path.write_text(value + "\n")
+    path.chmod(0o600)
+    return path
+
+
+# --- Kafka --------------------------------------------------------------------------------
+
+
+def kafka_libs() -> Path:
+    """The cached jars of the Kafka version ``scripts/services`` runs (it fetches them on `up`)."""
+    match = re.search(r"<kafka.version>(.*)</kafka.version>", KAFKA_POM.read_text())
+    if match is None:
+        raise RuntimeError(f"no <kafka.version> in {KAFKA_POM}")
+    cache = Path(os.environ.get("LOOKOUT_CACHE_DIR", Path.home() / ".cache" / "lookout"))
+    libs = cache / f"kafka-{match.group(1)}" / "libs"
+    if not any(libs.glob("kafka_2.13-*.jar")):
+        raise RuntimeError(f"Kafka jars missing in {libs}: run scripts/services up (it fetches them)")
+    return libs
+
+
+@dataclass
+class SecureKafka:
+    """A running single-node broker whose only client listener is SASL_SSL with SCRAM-SHA-512."""
+
+    bootstrap: str
+    port: int
+    directory: Path
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 20 s; the broker's state directory is left for the caller."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+
+def _kafka_properties(
+    directory: Path, port: int, controller_port: int, keystore: Path, ca: Path, broker: tuple[str, str]
+) -> str:
+    user, password = broker
+    jaas = (
+        "org.apache.kafka.common.security.scram.ScramLoginModule required "
+        f'username="{user}" password="{password}";'
+    )
+    return f"""process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:{controller_port}
+listeners=SASL_SSL://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners=SASL_SSL://127.0.0.1:{port}
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=SASL_SSL:SASL_SSL,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=SASL_SSL
+sasl.enabled.mechanisms=SCRAM-SHA-512
+sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config={jaas}
+ssl.keystore.type=PEM
+ssl.keystore.location={keystore}
+ssl.truststore.type=PEM
+ssl.truststore.location={ca}
+ssl.client.auth=none
+log.dirs={directory}/data
+num.partitions=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=2
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=false
+message.max.bytes=26214400
+"""
+
+
+_LOG4J = """Configuration:
+  Appenders:
+    Console:
+      name: STDOUT
+      PatternLayout:
+        pattern: "[%d] %p %m (%c)%n"
+  Loggers:
+    Root:
+      level: INFO
+      AppenderRef:
+        - ref: STDOUT
+"""
+
+
+@contextlib.contextmanager
+def secure_kafka(
+    directory: Path, server: ServerCert, users: Mapping[str, str], *, start_timeout_s: float = 90
+) -> Iterator[SecureKafka]:
+    """Format and start a SASL_SSL broker with SCRAM-SHA-512 ``users`` (name -> password); stop it after.
+
+    A broker user for inter-broker traffic is added to ``users``. Raises ``RuntimeError`` with
+    the end of the broker's log when it does not start.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    libs = kafka_libs()
+    port, controller_port = free_port(), free_port()
+    broker_user = ("lookout-broker", new_secret())
+    properties = directory / "server.properties"
+    properties.write_text(
+        _kafka_properties(
+            directory, port, controller_port, server.keystore_pem(), server.issuer.cert, broker_user
+        )
+    )
+    (directory / "log4j2.yaml").write_text(_LOG4J)
+    classpath = f"{libs}/*"
+    scram = [
+        arg
+        for name, password in {**users, broker_user[0]: broker_user[1]}.items()
+        for arg in ("--add-scram", f"SCRAM-SHA-512=[name={name},password={password}]")
+    ]
+    cluster_id = subprocess.run(
+        ["java", "-cp", classpath, "kafka.tools.StorageTool", "random-uuid"],
+        check=True, capture_output=True, text=True, timeout=60,
+    ).stdout.strip()  # fmt: skip
+    formatted = subprocess.run(
+        ["java", "-cp", classpath, "kafka.tools.StorageTool", "format", "-t", cluster_id,
+         "-c", str(properties), *scram],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    if formatted.returncode != 0:
+        raise RuntimeError(f"formatting the secure broker's storage failed: {formatted.stderr.strip()}")
+    log = directory / "kafka.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            ["java", "-Xmx512m", "-Xms128m", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+             f"-Dlog4j2.configurationFile={directory / 'log4j2.yaml'}", "-cp", classpath,
+             "kafka.Kafka", str(properties)],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+    broker = SecureKafka(f"127.0.0.1:{port}", port, directory, process, log)
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while not ("Kafka Server started" in log.read_text(errors="replace") and port_open(port)):
+            if process.poll() is not None or time.monotonic() > deadline:
+                tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+                raise RuntimeError(f"the secure broker did not start (see {log}):\n{tail}")
+            time.sleep(0.3)
+        yield broker
+    finally:
+        broker.stop()
+
+
+# --- Redis --------------------------------------------------------------------------------
+
+
+@dataclass
+class SecureRedis:
+    """A running redis-server: default user off, one ACL user, TLS only (no plaintext port)."""
+
+    tls_port: int
+    directory: Path
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def url(self, db: int = 0) -> str:
+        """The ``rediss://`` URL of the server (no credentials: those come from files)."""
+        return f"rediss://127.0.0.1:{self.tls_port}/{db}"
+
+
+def redis_acl(
+    user: str, password: str, key_pattern: str, commands: tuple[str, ...] = WORKER_REDIS_COMMANDS
+) -> str:
+    """An ACL file: the default user disabled, ``user`` limited to ``key_pattern`` and ``commands``."""
+    allowed = " ".join(f"+{c}" for c in commands)
+    return (
+        "user default off nopass nocommands nokeys\n"
+        f"user {user} on >{password} resetkeys ~{key_pattern} resetchannels -@all {allowed}\n"
+    )
+
+
+@contextlib.contextmanager
+def secure_redis(
+    directory: Path, server: ServerCert, acl: str, *, start_timeout_s: float = 20
+) -> Iterator[SecureRedis]:
+    """Start redis-server with ``acl`` (see :func:`redis_acl`) on a TLS-only port; stop it after."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is missing: run scripts/services up (it installs it)")
+    directory.mkdir(parents=True, exist_ok=True)
+    aclfile = directory / "users.acl"
+    aclfile.write_text(acl)
+    aclfile.chmod(0o600)
+    tls_port = free_port()
+    log = directory / "redis.log"
+    process = subprocess.Popen(
+        [binary, "--bind", "127.0.0.1", "--port", "0", "--tls-port", str(tls_port),
+         "--tls-cert-file", str(server.cert), "--tls-key-file", str(server.key),
+         "--tls-ca-cert-file", str(server.issuer.cert), "--tls-auth-clients", "no",
+         "--aclfile", str(aclfile), "--dir", str(directory), "--save", "", "--appendonly", "no",
+         "--logfile", str(log)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    redis = SecureRedis(tls_port, directory, process, log)
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while not port_open(tls_port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+                raise RuntimeError(f"the secure redis-server did not start:\n{tail}")
+            time.sleep(0.1)
+        yield redis
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
