@@ -43,7 +43,7 @@ from aiokafka.structs import OffsetAndMetadata
 from redis import exceptions as redis_errors
 
 from stream_worker import codec, counting
-from stream_worker.backends.base import Backend
+from stream_worker.backends.base import Backend, EngineInfo
 from stream_worker.decode import DecodeLimits, decode_into
 from stream_worker.errors import BadFrame, LookoutError, ServiceUnavailable
 from stream_worker.frames import Frame, FrameLabels, Prediction, SourceKind
@@ -166,8 +166,8 @@ class Worker:
 
     # ----------------------------------------------------------------- lifecycle
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Run until ``stop`` is set (then drain within the deadline) or a fatal error is raised."""
+    async def open(self) -> None:
+        """Load the engine (on the inference thread), allocate the batch buffers, connect the sinks."""
         loop = asyncio.get_running_loop()
         # The backend is created on the inference thread: it owns the engine (and a CUDA context).
         self._backend = await loop.run_in_executor(self._infer_pool, self._backend_factory)
@@ -193,8 +193,14 @@ class Worker:
             windows=[(w.name, w.size_ms) for w in self._windows],
         )
         self._producer = make_producer(s.kafka, client_id_suffix="worker")
-        self._consumer = make_consumer(s.kafka, s.topics.group, max_poll_records=self._max_batch * 4)
         await self._producer.start()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set (then drain within the deadline) or a fatal error is raised."""
+        await self.open()
+        s = self.settings
+        info = self.backend_info
+        self._consumer = make_consumer(s.kafka, s.topics.group, max_poll_records=self._max_batch * 4)
         listener = _Rebalance(self)
         if s.topics.frames_pattern:
             self._consumer.subscribe(pattern=s.topics.frames_pattern, listener=listener)
@@ -229,9 +235,39 @@ class Worker:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await self._close()
+            await self.close()
 
-    async def _close(self) -> None:
+    @property
+    def backend_info(self) -> EngineInfo:
+        """The opened engine's description (after :meth:`open`)."""
+        if self._backend is None:
+            raise LookoutError("the worker is not open")
+        return self._backend.info
+
+    @property
+    def max_batch(self) -> int:
+        """The effective batch size: the setting, capped at the engine's profile."""
+        return self._max_batch
+
+    async def process(self, records: Sequence[Any]) -> Batch:
+        """Decode, classify, publish and count ``records`` as one batch (no commit).
+
+        For callers that own their consumer and acknowledgements (the Faust agent): returns once
+        every sink has the batch; retriable sink failures are retried, others raised.
+        """
+        if len(records) > self._max_batch:
+            raise LookoutError(f"at most {self._max_batch} records per batch, got {len(records)}")
+        batch = Batch(seq=self._seq, opened_at=time.monotonic())
+        self._seq += 1
+        for record in records:
+            await self._fill(batch, TopicPartition(record.topic, record.partition), record)
+        await self._infer_batch(batch)
+        await self._retrying(functools.partial(self._publish, batch))
+        await self._publish_live(batch)
+        return batch
+
+    async def close(self) -> None:
+        """Leave the group, flush and close every client, release the engine."""
         if self._consumer is not None:
             try:
                 await self._consumer.stop()  # leaves the group
@@ -323,10 +359,16 @@ class Worker:
             self._open = Batch(seq=self._seq, opened_at=time.monotonic())
             self._seq += 1
         batch = self._open
-        batch.records += 1
-        batch.offsets[tp] = record.offset
         self._in_flight += 1
         self._drained.clear()
+        await self._fill(batch, tp, record)
+        if len(batch.frames) >= self._max_batch:
+            await self._close_open()
+
+    async def _fill(self, batch: Batch, tp: TopicPartition, record: Any) -> None:
+        """Parse one record into ``batch``: a dead letter, or a frame whose decode is under way."""
+        batch.records += 1
+        batch.offsets[tp] = record.offset
         try:
             frame = codec.frame_from_record(
                 record.topic,
@@ -352,8 +394,6 @@ class Worker:
                 self._decode_pool, decode_into, frame.data, frame.content_type, slot, spec, self._limits
             )
         )
-        if len(batch.frames) >= self._max_batch:
-            await self._close_open()
 
     async def _close_open(self) -> None:
         batch, self._open = self._open, None
@@ -379,45 +419,52 @@ class Worker:
     # ----------------------------------------------------------------- infer stage
 
     async def _infer_loop(self) -> None:
+        while (batch := await self._infer_q.get()) is not None:
+            await self._infer_batch(batch)
+            await self._sink_q.put(batch)
+        await self._sink_q.put(None)
+
+    async def _infer_batch(self, batch: Batch) -> None:
+        """Wait for the batch's decodes, run the engine on the inference thread, apply the taxonomy."""
+        if not batch.frames:
+            return
         loop = asyncio.get_running_loop()
         backend = self._backend
         assert backend is not None
-        while (batch := await self._infer_q.get()) is not None:
-            if batch.frames:
+        started = time.monotonic()
+        results = await asyncio.gather(*batch.decodes, return_exceptions=True)
+        self.metrics.decode_seconds.observe(time.monotonic() - started)
+        good = []
+        for i, (frame, result) in enumerate(zip(batch.frames, results, strict=True)):
+            if isinstance(result, BadFrame):
+                batch.dead.append(_dead_frame(frame, result))
+            elif isinstance(result, BaseException):
+                # An unexpected decoder exception is still about this frame's bytes.
+                error = BadFrame("decode", "decoder_error", f"{result.__class__.__name__}: {result}")
+                batch.dead.append(_dead_frame(frame, error))
+            else:
+                good.append(i)
+        buffer = batch.buffer
+        assert buffer is not None
+        try:
+            if good:
+                n = len(batch.frames)
                 started = time.monotonic()
-                results = await asyncio.gather(*batch.decodes, return_exceptions=True)
-                self.metrics.decode_seconds.observe(time.monotonic() - started)
-                good = []
-                for i, (frame, result) in enumerate(zip(batch.frames, results, strict=True)):
-                    if isinstance(result, BadFrame):
-                        batch.dead.append(_dead_frame(frame, result))
-                    elif isinstance(result, BaseException):
-                        # An unexpected decoder exception is still about this frame's bytes.
-                        error = BadFrame("decode", "decoder_error", f"{result.__class__.__name__}: {result}")
-                        batch.dead.append(_dead_frame(frame, error))
-                    else:
-                        good.append(i)
-                buffer = batch.buffer
-                assert buffer is not None
-                if good:
-                    n = len(batch.frames)
-                    started = time.monotonic()
-                    labels = await loop.run_in_executor(
-                        self._infer_pool, self._classify, backend, buffer, n, good
+                labels = await loop.run_in_executor(
+                    self._infer_pool, self._classify, backend, buffer, n, good
+                )
+                self.metrics.inference_seconds.observe(time.monotonic() - started)
+                self.metrics.batch_size.observe(len(good))
+                now_ms = self._clock_ms()
+                for i, result in zip(good, labels, strict=True):
+                    frame = batch.frames[i]
+                    batch.predictions.append(
+                        Prediction(frame, result, now_ms, float(now_ms - frame.captured_at_ms))
                     )
-                    self.metrics.inference_seconds.observe(time.monotonic() - started)
-                    self.metrics.batch_size.observe(len(good))
-                    now_ms = self._clock_ms()
-                    for i, result in zip(good, labels, strict=True):
-                        frame = batch.frames[i]
-                        batch.predictions.append(
-                            Prediction(frame, result, now_ms, float(now_ms - frame.captured_at_ms))
-                        )
-                batch.buffer = None
-                batch.decodes = []
-                self._pool.put_nowait(buffer)
-            await self._sink_q.put(batch)
-        await self._sink_q.put(None)
+        finally:
+            batch.buffer = None
+            batch.decodes = []
+            self._pool.put_nowait(buffer)
 
     def _classify(
         self, backend: Backend, buffer: npt.NDArray[np.float32], n: int, good: list[int]
