@@ -86,7 +86,7 @@ def frames_agent(
     worker = Worker(settings, backend_factory=backend_factory, taxonomy=taxonomy or Taxonomy.load())
     opened = asyncio.Event()
 
-    @app.task
+    @app.task  # type: ignore[untyped-decorator]
     async def open_lookout() -> None:
         await worker.open()
         opened.set()
