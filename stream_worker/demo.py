@@ -113,8 +113,13 @@ async def run_demo(settings: Settings, stop: asyncio.Event, args: argparse.Names
     finally:
         replay_stop.set()
         sent = await feed if not feed.done() or feed.exception() is None else {}
-        # Let the worker label what was sent, then drain and stop.
-        await asyncio.sleep(2.0)
+        # Let the worker label and count everything that was sent, then drain and stop.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not worker.done():
+            counted = [(await read_counts(s, src, s.counts.windows[0]))["frames_total"] for src in sent]
+            if counted == list(sent.values()):
+                break
+            await asyncio.sleep(0.5)
         worker_stop.set()
         await worker
     table = await counts_table(s, [src.source_id for src in sources])
