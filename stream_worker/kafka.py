@@ -6,12 +6,21 @@ stored in the settings object, so printing settings cannot leak them.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ssl
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+from aiokafka.conn import create_conn
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    SaslAuthenticationFailed,
+    TopicAlreadyExistsError,
+    UnsupportedSaslMechanismError,
+)
 
 from stream_worker.errors import ConfigError, LookoutError, ServiceUnavailable
 from stream_worker.settings import KafkaSettings, read_secret
@@ -134,3 +143,127 @@ def unreachable(kafka: KafkaSettings, exc: BaseException) -> ConfigError:
         f"cannot reach Kafka at {kafka.bootstrap} ({exc.__class__.__name__}): start it "
         "(scripts/services up) or fix --bootstrap / KAFKA_BOOTSTRAP"
     )
+
+
+async def check_kafka(kafka: KafkaSettings, *, timeout_s: float = 10.0) -> None:
+    """Connect to a bootstrap server exactly as the clients will (TLS, SASL) and name any refusal.
+
+    aiokafka's clients only log why a connection failed and then report "Unable to bootstrap";
+    this preflight connection turns the cause into one line that says what to change: an
+    untrusted broker certificate, a failed TLS handshake, a refused SASL login, an unknown
+    mechanism, or a plaintext client talking to a TLS listener. Security refusals are raised at
+    the first server (every broker of a cluster would say the same); an unreachable server
+    moves on to the next one.
+    """
+    kwargs = client_kwargs(kafka)
+    unreachable_error: ConfigError | None = None
+    for host, port in bootstrap_addresses(kafka.bootstrap):
+        try:
+            conn = await create_conn(
+                host,
+                port,
+                client_id=f"{kafka.client_id}-preflight",
+                request_timeout_ms=int(timeout_s * 1000),
+                ssl_context=kwargs.get("ssl_context"),
+                security_protocol=kafka.security_protocol,
+                sasl_mechanism=kwargs.get("sasl_mechanism", "PLAIN"),
+                sasl_plain_username=kwargs.get("sasl_plain_username"),
+                sasl_plain_password=kwargs.get("sasl_plain_password"),
+            )
+        except (KafkaError, OSError, TimeoutError) as exc:
+            problem = await _connection_problem(kafka, host, port, exc, timeout_s)
+            if problem is not None:
+                raise problem from None
+            unreachable_error = unreachable(kafka, exc)
+            continue
+        conn.close()
+        return
+    if unreachable_error is not None:
+        raise unreachable_error
+    raise ConfigError(f"--bootstrap {kafka.bootstrap!r} names no host:port")
+
+
+def bootstrap_addresses(bootstrap: str) -> list[tuple[str, int]]:
+    """``host:port[,host:port]`` (IPv6 hosts in brackets) as (host, port) pairs."""
+    addresses: list[tuple[str, int]] = []
+    for item in bootstrap.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"--bootstrap entry {item.strip()!r} is not host:port")
+        addresses.append((host.strip("[]"), int(port)))
+    return addresses
+
+
+async def _connection_problem(
+    kafka: KafkaSettings, host: str, port: int, exc: BaseException, timeout_s: float
+) -> ConfigError | None:
+    """The security misconfiguration behind a failed connection, or None when it looks unreachable."""
+    where = f"Kafka at {host}:{port}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return ConfigError(
+            f"{where}: the broker's TLS certificate is not trusted ({_one_line(exc.verify_message)}): "
+            f"set --ssl-cafile / KAFKA_SSL_CAFILE to the CA that signed it (now {kafka.ssl_cafile})"
+        )
+    if isinstance(exc, ssl.SSLError):
+        return ConfigError(
+            f"{where}: TLS handshake failed ({_one_line(exc.reason or exc)}): this is not a TLS "
+            f"listener; use the broker's SSL/SASL_SSL port or set --security-protocol to match it"
+        )
+    if isinstance(exc, SaslAuthenticationFailed):
+        return ConfigError(
+            f"{where} refused SASL user {kafka.sasl_username!r} ({kafka.sasl_mechanism}): wrong password "
+            f"or unknown user; check --sasl-username and the password in {kafka.sasl_password_file}"
+        )
+    if isinstance(exc, UnsupportedSaslMechanismError):
+        return ConfigError(
+            f"{where} does not enable SASL mechanism {kafka.sasl_mechanism}: "
+            "set --sasl-mechanism / KAFKA_SASL_MECHANISM to one it enables"
+        )
+    if isinstance(exc, ConnectionRefusedError):
+        return None
+    if kafka.security_protocol in ("PLAINTEXT", "SASL_PLAINTEXT"):
+        if await speaks_tls(host, port, timeout_s):
+            return ConfigError(
+                f"{where} expects TLS but --security-protocol is {kafka.security_protocol}: "
+                "set it to SASL_SSL (or SSL) and give --ssl-cafile"
+            )
+    elif await _speaks_plaintext_kafka(host, port, timeout_s):
+        return ConfigError(
+            f"{where} does not speak TLS (a plaintext connection works) but --security-protocol is "
+            f"{kafka.security_protocol}: use the broker's TLS listener or fix --security-protocol"
+        )
+    return None
+
+
+async def _speaks_plaintext_kafka(host: str, port: int, timeout_s: float) -> bool:
+    """Whether ``host:port`` answers a plaintext Kafka ApiVersions request."""
+    try:
+        conn = await create_conn(host, port, request_timeout_ms=int(timeout_s * 1000))
+    except (KafkaError, OSError, TimeoutError):
+        return False
+    conn.close()
+    return True
+
+
+async def speaks_tls(host: str, port: int, timeout_s: float) -> bool:
+    """Whether ``host:port`` completes a TLS handshake.
+
+    The certificate is not checked and no data is sent: this only asks what the port speaks, to
+    tell a plaintext client on a TLS port from an unreachable server.
+    """
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        async with asyncio.timeout(timeout_s):
+            _reader, writer = await asyncio.open_connection(host, port, ssl=context)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError, ssl.SSLError):
+        await writer.wait_closed()
+    return True
+
+
+def _one_line(value: object) -> str:
+    return " ".join(str(value).split())

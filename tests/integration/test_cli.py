@@ -1,0 +1,74 @@
+"""User mistakes end in one line that says what to do, exit code 2, no traceback.
+
+Some of them need the real services up (to get past the checks before the one under test).
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.usefixtures("services")
+
+CLI = [sys.executable, "-m", "stream_worker.cli"]
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], cwd=REPO, capture_output=True, text=True, timeout=60, env=env)
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # closed again when the block ends
+
+
+def assert_one_line(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_a_bad_flag() -> None:
+    assert_one_line(run("run", "--max-bach", "8"), "unrecognized arguments: --max-bach", "--help")
+
+
+def test_a_bad_flag_value() -> None:
+    assert_one_line(run("run", "--max-batch", "lots"), "max_batch", "'lots'")
+
+
+def test_an_unreachable_redis() -> None:
+    port = closed_port()
+    assert_one_line(
+        run("run", "--redis-url", f"redis://127.0.0.1:{port}/0"), "cannot reach Redis", "REDIS_URL"
+    )
+
+
+def test_an_unreachable_broker(tmp_path: Path) -> None:
+    port = closed_port()
+    result = run("run", "--bootstrap", f"127.0.0.1:{port}", "--redis-url", "redis://127.0.0.1:6379/0")
+    assert_one_line(result, f"127.0.0.1:{port}", "--bootstrap")
+
+
+def test_a_missing_engine(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.plan"
+    assert_one_line(
+        run("run", "--engine", str(missing), "--redis-url", "redis://127.0.0.1:6379/0"),
+        str(missing),
+        "engine-build build",
+    )
+
+
+def test_config_prints_effective_settings() -> None:
+    result = run("config", "--max-batch", "4", "--max-in-flight", "8", "--json")
+    assert result.returncode == 0, result.stderr
+    assert '"max_batch": 4' in result.stdout
