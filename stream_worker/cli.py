@@ -80,7 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cameras", type=int, default=3, help="how many cameras replay the footage")
     demo.add_argument("--fps", type=float, default=5.0, help="frames per second per camera")
     demo.add_argument("--no-services", action="store_true", help="use already running Kafka/Redis")
-    add_flags(demo, ["kafka", "redis", "engine"])
+    add_flags(demo, ["kafka", "redis", "engine", "ops", "dashboard"])
+
+    dashboard = sub.add_parser(
+        "dashboard", help="serve the live dashboard: counts, thumbnails, throughput, drift"
+    )
+    add_flags(dashboard, ["dashboard", "kafka", "redis"])
+
+    verify = sub.add_parser(
+        "verify",
+        help="check frames in against labels, dead letters and counts out (exit 0 only when exact)",
+    )
+    verify.add_argument("--json", action="store_true", help="print one JSON object")
+    add_flags(verify, ["kafka", "topics", "redis", "counts"])
     return parser
 
 
@@ -207,6 +219,25 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return asyncio.run(_with_signals(lambda stop: run_demo(settings, stop, args)))
 
 
+def _cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:
+    from stream_worker.dashboard.server import run_dashboard
+    from stream_worker.settings import read_secret
+
+    d = settings.dashboard
+    token = read_secret(d.token_file, "the dashboard token") if d.token_file else None
+    return asyncio.run(
+        _with_signals(lambda stop: run_dashboard(settings, stop, host=d.host, port=d.port, token=token))
+    )
+
+
+def _cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
+    from stream_worker.verify import report_json, verify
+
+    report = asyncio.run(verify(settings))
+    print(report_json(report) if args.json else report.format())
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
 async def _with_signals(body: Any) -> int:
     """Run ``body(stop)`` with SIGTERM/SIGINT setting ``stop`` (a second signal exits at once)."""
     stop = asyncio.Event()
@@ -230,6 +261,8 @@ COMMANDS = {
     "replay": _cmd_replay,
     "counts": _cmd_counts,
     "demo": _cmd_demo,
+    "dashboard": _cmd_dashboard,
+    "verify": _cmd_verify,
 }
 
 

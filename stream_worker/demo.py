@@ -82,6 +82,14 @@ async def run_demo(settings: Settings, stop: asyncio.Event, args: argparse.Names
     await asyncio.to_thread(lambda: backend_factory(s).close())
     worker_stop, replay_stop = asyncio.Event(), asyncio.Event()
     worker = asyncio.create_task(run_worker(s, worker_stop))
+    from stream_worker.dashboard.server import start_dashboard
+
+    dashboard = None
+    try:
+        dashboard = await start_dashboard(s, host="127.0.0.1", port=s.dashboard.port)
+        print(f"demo: live dashboard on {dashboard.url}", file=sys.stderr, flush=True)
+    except ConfigError as exc:  # e.g. the port is taken: the demo still runs
+        print(f"demo: no dashboard ({exc})", file=sys.stderr, flush=True)
     started = time.time()
     run_id = time.strftime("%H%M%S")
     sources = [
@@ -122,6 +130,8 @@ async def run_demo(settings: Settings, stop: asyncio.Event, args: argparse.Names
             await asyncio.sleep(0.5)
         worker_stop.set()
         await worker
+        if dashboard is not None:
+            await dashboard.stop()
     table = await counts_table(s, [src.source_id for src in sources])
     print(f"final counts (frames sent per camera: {sent}):\n{table}")
     return 0

@@ -180,6 +180,21 @@ class OpsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class DashboardSettings:
+    """The live dashboard (``stream-worker dashboard``)."""
+
+    port: int = opt(8080, "LOOKOUT_DASHBOARD_PORT", "port the dashboard listens on")
+    host: str = opt(
+        "127.0.0.1", "LOOKOUT_DASHBOARD_HOST", "address to bind; beyond loopback a --token-file is required"
+    )
+    token_file: str = opt(
+        "",
+        "LOOKOUT_DASHBOARD_TOKEN_FILE",
+        "file holding the login token (bearer token or basic-auth password)",
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class FaultSettings:
     """Fault injection for lookout's own fault tests (tests/faults); never set these in production."""
 
@@ -203,6 +218,7 @@ SECTIONS: dict[str, type[Any]] = {
     "labels": LabelSettings,
     "counts": CountSettings,
     "ops": OpsSettings,
+    "dashboard": DashboardSettings,
     "faults": FaultSettings,
 }
 
@@ -219,6 +235,7 @@ class Settings:
     labels: LabelSettings = field(default_factory=LabelSettings)
     counts: CountSettings = field(default_factory=CountSettings)
     ops: OpsSettings = field(default_factory=OpsSettings)
+    dashboard: DashboardSettings = field(default_factory=DashboardSettings)
     faults: FaultSettings = field(default_factory=FaultSettings)
 
 

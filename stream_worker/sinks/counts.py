@@ -194,14 +194,19 @@ class RedisCounts:
         except redis_errors.RedisError as exc:
             raise redis_failure(exc) from exc
 
-    async def read(self, source_id: str, window: str) -> list[WindowCounts]:
-        """All windows of one source, oldest first, summed over the partitions that hold them."""
+    async def read(self, source_id: str, window: str, *, last: int | None = None) -> list[WindowCounts]:
+        """The windows of one source, oldest first, summed over the partitions that hold them.
+
+        ``last`` keeps only the newest N windows of each partition (a dashboard's view), so a
+        reader never fetches a week of one-minute windows to draw the last four hours.
+        """
         try:
             tags = sorted(t.decode() for t in await self._client.smembers(f"{self._prefix}:src:{source_id}"))
             starts_by_stem: list[tuple[str, list[int]]] = []
             for tag in tags:
                 stem = f"{self._prefix}:{{{tag}}}"
-                starts = await self._client.zrange(f"{stem}:cw:{source_id}:{window}", 0, -1)
+                first = -last if last else 0
+                starts = await self._client.zrange(f"{stem}:cw:{source_id}:{window}", first, -1)
                 starts_by_stem.append((stem, [int(s) for s in starts]))
             async with self._client.pipeline(transaction=False) as pipe:
                 order: list[tuple[str, int]] = []
@@ -218,7 +223,8 @@ class RedisCounts:
                 continue
             part = self._parse_hash(stem, f"{stem}:c:{source_id}:{window}:{start}", self._flatten(value))
             merged[start] = merge(merged[start], part) if start in merged else part
-        return [merged[s] for s in sorted(merged)]
+        ordered = [merged[s] for s in sorted(merged)]
+        return ordered[-last:] if last else ordered
 
     @staticmethod
     def _flatten(mapping: dict[Any, Any]) -> list[Any]:

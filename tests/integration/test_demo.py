@@ -14,13 +14,29 @@ from tests.conftest import REPO, Services
 def test_demo_replays_footage_and_counts_every_frame_it_sent(services: Services) -> None:
     cli = Path(sys.executable).parent / "stream-worker"
     result = subprocess.run(
-        [str(cli), "demo", "--seconds", "12", "--cameras", "2", "--fps", "3", "--metrics-port", "0"],
+        [
+            str(cli),
+            "demo",
+            "--seconds",
+            "12",
+            "--cameras",
+            "2",
+            "--fps",
+            "3",
+            "--metrics-port",
+            "0",
+            "--port",
+            "0",
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=240,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"demo: live dashboard on http://127\.0\.0\.1:\d+/", result.stderr), result.stderr[
+        -2000:
+    ]
     match = re.search(r"final counts \(frames sent per camera: (\{.*\})\):\n(.*)", result.stdout, re.S)
     assert match, result.stdout[-2000:]
     sent = ast.literal_eval(match.group(1))

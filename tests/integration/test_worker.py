@@ -203,3 +203,29 @@ async def test_a_batch_replayed_after_a_crash_leaves_counts_unchanged(
     labels = await read_topic(services.bootstrap, settings.topics.labels_topic, len(ids), settle_s=2.0)
     assert len(labels) == len(ids), "the watermark should stop the replay before any label is repeated"
     json.dumps(before)  # counts are plain data
+
+
+async def test_low_confidence_frames_are_sampled_for_review_and_drift_is_exported(
+    services: Services, make_topic: TopicFactory, key_prefix: str
+) -> None:
+    topic = await make_topic("frames", partitions=1)
+    frames = [(f"cam-{i % 2}", data) for i, data in enumerate(street_jpegs(20))]
+    ids = await produce_frames(services.bootstrap, topic, frames)
+    # A threshold above 1 makes every frame low-confidence; the rate samples half of them by frame id.
+    settings = worker_settings(
+        services.bootstrap, services.redis_url, topic, key_prefix, review_threshold=1.01, review_sample_rate=0.5
+    )
+    async with running_worker(settings) as worker:
+        await read_topic(services.bootstrap, settings.topics.labels_topic, len(ids))
+        reviewed = await read_topic(services.bootstrap, settings.topics.review_topic, 1, settle_s=2)
+        exposition = worker.metrics.render().decode()
+    assert 0 < len(reviewed) < len(ids)
+    by_id = dict(zip(ids, (data for _, data in frames), strict=True))
+    for record in reviewed:
+        headers = dict(record.headers)
+        labels = codec.parse_label_record(headers["lookout-labels"])
+        assert record.value == by_id[labels["frame_id"]]  # the original frame, for a human to label
+    # The drift signal per source: every frame counted as low-confidence here.
+    for source in ("cam-0", "cam-1"):
+        assert f'lookout_drift_low_confidence_share{{source="{source}"}} 1.0' in exposition
+    assert f'lookout_frames_labelled_total{{topic="{topic}"}} {float(len(ids))}' in exposition
