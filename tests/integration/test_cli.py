@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, Services
 
 pytestmark = pytest.mark.usefixtures("services")
 
@@ -53,16 +53,16 @@ def test_an_unreachable_redis() -> None:
     )
 
 
-def test_an_unreachable_broker(tmp_path: Path) -> None:
+def test_an_unreachable_broker(services: Services) -> None:
     port = closed_port()
-    result = run("run", "--bootstrap", f"127.0.0.1:{port}", "--redis-url", "redis://127.0.0.1:6379/0")
+    result = run("run", "--bootstrap", f"127.0.0.1:{port}", "--redis-url", services.redis_url)
     assert_one_line(result, f"127.0.0.1:{port}", "--bootstrap")
 
 
-def test_a_missing_engine(tmp_path: Path) -> None:
+def test_a_missing_engine(tmp_path: Path, services: Services) -> None:
     missing = tmp_path / "nope.plan"
     assert_one_line(
-        run("run", "--engine", str(missing), "--redis-url", "redis://127.0.0.1:6379/0"),
+        run("run", "--engine", str(missing), "--redis-url", services.redis_url),
         str(missing),
         "engine-build build",
     )
