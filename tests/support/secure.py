@@ -34,24 +34,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 KAFKA_POM = REPO / "scripts" / "kafka" / "pom.xml"
 
-# The commands the worker sends to Redis, and nothing else: preflight PING, the counts Lua
-# script (EVALSHA, with SCRIPT LOAD/EXISTS when the server does not have it yet; the script's
-# own calls are checked against the same ACL), watermark reads, the dirty-window flush, the
-# live view (HSET/SET/EXPIRE) and the counts readers. CLIENT SETINFO is what redis-py sends
-# on connect (it ignores a refusal, but an allowed call keeps the ACL log clean).
+# The commands the worker and `stream-worker counts` send to Redis, and nothing else (found by
+# running the worker under this ACL): the preflight PING and GET, the counts Lua script
+# (EVALSHA, with SCRIPT LOAD/EXISTS when the server does not have it yet; the calls inside the
+# script are checked against the same ACL), watermark reads, the dirty-window flush, the live
+# view (HSET/SET/EXPIRE) and the counts readers. docs/SECURITY.md shows the same list.
 WORKER_REDIS_COMMANDS = (
     "ping",
-    "hello",
-    "client|setinfo",
     "evalsha",
-    "eval",
     "script|load",
     "script|exists",
     "get",
     "set",
     "expire",
     "hset",
-    "hget",
     "hmget",
     "hgetall",
     "hincrby",
@@ -328,7 +324,7 @@ def redis_acl(
     """An ACL file: the default user disabled, ``user`` limited to ``key_pattern`` and ``commands``."""
     allowed = " ".join(f"+{c}" for c in commands)
     return (
-        "user default off nopass nocommands nokeys\n"
+        "user default off resetkeys -@all\n"
         f"user {user} on >{password} resetkeys ~{key_pattern} resetchannels -@all {allowed}\n"
     )
 

@@ -1,0 +1,323 @@
+"""Security end to end: Kafka over SASL_SSL (SCRAM-SHA-512), Redis with ACLs over TLS, no leaked secret.
+
+A separate broker and a separate redis-server are started for this module (tests/support/
+secure.py) with a CA and certificates made here. The worker runs as the real command,
+``stream-worker run``, reading every credential from files, as it would from a mounted
+Kubernetes Secret. The misconfigurations an operator really makes must each end in exit code 2
+and one line on stderr that names the cause, never a traceback or a retry loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer
+from redis import exceptions as redis_errors
+
+from stream_worker import codec
+from stream_worker.frames import SourceKind
+from stream_worker.kafka import client_kwargs, ensure_topics, make_producer
+from stream_worker.settings import KafkaSettings, RedisSettings
+from stream_worker.sinks.counts import RedisCounts, make_redis
+from tests.support import secure
+from tests.support.media import street_jpegs
+
+STREAM_WORKER = Path(sys.executable).with_name("stream-worker")
+USER = "lookout"
+KEY_PREFIX = "lookout-secure"
+
+
+@dataclass(frozen=True)
+class Secured:
+    """The locked-down services of this module and the files a deployment would mount."""
+
+    kafka: secure.SecureKafka
+    redis: secure.SecureRedis
+    ca: secure.Authority
+    other_ca: secure.Authority
+    kafka_password: str
+    redis_password: str
+    kafka_password_file: Path
+    redis_password_file: Path
+    wrong_password_file: Path
+
+    def kafka_settings(self) -> KafkaSettings:
+        """How this test's own clients reach the secure broker."""
+        return KafkaSettings(
+            bootstrap=self.kafka.bootstrap,
+            security_protocol="SASL_SSL",
+            sasl_mechanism="SCRAM-SHA-512",
+            sasl_username=USER,
+            sasl_password_file=str(self.kafka_password_file),
+            ssl_cafile=str(self.ca.cert),
+        )
+
+    def redis_settings(self) -> RedisSettings:
+        """How this test's own clients reach the ACL redis-server."""
+        return RedisSettings(
+            redis_url=self.redis.url(),
+            redis_username=USER,
+            redis_password_file=str(self.redis_password_file),
+            redis_ca_file=str(self.ca.cert),
+            key_prefix=KEY_PREFIX,
+        )
+
+    def worker_flags(self, topic: str, **changes: str | None) -> list[str]:
+        """``stream-worker run`` flags for the secure services; ``changes`` replace (None drops) flags."""
+        flags: dict[str, str | None] = {
+            "bootstrap": self.kafka.bootstrap,
+            "security-protocol": "SASL_SSL",
+            "sasl-mechanism": "SCRAM-SHA-512",
+            "sasl-username": USER,
+            "sasl-password-file": str(self.kafka_password_file),
+            "ssl-cafile": str(self.ca.cert),
+            "redis-url": self.redis.url(),
+            "redis-username": USER,
+            "redis-password-file": str(self.redis_password_file),
+            "redis-ca-file": str(self.ca.cert),
+            "key-prefix": KEY_PREFIX,
+            "frames-topic": topic,
+            "labels-topic": f"{topic}.labels",
+            "counts-topic": f"{topic}.counts",
+            "review-topic": f"{topic}.review",
+            "group": f"g-{uuid.uuid4().hex[:8]}",
+            "metrics-port": "0",
+            "metrics-host": "127.0.0.1",
+            "max-wait-ms": "20",
+        }
+        flags.update({k.replace("_", "-"): v for k, v in changes.items()})
+        return [arg for name, value in flags.items() if value is not None for arg in (f"--{name}", value)]
+
+    @property
+    def passwords(self) -> tuple[str, str]:
+        return self.kafka_password, self.redis_password
+
+
+def clean_env() -> dict[str, str]:
+    """The environment without lookout/Kafka/Redis settings, so only the flags configure the worker."""
+    keep = {"LOOKOUT_CACHE_DIR"}
+    return {
+        k: v for k, v in os.environ.items() if k in keep or not k.startswith(("LOOKOUT_", "KAFKA_", "REDIS_"))
+    }
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
+    """One SASL_SSL broker and one ACL + TLS redis-server for the whole module."""
+    root = tmp_path_factory.mktemp("secure")
+    pki = root / "pki"
+    ca = secure.make_authority(pki, "ca")
+    other_ca = secure.make_authority(pki, "other-ca")  # signed nothing the servers use
+    server = secure.issue_server_cert(ca, pki, "server")
+    kafka_password, redis_password = secure.new_secret(), secure.new_secret()
+    secrets_dir = root / "secrets"
+    secrets_dir.mkdir()
+    acl = secure.redis_acl(USER, redis_password, f"{KEY_PREFIX}:*")
+    with (
+        secure.secure_kafka(root / "kafka", server, {USER: kafka_password}) as kafka,
+        secure.secure_redis(root / "redis", server, acl) as redis,
+    ):
+        yield Secured(
+            kafka=kafka,
+            redis=redis,
+            ca=ca,
+            other_ca=other_ca,
+            kafka_password=kafka_password,
+            redis_password=redis_password,
+            kafka_password_file=secure.write_secret(secrets_dir, "kafka-password", kafka_password),
+            redis_password_file=secure.write_secret(secrets_dir, "redis-password", redis_password),
+            wrong_password_file=secure.write_secret(secrets_dir, "wrong-password", secure.new_secret()),
+        )
+
+
+async def secure_topic(secured: Secured, partitions: int = 2) -> str:
+    topic = f"frames-{uuid.uuid4().hex[:12]}"
+    await ensure_topics(secured.kafka_settings(), {topic: (partitions, {})})
+    return topic
+
+
+async def read_secure(secured: Secured, topic: str, expected: int, timeout_s: float = 90) -> list[bytes]:
+    """Values of ``topic`` read over SASL_SSL until ``expected`` arrived."""
+    consumer = AIOKafkaConsumer(
+        topic, **client_kwargs(secured.kafka_settings()), group_id=None, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    values: list[bytes] = []
+    try:
+        async with asyncio.timeout(timeout_s):
+            while len(values) < expected:
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    values.extend(r.value for r in records)
+    finally:
+        await consumer.stop()
+    return values
+
+
+def free_metrics_port() -> str:
+    return str(secure.free_port())
+
+
+async def test_worker_labels_frames_over_sasl_ssl_and_counts_in_acl_redis_without_leaking_secrets(
+    secured: Secured, tmp_path: Path
+) -> None:
+    topic = await secure_topic(secured)
+    frames = street_jpegs(24)
+    producer = make_producer(secured.kafka_settings(), client_id_suffix="test")
+    await producer.start()
+    ids = []
+    try:
+        for i, data in enumerate(frames):
+            frame_id = f"secure-{i}-{uuid.uuid4().hex[:6]}"
+            headers = codec.frame_headers(
+                f"cam-{i % 3}", SourceKind.TRAFFIC, frame_id, 1_790_000_000_000 + i * 1000, "image/jpeg"
+            )
+            await producer.send_and_wait(topic, data, key=f"cam-{i % 3}".encode(), headers=headers)
+            ids.append(frame_id)
+    finally:
+        await producer.stop()
+
+    port = free_metrics_port()
+    stderr_path = tmp_path / "worker.stderr"
+    # DEBUG: the most a log can say; a secret must not appear even there.
+    args = [
+        str(STREAM_WORKER),
+        "run",
+        *secured.worker_flags(topic, metrics_port=port),
+        "--log-level",
+        "DEBUG",
+    ]
+    with stderr_path.open("wb") as stderr:
+        worker = subprocess.Popen(args, env=clean_env(), stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        try:
+            labels = await read_secure(secured, f"{topic}.labels", len(ids))
+        except TimeoutError:
+            raise AssertionError(
+                f"no labels over SASL_SSL; worker exit {worker.poll()}: {stderr_path.read_text()[-2000:]}"
+            ) from None
+        metrics = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        )
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        exit_code = await asyncio.to_thread(worker.wait, 60)
+    log = stderr_path.read_text()
+    assert exit_code == 0 and "Traceback" not in log, log[-2000:]
+    assert sorted(codec.parse_label_record(v)["frame_id"] for v in labels) == sorted(ids)
+    assert "lookout_frames_labelled_total" in metrics
+
+    # The counts went to the ACL user's prefix, over TLS.
+    client = make_redis(secured.redis_settings())
+    try:
+        counts = RedisCounts(client, key_prefix=KEY_PREFIX, ttl_s=3600, event_gap_ms=1)
+        sources = await counts.sources()
+        frames_counted = 0
+        for source in sources:
+            frames_counted += sum(w.frames for w in await counts.read(source, "1m"))
+    finally:
+        await client.aclose()
+    assert sources == ["cam-0", "cam-1", "cam-2"] and frames_counted == len(ids)
+
+    # No secret in the worker's log, its metrics, or `stream-worker config` (even when a
+    # password is written into the Redis URL, which people do).
+    config = subprocess.run(
+        [
+            str(STREAM_WORKER),
+            "config",
+            *secured.worker_flags(
+                topic,
+                redis_url=secured.redis.url().replace(
+                    "rediss://", f"rediss://{USER}:{secured.redis_password}@"
+                ),
+            ),
+        ],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert config.returncode == 0, config.stderr
+    assert "sasl_password_file" in config.stdout and f"rediss://{USER}:***@" in config.stdout
+    for password in secured.passwords:
+        assert password not in log
+        assert password not in metrics
+        assert password not in config.stdout + config.stderr
+
+
+REFUSALS = [
+    pytest.param({"sasl_password_file": "WRONG"}, "refused SASL user 'lookout'", id="kafka-wrong-password"),
+    pytest.param({"security_protocol": "PLAINTEXT"}, "expects TLS", id="kafka-plaintext-to-tls-port"),
+    pytest.param(
+        {"ssl_cafile": "OTHER_CA"}, "TLS certificate is not trusted", id="kafka-untrusted-certificate"
+    ),
+    pytest.param(
+        {"redis_username": None, "redis_password_file": None}, "requires a login", id="redis-no-credentials"
+    ),
+    pytest.param({"redis_password_file": "WRONG"}, "refused user 'lookout'", id="redis-wrong-password"),
+    pytest.param(
+        {"key_prefix": "lookout"}, "may not use keys under 'lookout:'", id="redis-outside-its-prefix"
+    ),
+    pytest.param({"redis_url": "PLAIN"}, "expects TLS", id="redis-plaintext-to-tls-port"),
+    pytest.param(
+        {"redis_ca_file": "OTHER_CA"}, "TLS certificate is not trusted", id="redis-untrusted-certificate"
+    ),
+]
+
+
+@pytest.mark.parametrize(("changes", "cause"), REFUSALS)
+def test_misconfigured_security_is_refused_with_one_clear_line(
+    secured: Secured, changes: dict[str, str | None], cause: str
+) -> None:
+    stand_ins = {
+        "WRONG": str(secured.wrong_password_file),
+        "OTHER_CA": str(secured.other_ca.cert),
+        "PLAIN": secured.redis.url().replace("rediss://", "redis://"),
+    }
+    resolved = {k: stand_ins.get(v, v) if v is not None else None for k, v in changes.items()}
+    result = subprocess.run(
+        [str(STREAM_WORKER), "run", *secured.worker_flags("frames-never-read", **resolved)],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("stream-worker: "), result.stderr
+    assert cause in lines[0]
+    for password in secured.passwords:
+        assert password not in result.stderr
+
+
+async def test_redis_refuses_anonymous_clients_and_keeps_lookouts_user_in_its_prefix(
+    secured: Secured,
+) -> None:
+    anonymous = aioredis.from_url(secured.redis.url(), ssl_ca_certs=str(secured.ca.cert))
+    try:
+        with pytest.raises(redis_errors.AuthenticationError):
+            await anonymous.ping()
+    finally:
+        await anonymous.aclose()
+    client = make_redis(secured.redis_settings())
+    try:
+        assert await client.ping()
+        await client.set(f"{KEY_PREFIX}:probe", b"1", ex=60)
+        with pytest.raises(redis_errors.NoPermissionError):
+            await client.set("other-app:probe", b"1")
+        with pytest.raises(redis_errors.NoPermissionError):
+            await client.flushall()
+        with pytest.raises(redis_errors.NoPermissionError):
+            await client.config_get("requirepass")
+    finally:
+        await client.aclose()
