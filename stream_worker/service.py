@@ -84,6 +84,18 @@ def _url_address(url: str) -> tuple[str, int]:
     return (host.strip("[]"), int(port)) if port.isdigit() else (hostport, 0)
 
 
+async def check_frames_topics(settings: Settings) -> None:
+    """One line when a named frames topic does not exist (a pattern may match topics made later)."""
+    if settings.topics.frames_pattern:
+        return
+    for topic in settings.topics.frames_topic:
+        if not await partitions_of(settings.kafka, topic):
+            raise ConfigError(
+                f"frames topic {topic!r} does not exist on {settings.kafka.bootstrap}: create it "
+                "(one partition per worker you may run) or fix --frames-topic / LOOKOUT_FRAMES_TOPIC"
+            )
+
+
 async def prepare_topics(settings: Settings) -> None:
     """Create missing output topics: labels, compacted counts, dead letters, review."""
     t = settings.topics
@@ -127,6 +139,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event, *, create_topics: 
     check_engine(settings)
     await check_kafka(settings.kafka)
     await check_redis(settings)
+    await check_frames_topics(settings)
     if create_topics:
         await prepare_topics(settings)
     metrics = Metrics()

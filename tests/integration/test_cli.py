@@ -72,3 +72,16 @@ def test_config_prints_effective_settings() -> None:
     result = run("config", "--max-batch", "4", "--max-in-flight", "8", "--json")
     assert result.returncode == 0, result.stderr
     assert '"max_batch": 4' in result.stdout
+
+
+def test_a_missing_frames_topic(services: Services) -> None:
+    result = run(
+        "run",
+        "--bootstrap",
+        services.bootstrap,
+        "--redis-url",
+        services.redis_url,
+        "--frames-topic",
+        "no-such-topic-4f1c",
+    )
+    assert_one_line(result, "'no-such-topic-4f1c' does not exist", "--frames-topic")
