@@ -112,6 +112,35 @@ def inference_ceiling(engines: dict[str, Path], seconds: float) -> list[dict[str
     return rows
 
 
+def gpu_section(seconds: float) -> dict[str, Any]:
+    """TensorRT engines by precision and batch size, where a GPU and TensorRT exist; else why not."""
+    from stream_worker.backends.tensorrt import TensorRTBackend, import_tensorrt, runtime_version_and_gpu
+
+    try:
+        import_tensorrt()
+        version, gpu = runtime_version_and_gpu()
+    except EngineError as exc:
+        return {"skipped": str(exc)}
+    from engine_build.tensorrt import build_tensorrt_engine
+
+    frames = encoded_frames("720p", 32, cache_dir())
+    rows: list[dict[str, Any]] = []
+    for precision in ("fp32", "fp16", "int8"):
+        path = cache_dir() / f"trt-{precision}.plan"
+        build_tensorrt_engine(
+            default_onnx_path(), path, precision=precision, batch_profile=(1, 16, 32), progress=False
+        )
+        backend = TensorRTBackend(EngineInfo.from_sidecar(path, verify_engine(path)))
+        spec = backend.info.spec
+        images = np.empty((32, 3, spec.height, spec.width), np.float32)
+        for i, data in enumerate(frames):
+            decode_into(data, "image/jpeg", images[i], spec, DecodeLimits())
+        for batch in (1, 8, WORKER_DEFAULT_BATCH, 32):
+            rows.append({"precision": precision, "batch": batch, **measure(backend, images[:batch], seconds)})
+        backend.close()
+    return {"tensorrt": version, "gpu": gpu, "rows": rows}
+
+
 # --------------------------------------------------------------------------- 3-6. end to end
 
 
@@ -486,6 +515,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     }
     log("inference ceiling")
     inference = inference_ceiling(engines, 1.0 if args.quick else 4.0)
+    log("GPU section (TensorRT)")
+    gpu = gpu_section(1.0 if args.quick else 4.0)
+    if "skipped" in gpu:
+        log(f"GPU section skipped: {gpu['skipped']}")
     e2e = await end_to_end(args, bootstrap, redis_url, engines["fp32"])
 
     def row(precision: str, batch: int) -> dict[str, Any]:
@@ -528,6 +561,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         },
         "decode": decode,
         "inference": inference,
+        "gpu": gpu,
         "end_to_end": e2e,
     }
 

@@ -25,13 +25,13 @@ import onnxruntime as ort
 
 from engine_build.cpu import build_cpu_engine, repo_devset_dir
 from engine_build.imagefolder import bundled_street_and_photo_sources, folder_sources, iter_batches
-from stream_worker.backends.base import EngineInfo, default_onnx_path, verify_engine
+from stream_worker.backends.base import Backend, EngineInfo, default_onnx_path, verify_engine
 from stream_worker.backends.onnxruntime import OnnxRuntimeBackend
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def measure(backend: OnnxRuntimeBackend, batch: np.ndarray, seconds: float) -> dict[str, float]:
+def measure(backend: Backend, batch: np.ndarray, seconds: float) -> dict[str, float]:
     """Images/s and CPU-seconds per image for repeated inference on ``batch``."""
     backend.infer(batch)  # warm-up: first run allocates the arena
     images = 0
