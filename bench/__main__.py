@@ -425,6 +425,66 @@ async def end_to_end(
     return result
 
 
+async def scaling(bootstrap: str, redis_url: str, engine: Path, frames_count: int) -> dict[str, Any]:
+    """Drain throughput of one worker process vs two in one group, on a 4-partition topic."""
+    frames_file = cache_dir() / "bench-frames-720p-q85-250.pkl"
+    encoded_frames("720p", 250, cache_dir())
+    out: dict[str, Any] = {}
+    for workers in (1, 2):
+        run = uuid.uuid4().hex[:8]
+        topic = f"bench-scale-{run}"
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        await admin.create_topics([NewTopic(topic, 4, 1)])
+        await admin.close()
+        procs = []
+        ports = []
+        for i in range(workers):
+            ports.append(free_port())
+            env = {
+                **os.environ,
+                "LOOKOUT_ENGINE": str(engine),
+                "LOOKOUT_METRICS_PORT": str(ports[-1]),
+                "KAFKA_BOOTSTRAP": bootstrap,
+                "REDIS_URL": redis_url,
+                "LOOKOUT_FRAMES_TOPIC": topic,
+                "LOOKOUT_LABELS_TOPIC": f"{topic}.labels",
+                "LOOKOUT_COUNTS_TOPIC": f"{topic}.counts",
+                "LOOKOUT_REVIEW_TOPIC": f"{topic}.review",
+                "LOOKOUT_GROUP": f"bench-{run}",
+                "LOOKOUT_KEY_PREFIX": f"bench-{run}",
+                "LOOKOUT_LOG_LEVEL": "WARNING",
+                "LOOKOUT_CLIENT_ID": f"bench-{i}",
+            }
+            procs.append(subprocess.Popen([str(Path(PY).parent / "stream-worker"), "run"], cwd=REPO, env=env))
+        labels = LabelReader(bootstrap, f"{topic}.labels")
+        try:
+            deadline = time.monotonic() + 180
+            while not all(_ready(p) for p in ports):
+                if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
+                    raise RuntimeError("a scaling worker did not start")
+                await asyncio.sleep(0.5)
+            await asyncio.sleep(8)  # let the group settle: every worker owns partitions
+            await _wait_topic(bootstrap, f"{topic}.labels")
+            await labels.start()
+            await produce(frames_file, topic, bootstrap, "scale", count=frames_count)
+            got = await labels.wait_for("scale", frames_count, timeout_s=60 + frames_count)
+            first = min(r["processed_at"] for r in got)
+            last = max(r["processed_at"] for r in got)
+            out[f"{workers}_workers_fps"] = (len(got) - 1) / max(1e-3, (last - first) / 1000)
+            log(f"scaling: {workers} worker(s): {out[f'{workers}_workers_fps']:.1f} frames/s")
+        finally:
+            await labels.stop()
+            for p in procs:
+                p.send_signal(signal.SIGTERM)
+            for p in procs:
+                try:
+                    p.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+    return out
+
+
 def _ready(port: int) -> bool:
     import urllib.request
 
@@ -520,6 +580,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     if "skipped" in gpu:
         log(f"GPU section skipped: {gpu['skipped']}")
     e2e = await end_to_end(args, bootstrap, redis_url, engines["fp32"])
+    scale = await scaling(bootstrap, redis_url, engines["fp32"], 600) if args.scaling else {}
 
     def row(precision: str, batch: int) -> dict[str, Any]:
         return next(r for r in inference if r["precision"] == precision and r["batch"] == batch)
@@ -562,6 +623,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "decode": decode,
         "inference": inference,
         "gpu": gpu,
+        "scaling": scale,
         "end_to_end": e2e,
     }
 
@@ -571,6 +633,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CI smoke test: small and short (< 3 min)")
     parser.add_argument("--no-services", action="store_true", help="Kafka and Redis are already up")
+    parser.add_argument("--scaling", action="store_true", help="also measure one worker process against two")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = parser.parse_args()
     started = time.monotonic()
