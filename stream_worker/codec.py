@@ -243,11 +243,19 @@ def parse_label_record(data: bytes) -> dict[str, Any]:
     return _loads_record(data, ("frame_id", "source_id", "captured_at", "labels"))
 
 
-def count_key(source_id: str, window_name: str, window_start_ms: int, kind: str = "labels") -> bytes:
-    """The counts-topic key: one compacted record per source, window, window start and kind."""
+def count_key(
+    source_id: str, window_name: str, window_start_ms: int, kind: str = "labels", shard: str | None = None
+) -> bytes:
+    """The counts-topic key: one compacted record per source, window, window start and kind.
+
+    ``shard`` names the frames partition (``topic:partition``) whose counts the record holds. A
+    source keyed by its id lives on one partition, so there is one record per window; a source
+    spread over partitions gets one record per partition, and readers sum them.
+    """
     if kind not in COUNT_KINDS:
         raise LookoutError(f"count kind must be one of {COUNT_KINDS}, got {kind!r}")
-    return f"{source_id}|{window_name}|{window_start_ms}|{kind}".encode()
+    base = f"{source_id}|{window_name}|{window_start_ms}|{kind}"
+    return (f"{base}|{shard}" if shard else base).encode()
 
 
 def count_record(
@@ -256,13 +264,14 @@ def count_record(
     window_start_ms: int,
     counts: Mapping[str, int],
     kind: str = "labels",
+    shard: str | None = None,
 ) -> tuple[bytes, bytes]:
     """Key and value of a counts-topic record, with the window's *absolute* counts.
 
     ``kind`` is ``labels`` (frames per label) or ``events`` (camera-trap events per species);
     it is part of the key so that compaction keeps both.
     """
-    key = count_key(source_id, window_name, window_start_ms, kind)
+    key = count_key(source_id, window_name, window_start_ms, kind, shard)
     value = {
         "schema_version": SCHEMA_VERSION,
         "source_id": source_id,
@@ -270,6 +279,7 @@ def count_record(
         "window_start": window_start_ms,
         "window_end": window_start_ms + parse_duration_ms(window_name),
         "kind": kind,
+        "shard": shard,
         "counts": {label: int(n) for label, n in sorted(counts.items())},
     }
     return key, _dumps(value)

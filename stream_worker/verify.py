@@ -291,7 +291,10 @@ def latest_counts(records: Iterable[tuple[bytes | None, bytes | None]]) -> dict[
             int(record["window_start"]),
             str(record["kind"]),
         )
-        out[count_key] = {str(k): int(v) for k, v in record["counts"].items()}
+        # One record per frames partition (shard) of a source: their sum is the source's count.
+        total = out.setdefault(count_key, {})
+        for name, n in record["counts"].items():
+            total[str(name)] = total.get(str(name), 0) + int(n)
     return out
 
 

@@ -21,6 +21,7 @@ Batches leave each stage in the order they entered it, so commits only ever move
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import json
 import logging
@@ -151,6 +152,7 @@ class Worker:
         # True until the first assignment has been checked against the Redis watermarks.
         self._rebalancing = True
         self._held: list[dict[TopicPartition, list[Any]]] = []
+        self._backlog: collections.deque[tuple[TopicPartition, Any]] = collections.deque()
         self._max_batch = b.max_batch
         self._model: dict[str, str] = {}
         self._ready = False
@@ -260,7 +262,7 @@ class Worker:
         batch = Batch(seq=self._seq, opened_at=time.monotonic())
         self._seq += 1
         for record in records:
-            await self._fill(batch, TopicPartition(record.topic, record.partition), record)
+            self._fill(batch, TopicPartition(record.topic, record.partition), record)
         await self._infer_batch(batch)
         await self._retrying(functools.partial(self._publish, batch))
         await self._publish_live(batch)
@@ -329,44 +331,60 @@ class Worker:
                 held, self._held = self._held, []
                 owned = consumer.assignment()
                 for earlier in held:
-                    await self._consume({tp: rs for tp, rs in earlier.items() if tp in owned})
-            await self._consume(records)
+                    self._consume({tp: rs for tp, rs in earlier.items() if tp in owned})
+            self._consume(records)
+            self._take_backlog()
             if self._open is not None and self._due(self._open):
-                await self._close_open()
+                self._close_open()
         self._stopping.set()
-        await self._close_open()
+        self._close_open()
         await self._drain(self.settings.ops.drain_deadline_s, "shutdown")
         await self._infer_q.put(None)
 
-    async def _consume(self, records: dict[TopicPartition, list[Any]]) -> None:
-        """Hand fetched records to the open batch, skipping any below the resume offset."""
+    def _consume(self, records: dict[TopicPartition, list[Any]]) -> None:
+        """Queue fetched records for the batches, skipping any below the resume offset."""
         for tp, batch_records in records.items():
             self.metrics.frames_in.labels(tp.topic).inc(len(batch_records))
             resume_at = self._resume_at.get(tp, -1)
-            for record in batch_records:
-                # Records fetched before our seek to the watermark took effect were already
-                # labelled and counted by a previous owner: skip them.
-                if record.offset >= resume_at:
-                    await self._add(tp, record)
+            # Records fetched before our seek to the watermark took effect were already
+            # labelled and counted by a previous owner: skip them.
+            self._backlog.extend((tp, r) for r in batch_records if r.offset >= resume_at)
+
+    def _take_backlog(self) -> None:
+        """Move queued records into batches while there is a free buffer slot for them.
+
+        Never waits: without a free buffer the records stay queued, the partitions are paused
+        (see _backpressure) and the loop keeps polling, so a slow engine never makes the
+        consumer miss max.poll.interval.ms and drop out of its group.
+        """
+        while self._backlog and not self._rebalancing:
+            batch = self._open
+            if (batch is None or batch.buffer is None) and self._pool.empty():
+                return
+            tp, record = self._backlog.popleft()
+            self._add(tp, record)
 
     def _due(self, batch: Batch) -> bool:
         if not batch.frames:
             return bool(batch.dead)
         return time.monotonic() >= batch.opened_at + self.settings.batch.max_wait_ms / 1000
 
-    async def _add(self, tp: TopicPartition, record: Any) -> None:
+    def _add(self, tp: TopicPartition, record: Any) -> None:
         if self._open is None:
             self._open = Batch(seq=self._seq, opened_at=time.monotonic())
             self._seq += 1
         batch = self._open
         self._in_flight += 1
         self._drained.clear()
-        await self._fill(batch, tp, record)
+        self._fill(batch, tp, record)
         if len(batch.frames) >= self._max_batch:
-            await self._close_open()
+            self._close_open()
 
-    async def _fill(self, batch: Batch, tp: TopicPartition, record: Any) -> None:
-        """Parse one record into ``batch``: a dead letter, or a frame whose decode is under way."""
+    def _fill(self, batch: Batch, tp: TopicPartition, record: Any) -> None:
+        """Parse one record into ``batch``: a dead letter, or a frame whose decode is under way.
+
+        Synchronous on purpose: a rebalance callback can never see a half-added record.
+        """
         batch.records += 1
         batch.offsets[tp] = record.offset
         try:
@@ -383,7 +401,7 @@ class Worker:
             batch.dead.append(_dead(record, exc))
             return
         if batch.buffer is None:
-            batch.buffer = await self._pool.get()
+            batch.buffer = self._pool.get_nowait()  # the callers made sure one is free
             batch.opened_at = time.monotonic()
         slot = batch.buffer[len(batch.frames)]
         assert self._backend is not None
@@ -395,17 +413,17 @@ class Worker:
             )
         )
 
-    async def _close_open(self) -> None:
+    def _close_open(self) -> None:
         batch, self._open = self._open, None
         if batch is not None and batch.records:
-            await self._infer_q.put(batch)
+            self._infer_q.put_nowait(batch)
 
     def _backpressure(self) -> None:
         consumer = self._consumer
         assert consumer is not None
         if self._rebalancing:
             return  # on_revoked owns the pause state until the new assignment arrives
-        full = self._in_flight >= self.settings.batch.max_in_flight
+        full = self._in_flight >= self.settings.batch.max_in_flight or bool(self._backlog)
         if full and not self._paused:
             consumer.pause(*consumer.assignment())
             self._paused = True
@@ -608,14 +626,17 @@ class Worker:
         producer, counts = self._producer, self._counts
         assert producer is not None and counts is not None
         records: list[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]] = []
-        for group in windows.values():
+        for tp, group in windows.items():
+            shard = f"{tp.topic}:{tp.partition}"
             for w in group:
                 key, value = codec.count_record(
-                    w.source_id, w.window, w.start_ms, {"_frames": w.frames, **w.labels}
+                    w.source_id, w.window, w.start_ms, {"_frames": w.frames, **w.labels}, shard=shard
                 )
                 records.append((self.settings.topics.counts_topic, key, value, []))
                 if w.events:
-                    key, value = codec.count_record(w.source_id, w.window, w.start_ms, w.events, "events")
+                    key, value = codec.count_record(
+                        w.source_id, w.window, w.start_ms, w.events, "events", shard=shard
+                    )
                     records.append((self.settings.topics.counts_topic, key, value, []))
         if not records:
             return
@@ -735,7 +756,10 @@ class Worker:
         # Nothing new from the revoked partitions while their in-flight frames drain; every
         # record already in a batch is finished and committed, never dropped.
         consumer.pause(*[tp for tp in revoked if tp in consumer.assignment()])
-        await self._close_open()
+        # Queued records were never added to a batch or committed; the next owner (or we, after
+        # the reassignment resets positions to the committed offsets) fetches them again.
+        self._backlog.clear()
+        self._close_open()
         await self._drain(self.settings.ops.drain_deadline_s, "rebalance")
 
     async def on_assigned(self, assigned: list[TopicPartition]) -> None:

@@ -21,16 +21,6 @@ from tests.faults.conftest import (
 
 REBALANCE_CYCLES = 3
 
-# Found by these tests (docs/RELIABILITY.md, "Open worker bugs"): a rebalance that arrives while
-# the poll stage waits for a free batch buffer leaves a half-built batch that the revoke drain
-# never finishes; the worker stalls for the drain deadline and can then hang for good (it no
-# longer answers SIGTERM). Remove the marks when stream_worker/worker.py is fixed.
-WORKER_BUG = pytest.mark.xfail(
-    reason="worker wedges after a rebalance mid-batch (docs/RELIABILITY.md, open bug 1)", strict=False
-)
-
-
-@WORKER_BUG
 @pytest.mark.timeout(180)
 async def test_rebalance_one_of_two_workers_stopped_and_started_repeatedly(harness: Harness) -> None:
     pipeline = await harness.pipeline(partitions=4)
@@ -74,7 +64,6 @@ async def wait_for_log(worker: WorkerProcess, text: str, times: int, timeout_s: 
         await asyncio.sleep(0.2)
 
 
-@WORKER_BUG
 @pytest.mark.timeout(180)
 async def test_a_stalled_worker_is_replaced_and_its_late_writes_do_not_double_count(
     harness: Harness,
@@ -104,7 +93,6 @@ async def test_a_stalled_worker_is_replaced_and_its_late_writes_do_not_double_co
     record_result("stalled-sigstop", report, stalled_s=round(taken_over_s, 1))
 
 
-@WORKER_BUG
 @pytest.mark.timeout(120)
 async def test_inference_slower_than_the_poll_interval_neither_crash_loops_nor_loses(
     harness: Harness,

@@ -274,8 +274,16 @@ def test_count_record_round_trip_with_absolute_counts() -> None:
         "window_start": 1_700_000_100_000,
         "window_end": 1_700_001_000_000,
         "kind": "labels",
+        "shard": None,
         "counts": {"_frames": 7, "car": 5, "vehicle": 7},
     }
+
+
+def test_a_source_spread_over_partitions_gets_one_count_record_per_partition() -> None:
+    first, _ = count_record("cam-1", "1m", 0, {"car": 2}, shard="frames:0")
+    second, value = count_record("cam-1", "1m", 0, {"car": 1}, shard="frames:3")
+    assert first != second and first.startswith(b"cam-1|1m|0|labels|")
+    assert parse_count_record(value)["shard"] == "frames:3"
 
 
 def test_label_and_event_counts_of_one_window_have_distinct_keys() -> None:
