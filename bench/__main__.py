@@ -540,6 +540,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.plot([s[0] for s in samples], [s[1] for s in samples])
     ax.set_xlabel("soak time, s")
     ax.set_ylabel("worker RSS, MiB")
+    ax.set_ylim(0, max(s[1] for s in samples) * 1.15)  # from zero: growth is read against the whole
     ax.set_title("Memory at 80% load")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
