@@ -289,6 +289,28 @@ def percentiles(values: list[float]) -> dict[str, float]:
     }
 
 
+def start_worker(
+    engine: Path, bootstrap: str, redis_url: str, topic: str, run: str, port: int, **extra: str
+) -> subprocess.Popen[bytes]:
+    """``stream-worker run`` as its own process on ``topic``, with the run's group and key prefix."""
+    env = {
+        **os.environ,
+        "LOOKOUT_ENGINE": str(engine),
+        "LOOKOUT_METRICS_PORT": str(port),
+        "KAFKA_BOOTSTRAP": bootstrap,
+        "REDIS_URL": redis_url,
+        "LOOKOUT_FRAMES_TOPIC": topic,
+        "LOOKOUT_LABELS_TOPIC": f"{topic}.labels",
+        "LOOKOUT_COUNTS_TOPIC": f"{topic}.counts",
+        "LOOKOUT_REVIEW_TOPIC": f"{topic}.review",
+        "LOOKOUT_GROUP": f"bench-{run}",
+        "LOOKOUT_KEY_PREFIX": f"bench-{run}",
+        "LOOKOUT_LOG_LEVEL": "WARNING",
+        **extra,
+    }
+    return subprocess.Popen([str(Path(PY).parent / "stream-worker"), "run"], cwd=REPO, env=env)
+
+
 async def end_to_end(
     args: argparse.Namespace, bootstrap: str, redis_url: str, engine: Path
 ) -> dict[str, Any]:
@@ -314,21 +336,7 @@ async def end_to_end(
     await produce(frames_file, topic, bootstrap, "max", count=n_max)
 
     metrics_port = free_port()
-    env = {
-        **os.environ,
-        "LOOKOUT_ENGINE": str(engine),
-        "LOOKOUT_METRICS_PORT": str(metrics_port),
-        "KAFKA_BOOTSTRAP": bootstrap,
-        "REDIS_URL": redis_url,
-        "LOOKOUT_FRAMES_TOPIC": topic,
-        "LOOKOUT_LABELS_TOPIC": f"{topic}.labels",
-        "LOOKOUT_COUNTS_TOPIC": f"{topic}.counts",
-        "LOOKOUT_REVIEW_TOPIC": f"{topic}.review",
-        "LOOKOUT_GROUP": f"bench-{run}",
-        "LOOKOUT_KEY_PREFIX": f"bench-{run}",
-        "LOOKOUT_LOG_LEVEL": "WARNING",
-    }
-    worker = subprocess.Popen([str(Path(PY).parent / "stream-worker"), "run"], cwd=REPO, env=env)
+    worker = start_worker(engine, bootstrap, redis_url, topic, run, metrics_port)
     labels = LabelReader(bootstrap, f"{topic}.labels")
     result: dict[str, Any] = {"frames": SOURCE_NOTE + "; 720p, quality 85", "topic_partitions": 4}
     try:
@@ -441,22 +449,11 @@ async def scaling(bootstrap: str, redis_url: str, engine: Path, frames_count: in
         ports = []
         for i in range(workers):
             ports.append(free_port())
-            env = {
-                **os.environ,
-                "LOOKOUT_ENGINE": str(engine),
-                "LOOKOUT_METRICS_PORT": str(ports[-1]),
-                "KAFKA_BOOTSTRAP": bootstrap,
-                "REDIS_URL": redis_url,
-                "LOOKOUT_FRAMES_TOPIC": topic,
-                "LOOKOUT_LABELS_TOPIC": f"{topic}.labels",
-                "LOOKOUT_COUNTS_TOPIC": f"{topic}.counts",
-                "LOOKOUT_REVIEW_TOPIC": f"{topic}.review",
-                "LOOKOUT_GROUP": f"bench-{run}",
-                "LOOKOUT_KEY_PREFIX": f"bench-{run}",
-                "LOOKOUT_LOG_LEVEL": "WARNING",
-                "LOOKOUT_CLIENT_ID": f"bench-{i}",
-            }
-            procs.append(subprocess.Popen([str(Path(PY).parent / "stream-worker"), "run"], cwd=REPO, env=env))
+            procs.append(
+                start_worker(
+                    engine, bootstrap, redis_url, topic, run, ports[-1], LOOKOUT_CLIENT_ID=f"bench-{i}"
+                )
+            )
         labels = LabelReader(bootstrap, f"{topic}.labels")
         try:
             deadline = time.monotonic() + 180

@@ -11,18 +11,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bench.__main__ import (
-    PY,
     REPO,
     LabelReader,
     _ready,
@@ -31,6 +28,7 @@ from bench.__main__ import (
     cpu_seconds,
     free_port,
     produce,
+    start_worker,
 )
 from bench.frames import encoded_frames
 
@@ -49,22 +47,9 @@ async def drain_rate(
     await admin.close()
     await produce(frames_file, topic, bootstrap, "knob", count=frames)
     port = free_port()
-    env = {
-        **os.environ,
-        "LOOKOUT_ENGINE": str(cache_dir() / "engine-fp32.onnx"),
-        "LOOKOUT_METRICS_PORT": str(port),
-        "KAFKA_BOOTSTRAP": bootstrap,
-        "REDIS_URL": redis_url,
-        "LOOKOUT_FRAMES_TOPIC": topic,
-        "LOOKOUT_LABELS_TOPIC": f"{topic}.labels",
-        "LOOKOUT_COUNTS_TOPIC": f"{topic}.counts",
-        "LOOKOUT_REVIEW_TOPIC": f"{topic}.review",
-        "LOOKOUT_GROUP": f"bench-{run}",
-        "LOOKOUT_KEY_PREFIX": f"bench-{run}",
-        "LOOKOUT_LOG_LEVEL": "WARNING",
-        **extra_env,
-    }
-    worker = subprocess.Popen([str(Path(PY).parent / "stream-worker"), "run"], cwd=REPO, env=env)
+    worker = start_worker(
+        cache_dir() / "engine-fp32.onnx", bootstrap, redis_url, topic, run, port, **extra_env
+    )
     labels = LabelReader(bootstrap, f"{topic}.labels")
     try:
         while not _ready(port):
