@@ -1,0 +1,36 @@
+"""Kafka client options from settings: addresses, security, one-line mistakes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stream_worker.errors import ConfigError
+from stream_worker.kafka import bootstrap_addresses, client_kwargs
+from stream_worker.settings import load_settings
+
+
+def test_bootstrap_lists_parse_including_ipv6() -> None:
+    assert bootstrap_addresses("a:9092, [::1]:9093") == [("a", 9092), ("::1", 9093)]
+    with pytest.raises(ConfigError, match="is not host:port"):
+        bootstrap_addresses("kafka")
+
+
+def test_sasl_needs_credentials_and_reads_the_password_from_its_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--ssl-cafile"):
+        client_kwargs(load_settings(env={"KAFKA_SECURITY_PROTOCOL": "SASL_SSL"}).kafka)
+    with pytest.raises(ConfigError, match="--sasl-username and --sasl-password-file"):
+        client_kwargs(load_settings(env={"KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT"}).kafka)
+    secret = tmp_path / "password"
+    secret.write_text("s3cret\n")
+    env = {
+        "KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+        "KAFKA_SASL_USERNAME": "lookout",
+        "KAFKA_SASL_PASSWORD_FILE": str(secret),
+    }
+    kwargs = client_kwargs(load_settings(env=env).kafka)
+    assert kwargs["sasl_plain_password"] == "s3cret" and kwargs["sasl_mechanism"] == "SCRAM-SHA-512"
+    env["KAFKA_SASL_PASSWORD_FILE"] = str(tmp_path / "missing")
+    with pytest.raises(ConfigError, match="cannot read the Kafka SASL password"):
+        client_kwargs(load_settings(env=env).kafka)
