@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import json
 import logging
@@ -159,6 +160,7 @@ class Worker:
         self._last_poll = time.monotonic()
         self._fatal: BaseException | None = None
         self._stopping = asyncio.Event()
+        self._abandon = asyncio.Event()
         self._live_last: dict[str, float] = {}
         self._resume_at: dict[TopicPartition, int] = {}
         self._infer_delay_s = settings.faults.fault_infer_delay_ms / 1000
@@ -338,7 +340,10 @@ class Worker:
                 self._close_open()
         self._stopping.set()
         self._close_open()
-        await self._drain(self.settings.ops.drain_deadline_s, "shutdown")
+        if not await self._drain(self.settings.ops.drain_deadline_s, "shutdown"):
+            # A sink is still failing: stop retrying and leave without committing. The next owner
+            # re-reads those frames from the committed offsets and the watermark keeps counts exact.
+            self._abandon.set()
         await self._infer_q.put(None)
 
     def _consume(self, records: dict[TopicPartition, list[Any]]) -> None:
@@ -586,16 +591,40 @@ class Worker:
         delay = 0.2
         while True:
             try:
-                await step()
+                await self._unless_abandoned(step)
                 return
             except LookoutError as exc:
                 if not exc.retriable:
                     self._fatal = exc
                     raise
+                if self._abandon.is_set():
+                    raise LookoutError(
+                        f"shutdown: drain deadline passed with {self._in_flight} frames uncommitted "
+                        f"(they will be read again by the next worker): {exc}"
+                    ) from exc
                 self.metrics.retries.labels(exc.__class__.__name__).inc()
                 log.warning("sink write failed, retrying in %.1fs: %s", delay, exc)
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._abandon.wait(), timeout=delay)
                 delay = min(delay * 2, self.settings.ops.retry_max_s)
+
+    async def _unless_abandoned(self, step: Callable[[], Awaitable[None]]) -> None:
+        """Run one attempt of a sink step; cut it short if shutdown gives up on draining."""
+        attempt = asyncio.ensure_future(step())
+        abandoned = asyncio.ensure_future(self._abandon.wait())
+        try:
+            await asyncio.wait({attempt, abandoned}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            abandoned.cancel()
+        if not attempt.done():
+            attempt.cancel()
+            with contextlib.suppress(asyncio.CancelledError, LookoutError):
+                await attempt
+            raise LookoutError(
+                f"shutdown: drain deadline passed with {self._in_flight} frames uncommitted "
+                "(they will be read again by the next worker)"
+            )
+        attempt.result()
 
     async def _publish(self, batch: Batch) -> None:
         producer, counts = self._producer, self._counts

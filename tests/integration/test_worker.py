@@ -6,13 +6,17 @@ import asyncio
 import json
 from collections import Counter
 
+import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
 from stream_worker import codec
+from stream_worker.errors import LookoutError
 from stream_worker.frames import SourceKind
 from stream_worker.sinks.counts import RedisCounts
+from stream_worker.taxonomy import Taxonomy
+from stream_worker.worker import Worker
 from tests.conftest import Services, TopicFactory
 from tests.support.media import photo_jpeg, photo_png, street_jpegs
 from tests.support.pipeline import produce_frames, read_topic, running_worker, worker_settings
@@ -234,3 +238,34 @@ async def test_low_confidence_frames_are_sampled_for_review_and_drift_is_exporte
     for source in ("cam-0", "cam-1"):
         assert f'lookout_drift_low_confidence_share{{source="{source}"}} 1.0' in exposition
     assert f'lookout_frames_labelled_total{{topic="{topic}"}} {float(len(ids))}' in exposition
+
+
+async def test_sigterm_during_a_redis_outage_gives_up_after_the_deadline_and_commits_nothing(
+    services: Services, make_topic: TopicFactory, key_prefix: str
+) -> None:
+    topic = await make_topic("frames", partitions=1)
+    await produce_frames(services.bootstrap, topic, [("cam-1", d) for d in street_jpegs(10)])
+    # Nothing listens on this port: every counts write fails with a retriable error.
+    settings = worker_settings(
+        services.bootstrap, "redis://127.0.0.1:9/0", topic, key_prefix, drain_deadline_s=2, retry_max_s=1
+    )
+    from stream_worker.service import backend_factory, prepare_topics
+
+    await prepare_topics(settings)
+    worker = Worker(settings, backend_factory=lambda: backend_factory(settings), taxonomy=Taxonomy.load())
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    async with asyncio.timeout(120):
+        while worker.metrics.retries.labels("ServiceUnavailable")._value.get() < 2:
+            await asyncio.sleep(0.2)
+    stop.set()
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(LookoutError, match="drain deadline passed with 10 frames uncommitted"):
+        await asyncio.wait_for(task, timeout=30)
+    assert asyncio.get_running_loop().time() - started < 15
+    check = AIOKafkaConsumer(bootstrap_servers=services.bootstrap, group_id=settings.topics.group)
+    await check.start()
+    try:
+        assert await check.committed(TopicPartition(topic, 0)) is None  # nothing uncounted was committed
+    finally:
+        await check.stop()
