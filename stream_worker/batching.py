@@ -1,63 +1,47 @@
-"""The micro-batcher and the in-flight bound: pure, with the clock passed in.
+"""The micro-batching rule and the in-flight bound: pure, with the clock passed in.
 
-A batch is flushed when it holds ``max_batch`` items or ``max_wait_ms`` after its first
-item arrived, whichever comes first. The worker asks :meth:`MicroBatcher.deadline_ms` how
-long it may wait, so it never waits without a deadline; no method here sleeps or reads a
+A batch is flushed when it holds ``max_batch`` frames or ``max_wait_ms`` after its first
+frame arrived, whichever comes first. The worker asks :meth:`BatchPolicy.wait_ms` how long it
+may wait for more frames, so it never waits without a deadline; nothing here sleeps or reads a
 clock, which keeps every timing rule testable with plain numbers.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from typing import Generic, TypeVar
+from dataclasses import dataclass
 
 from stream_worker.errors import ConfigError
 
-T = TypeVar("T")
 
+@dataclass(frozen=True, slots=True)
+class BatchPolicy:
+    """When an open batch is due, and how long the poll loop may wait before it is."""
 
-class MicroBatcher(Generic[T]):
-    """Holds pending items in arrival order and says when a batch is due.
+    max_batch: int
+    max_wait_ms: float
 
-    Items left over after a :meth:`take` keep their own arrival times, so the next batch's
-    deadline counts from its own first item, not from when the previous batch was taken.
-    """
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ConfigError(f"max_batch must be at least 1, got {self.max_batch}")
+        if self.max_wait_ms < 0:
+            raise ConfigError(f"max_wait_ms must not be negative, got {self.max_wait_ms}")
 
-    __slots__ = ("_pending", "max_batch", "max_wait_ms")
-
-    def __init__(self, max_batch: int, max_wait_ms: float) -> None:
-        if max_batch < 1:
-            raise ConfigError(f"max_batch must be at least 1, got {max_batch}")
-        if max_wait_ms < 0:
-            raise ConfigError(f"max_wait_ms must not be negative, got {max_wait_ms}")
-        self.max_batch = max_batch
-        self.max_wait_ms = max_wait_ms
-        self._pending: deque[tuple[float, T]] = deque()
-
-    def __len__(self) -> int:
-        return len(self._pending)
-
-    def add(self, item: T, now_ms: float) -> None:
-        """Queue ``item``, which arrived at ``now_ms``."""
-        self._pending.append((now_ms, item))
-
-    def deadline_ms(self) -> float | None:
-        """When the oldest pending item's batch must be flushed; ``None`` when nothing is pending."""
-        if not self._pending:
-            return None
-        return self._pending[0][0] + self.max_wait_ms
-
-    def ready(self, now_ms: float) -> bool:
-        """Whether a batch should be taken now: it is full, or its deadline has come."""
-        deadline = self.deadline_ms()
-        if deadline is None:
+    def due(self, size: int, opened_at_ms: float, now_ms: float) -> bool:
+        """Whether a batch of ``size`` frames, opened at ``opened_at_ms``, must go now."""
+        if size <= 0:
             return False
-        return len(self._pending) >= self.max_batch or now_ms >= deadline
+        return size >= self.max_batch or now_ms >= opened_at_ms + self.max_wait_ms
 
-    def take(self) -> list[T]:
-        """Remove and return up to ``max_batch`` of the oldest items (all of them when fewer)."""
-        count = min(self.max_batch, len(self._pending))
-        return [self._pending.popleft()[1] for _ in range(count)]
+    def wait_ms(self, size: int, opened_at_ms: float, now_ms: float, idle_ms: float) -> float:
+        """How long to wait for more frames: until the batch is due, at most ``idle_ms``.
+
+        With no frames open there is nothing to flush, and the wait is the idle poll interval.
+        """
+        if size <= 0:
+            return idle_ms
+        if self.due(size, opened_at_ms, now_ms):
+            return 0.0
+        return max(0.0, min(idle_ms, opened_at_ms + self.max_wait_ms - now_ms))
 
 
 class InFlight:

@@ -46,6 +46,7 @@ from redis import exceptions as redis_errors
 
 from stream_worker import codec, counting
 from stream_worker.backends.base import Backend, EngineInfo
+from stream_worker.batching import BatchPolicy, InFlight
 from stream_worker.decode import DecodeLimits, decode_into
 from stream_worker.errors import BadFrame, LookoutError, ServiceUnavailable
 from stream_worker.frames import Frame, FrameLabels, Prediction, SourceKind
@@ -146,7 +147,7 @@ class Worker:
         self._sink_q: asyncio.Queue[Batch | None] = asyncio.Queue()
         self._open: Batch | None = None
         self._seq = 0
-        self._in_flight = 0
+        self._in_flight = InFlight(b.max_in_flight)
         self._drained = asyncio.Event()
         self._drained.set()
         self._paused = False
@@ -155,6 +156,7 @@ class Worker:
         self._held: list[dict[TopicPartition, list[Any]]] = []
         self._backlog: collections.deque[tuple[TopicPartition, Any]] = collections.deque()
         self._max_batch = b.max_batch
+        self._policy = BatchPolicy(b.max_batch, b.max_wait_ms)
         self._model: dict[str, str] = {}
         self._ready = False
         self._last_poll = time.monotonic()
@@ -177,6 +179,7 @@ class Worker:
         self._backend = await loop.run_in_executor(self._infer_pool, self._backend_factory)
         info = self._backend.info
         self._max_batch = max(1, min(self.settings.batch.max_batch, info.max_batch))
+        self._policy = BatchPolicy(self._max_batch, self.settings.batch.max_wait_ms)
         self._model = {
             "name": info.model_name,
             "version": info.model_version,
@@ -312,11 +315,10 @@ class Worker:
         poll_ms = 100
         while not stop.is_set():
             self._backpressure()
-            timeout_ms = poll_ms
-            if self._open is not None and self._open.frames:
-                wait_left = self._open.opened_at + self.settings.batch.max_wait_ms / 1000 - time.monotonic()
-                timeout_ms = max(0, min(poll_ms, int(wait_left * 1000)))
-            room = max(1, self.settings.batch.max_in_flight - self._in_flight)
+            batch = self._open
+            size, opened_ms = (len(batch.frames), batch.opened_at * 1000) if batch else (0, 0.0)
+            timeout_ms = int(self._policy.wait_ms(size, opened_ms, time.monotonic() * 1000, poll_ms))
+            room = max(1, self._in_flight.room)
             try:
                 records = await consumer.getmany(
                     timeout_ms=timeout_ms, max_records=min(room, self._max_batch * 4)
@@ -371,15 +373,15 @@ class Worker:
 
     def _due(self, batch: Batch) -> bool:
         if not batch.frames:
-            return bool(batch.dead)
-        return time.monotonic() >= batch.opened_at + self.settings.batch.max_wait_ms / 1000
+            return bool(batch.dead)  # only dead letters: nothing to wait for
+        return self._policy.due(len(batch.frames), batch.opened_at * 1000, time.monotonic() * 1000)
 
     def _add(self, tp: TopicPartition, record: Any) -> None:
         if self._open is None:
             self._open = Batch(seq=self._seq, opened_at=time.monotonic())
             self._seq += 1
         batch = self._open
-        self._in_flight += 1
+        self._in_flight.acquire()
         self._drained.clear()
         self._fill(batch, tp, record)
         if len(batch.frames) >= self._max_batch:
@@ -428,7 +430,7 @@ class Worker:
         assert consumer is not None
         if self._rebalancing:
             return  # on_revoked owns the pause state until the new assignment arrives
-        full = self._in_flight >= self.settings.batch.max_in_flight or bool(self._backlog)
+        full = self._in_flight.full or bool(self._backlog)
         if full and not self._paused:
             consumer.pause(*consumer.assignment())
             self._paused = True
@@ -437,7 +439,7 @@ class Worker:
             consumer.resume(*consumer.paused())
             self._paused = False
             self.metrics.paused.set(0)
-        self.metrics.in_flight.set(self._in_flight)
+        self.metrics.in_flight.set(self._in_flight.count)
 
     # ----------------------------------------------------------------- infer stage
 
@@ -521,9 +523,9 @@ class Worker:
             now_ms = self._clock_ms()
             for p in batch.predictions:
                 self.metrics.e2e_seconds.observe(max(0.0, (now_ms - p.frame.captured_at_ms) / 1000))
-            self._in_flight -= batch.records
-            self.metrics.in_flight.set(self._in_flight)
-            if self._in_flight == 0:
+            self._in_flight.release(batch.records)
+            self.metrics.in_flight.set(self._in_flight.count)
+            if self._in_flight.count == 0:
                 self._drained.set()
 
     def _fault(self, stage: str) -> None:
@@ -599,7 +601,7 @@ class Worker:
                     raise
                 if self._abandon.is_set():
                     raise LookoutError(
-                        f"shutdown: drain deadline passed with {self._in_flight} frames uncommitted "
+                        f"shutdown: drain deadline passed with {self._in_flight.count} frames uncommitted "
                         f"(they will be read again by the next worker): {exc}"
                     ) from exc
                 self.metrics.retries.labels(exc.__class__.__name__).inc()
@@ -621,7 +623,7 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError, LookoutError):
                 await attempt
             raise LookoutError(
-                f"shutdown: drain deadline passed with {self._in_flight} frames uncommitted "
+                f"shutdown: drain deadline passed with {self._in_flight.count} frames uncommitted "
                 "(they will be read again by the next worker)"
             )
         attempt.result()
@@ -772,7 +774,7 @@ class Worker:
             await asyncio.wait_for(self._drained.wait(), timeout=deadline_s)
             return True
         except TimeoutError:
-            log.warning("%s: %d frames still in flight after %.0fs", why, self._in_flight, deadline_s)
+            log.warning("%s: %d frames still in flight after %.0fs", why, self._in_flight.count, deadline_s)
             return False
 
     async def on_revoked(self, revoked: list[TopicPartition]) -> None:
