@@ -48,12 +48,12 @@ from stream_worker import codec, counting
 from stream_worker.backends.base import Backend, EngineInfo
 from stream_worker.batching import BatchPolicy, InFlight
 from stream_worker.decode import DecodeLimits, decode_into
-from stream_worker.errors import BadFrame, LookoutError, ServiceUnavailable
+from stream_worker.errors import BadFrame, LookoutError
 from stream_worker.frames import Frame, FrameLabels, Prediction, SourceKind
 from stream_worker.kafka import kafka_failure, make_consumer, make_producer
 from stream_worker.observability import Metrics
 from stream_worker.settings import Settings
-from stream_worker.sinks.counts import CountedFrame, RedisCounts, WindowCounts, make_redis, redis_failure
+from stream_worker.sinks.counts import CountedFrame, RedisCounts, WindowCounts, make_redis
 from stream_worker.taxonomy import Taxonomy
 
 log = logging.getLogger("lookout.worker")
@@ -161,7 +161,6 @@ class Worker:
         self._ready = False
         self._last_poll = time.monotonic()
         self._fatal: BaseException | None = None
-        self._stopping = asyncio.Event()
         self._abandon = asyncio.Event()
         self._live_last: dict[str, float] = {}
         self._resume_at: dict[TopicPartition, int] = {}
@@ -340,7 +339,6 @@ class Worker:
             self._take_backlog()
             if self._open is not None and self._due(self._open):
                 self._close_open()
-        self._stopping.set()
         self._close_open()
         if not await self._drain(self.settings.ops.drain_deadline_s, "shutdown"):
             # A sink is still failing: stop retrying and leave without committing. The next owner
@@ -877,9 +875,4 @@ def _dead_frame(frame: Frame, error: BadFrame) -> DeadFrame:
     )
 
 
-def is_retriable(exc: BaseException) -> bool:
-    """Whether the supervisor (or the worker) should retry after ``exc``."""
-    return isinstance(exc, ServiceUnavailable) or (isinstance(exc, LookoutError) and exc.retriable)
-
-
-__all__ = ["Batch", "DeadFrame", "Worker", "is_retriable", "redis_failure"]
+__all__ = ["Batch", "DeadFrame", "Worker"]
