@@ -58,6 +58,16 @@ class FeedFrame:
     data: bytes
 
 
+# CI runs the tier at scale 1 (hundreds of frames per test, to fit its time budget);
+# LOOKOUT_FAULT_SCALE=4 runs the same faults over thousands of frames.
+FAULT_SCALE = float(os.environ.get("LOOKOUT_FAULT_SCALE", "1"))
+
+
+def scaled(frames: int) -> int:
+    """A test's frame count at the configured scale."""
+    return max(1, round(frames * FAULT_SCALE))
+
+
 def mixed_feed(count: int, seed: int) -> list[FeedFrame]:
     """``count`` real frames from 6 street cameras and 3 camera traps, in a seeded order.
 

@@ -14,6 +14,7 @@ from tests.faults.conftest import (
     mixed_feed,
     produce_feed,
     record_result,
+    scaled,
 )
 
 # (stage, n): the worker SIGKILLs itself the n-th time it reaches the stage. Together they hit
@@ -24,7 +25,7 @@ KILL_PLAN = ("inference:3", "labels:2", "counts:4", "commit:2", "labels:5", "cou
 
 async def test_sigkill_at_every_stage_and_restart_loses_nothing_and_counts_exactly(harness: Harness) -> None:
     pipeline = await harness.pipeline(partitions=4)
-    feed = mixed_feed(500, seed=11)
+    feed = mixed_feed(scaled(500), seed=11)
     feeding = asyncio.create_task(produce_feed(pipeline.bootstrap, pipeline.frames_topic, feed, pause_s=0.5))
     worker = harness.worker(pipeline)
     rng = random.Random(11)
@@ -60,7 +61,7 @@ async def test_sigkill_at_every_stage_and_restart_loses_nothing_and_counts_exact
 
 async def test_sigterm_mid_batch_drains_exits_cleanly_and_nothing_is_replayed(harness: Harness) -> None:
     pipeline = await harness.pipeline(partitions=4)
-    feed = mixed_feed(400, seed=12)
+    feed = mixed_feed(scaled(400), seed=12)
     await produce_feed(pipeline.bootstrap, pipeline.frames_topic, feed)
     # A slow engine keeps a batch in inference when the signal comes.
     worker = harness.worker(pipeline).start(LOOKOUT_FAULT_INFER_DELAY_MS="300")

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from tests.faults.conftest import (
+    FAULT_SCALE,
     SESSION_TIMEOUT_MS,
     Harness,
     OutputWatcher,
@@ -17,14 +18,16 @@ from tests.faults.conftest import (
     mixed_feed,
     produce_feed,
     record_result,
+    scaled,
 )
 
 REBALANCE_CYCLES = 3
 
-@pytest.mark.timeout(180)
+
+@pytest.mark.timeout(180 * FAULT_SCALE)
 async def test_rebalance_one_of_two_workers_stopped_and_started_repeatedly(harness: Harness) -> None:
     pipeline = await harness.pipeline(partitions=4)
-    feed = mixed_feed(700, seed=15)
+    feed = mixed_feed(scaled(700), seed=15)
     feeding = asyncio.create_task(produce_feed(pipeline.bootstrap, pipeline.frames_topic, feed, pause_s=0.5))
     steady = harness.worker(pipeline, "steady").start()
     flapping = harness.worker(pipeline, "flapping").start()
@@ -64,12 +67,12 @@ async def wait_for_log(worker: WorkerProcess, text: str, times: int, timeout_s: 
         await asyncio.sleep(0.2)
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(180 * FAULT_SCALE)
 async def test_a_stalled_worker_is_replaced_and_its_late_writes_do_not_double_count(
     harness: Harness,
 ) -> None:
     pipeline = await harness.pipeline(partitions=4)
-    feed = mixed_feed(600, seed=16)
+    feed = mixed_feed(scaled(600), seed=16)
     await produce_feed(pipeline.bootstrap, pipeline.frames_topic, feed)
     # Slow enough batches that the stalled worker holds some in flight when it is stopped.
     stalled = harness.worker(pipeline, "stalled").start(LOOKOUT_FAULT_INFER_DELAY_MS="200")
@@ -93,12 +96,12 @@ async def test_a_stalled_worker_is_replaced_and_its_late_writes_do_not_double_co
     record_result("stalled-sigstop", report, stalled_s=round(taken_over_s, 1))
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(120 * FAULT_SCALE)
 async def test_inference_slower_than_the_poll_interval_neither_crash_loops_nor_loses(
     harness: Harness,
 ) -> None:
     pipeline = await harness.pipeline(partitions=2)
-    feed = mixed_feed(200, seed=17)
+    feed = mixed_feed(scaled(200), seed=17)
     await produce_feed(pipeline.bootstrap, pipeline.frames_topic, feed)
     worker = harness.worker(pipeline).start(
         LOOKOUT_FAULT_INFER_DELAY_MS="1500", LOOKOUT_MAX_POLL_INTERVAL_MS="1000"

@@ -20,6 +20,7 @@ from tests.faults.conftest import (
     mixed_feed,
     produce_feed,
     record_result,
+    scaled,
 )
 
 REDIS_OUTAGE_S = 30
@@ -30,7 +31,7 @@ async def test_kafka_broker_killed_and_restarted_while_the_worker_runs(
 ) -> None:
     bootstrap, broker = private_kafka
     pipeline = await harness.pipeline(partitions=4, bootstrap=bootstrap)
-    feed = mixed_feed(500, seed=13)
+    feed = mixed_feed(scaled(500), seed=13)
     await produce_feed(bootstrap, pipeline.frames_topic, feed)
     worker = harness.worker(pipeline).start()
     async with OutputWatcher(pipeline, [f.frame_id for f in feed]) as out:
@@ -62,7 +63,7 @@ async def test_redis_stopped_for_30s_pauses_the_worker_and_commits_nothing_uncou
 ) -> None:
     redis_url, redis = private_redis
     pipeline = await harness.pipeline(partitions=4, redis_url=redis_url)
-    feed = mixed_feed(500, seed=14)
+    feed = mixed_feed(scaled(500), seed=14)
     feeding = asyncio.create_task(produce_feed(pipeline.bootstrap, pipeline.frames_topic, feed, pause_s=1.0))
     # A short backoff cap, so the worker notices Redis back within seconds (the default is 30 s).
     worker = harness.worker(pipeline).start(LOOKOUT_RETRY_MAX_S="3")
