@@ -1,12 +1,13 @@
 """The consume -> decode -> infer -> publish -> count -> commit loop: the one place that wires it all.
 
-Three asyncio tasks form a pipeline joined by small bounded queues, so decoding of the next batch
-overlaps inference of this one and publishing of the last:
+Three asyncio tasks form a pipeline joined by queues, so decoding of the next batch overlaps
+inference of this one and publishing of the last:
 
 * **poll**: ``getmany`` from the frames topics, header checks, decode + preprocess submitted to a
   thread pool straight into a slot of a preallocated batch buffer; closes a batch at
-  ``max_batch`` frames or ``max_wait_ms`` after its first frame. Pauses every partition while
-  ``max_in_flight`` frames are uncommitted and resumes when there is room.
+  ``max_batch`` frames or ``max_wait_ms`` after its first frame. It never waits: while
+  ``max_in_flight`` frames are uncommitted, or fetched frames wait for a free batch buffer, it
+  pauses every partition and keeps polling, and resumes when there is room.
 * **infer**: waits for the batch's decodes, runs the engine on the one inference thread that owns
   it, applies the taxonomy.
 * **sink**: labels, dead letters and review samples to Kafka (idempotent producer, acks=all,
@@ -78,7 +79,6 @@ class DeadFrame:
 class Batch:
     """One micro-batch moving through the pipeline, with what each stage left on it."""
 
-    seq: int
     opened_at: float
     buffer: npt.NDArray[np.float32] | None = None
     frames: list[Frame] = field(default_factory=list)
@@ -92,6 +92,7 @@ class Batch:
     counted: set[TopicPartition] = field(default_factory=set)
     windows: dict[TopicPartition, tuple[WindowCounts, ...]] = field(default_factory=dict)
     counts_published: bool = False
+    drift: dict[str, counting.DriftSnapshot] = field(default_factory=dict)  # per source, once published
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -141,12 +142,11 @@ class Worker:
             settings.counts.drift_window_frames, settings.counts.review_threshold
         )
         self._pool: asyncio.Queue[npt.NDArray[np.float32]] = asyncio.Queue()
-        # Unbounded on purpose: the in-flight limit bounds them, and the poll stage must never
-        # wait on a sink (only, briefly, on a free batch buffer from inference).
+        # Unbounded on purpose: the in-flight limit and the buffer pool bound them, and the poll
+        # stage must never wait on a later stage.
         self._infer_q: asyncio.Queue[Batch | None] = asyncio.Queue()
         self._sink_q: asyncio.Queue[Batch | None] = asyncio.Queue()
         self._open: Batch | None = None
-        self._seq = 0
         self._in_flight = InFlight(b.max_in_flight)
         self._drained = asyncio.Event()
         self._drained.set()
@@ -263,8 +263,7 @@ class Worker:
         """
         if len(records) > self._max_batch:
             raise LookoutError(f"at most {self._max_batch} records per batch, got {len(records)}")
-        batch = Batch(seq=self._seq, opened_at=time.monotonic())
-        self._seq += 1
+        batch = Batch(opened_at=time.monotonic())
         for record in records:
             self._fill(batch, TopicPartition(record.topic, record.partition), record)
         await self._infer_batch(batch)
@@ -376,8 +375,7 @@ class Worker:
 
     def _add(self, tp: TopicPartition, record: Any) -> None:
         if self._open is None:
-            self._open = Batch(seq=self._seq, opened_at=time.monotonic())
-            self._seq += 1
+            self._open = Batch(opened_at=time.monotonic())
         batch = self._open
         self._in_flight.acquire()
         self._drained.clear()
@@ -559,7 +557,7 @@ class Worker:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for source, n in per_source.items():
                     key = f"{prefix}:stats:{source}"
-                    snapshot = self._drift.snapshot(source)
+                    snapshot = batch.drift[source]
                     p = latest[source]
                     pipe.hincrby(key, "frames", n)
                     pipe.hset(
@@ -715,7 +713,7 @@ class Worker:
         for d in batch.dead:
             self.metrics.frames_dead.labels(d.error.stage, d.error.reason).inc()
         for source in {p.frame.source_id for p in batch.predictions}:
-            snapshot = self._drift.snapshot(source)
+            snapshot = batch.drift[source] = self._drift.snapshot(source)
             self.metrics.low_confidence_share.labels(source).set(snapshot.low_confidence_share)
             for label, share in snapshot.label_share.items():
                 self.metrics.label_share.labels(source, label).set(share)
