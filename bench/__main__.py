@@ -40,7 +40,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from bench.engines import measure
 from bench.frames import SOURCE_NOTE, encoded_frames
 from engine_build.cpu import build_cpu_engine
-from stream_worker.backends.base import EngineInfo, default_onnx_path, verify_engine
+from stream_worker.backends.base import Backend, EngineInfo, default_onnx_path, verify_engine
 from stream_worker.backends.onnxruntime import OnnxRuntimeBackend
 from stream_worker.decode import DecodeLimits, decode_into, probe
 from stream_worker.errors import EngineError
@@ -102,14 +102,25 @@ def inference_ceiling(engines: dict[str, Path], seconds: float) -> list[dict[str
     frames = encoded_frames("720p", 32, cache_dir())
     for precision, path in engines.items():
         backend = OnnxRuntimeBackend(EngineInfo.from_sidecar(path, verify_engine(path)))
+        rows.extend(measure_batches(backend, precision, frames, seconds))
+    return rows
+
+
+def measure_batches(
+    backend: Backend, precision: str, frames: list[bytes], seconds: float
+) -> list[dict[str, Any]]:
+    """Decode ``frames`` through the serving path, then time the engine at each batch size; closes it."""
+    try:
         spec = backend.info.spec
-        images = np.empty((32, 3, spec.height, spec.width), np.float32)
+        images = np.empty((len(frames), 3, spec.height, spec.width), np.float32)
         for i, data in enumerate(frames):
             decode_into(data, "image/jpeg", images[i], spec, DecodeLimits())
-        for batch in (1, 8, WORKER_DEFAULT_BATCH, 32):
-            rows.append({"precision": precision, "batch": batch, **measure(backend, images[:batch], seconds)})
+        return [
+            {"precision": precision, "batch": batch, **measure(backend, images[:batch], seconds)}
+            for batch in (1, 8, WORKER_DEFAULT_BATCH, 32)
+        ]
+    finally:
         backend.close()
-    return rows
 
 
 def gpu_section(seconds: float) -> dict[str, Any]:
@@ -131,13 +142,7 @@ def gpu_section(seconds: float) -> dict[str, Any]:
             default_onnx_path(), path, precision=precision, batch_profile=(1, 16, 32), progress=False
         )
         backend = TensorRTBackend(EngineInfo.from_sidecar(path, verify_engine(path)))
-        spec = backend.info.spec
-        images = np.empty((32, 3, spec.height, spec.width), np.float32)
-        for i, data in enumerate(frames):
-            decode_into(data, "image/jpeg", images[i], spec, DecodeLimits())
-        for batch in (1, 8, WORKER_DEFAULT_BATCH, 32):
-            rows.append({"precision": precision, "batch": batch, **measure(backend, images[:batch], seconds)})
-        backend.close()
+        rows.extend(measure_batches(backend, precision, frames, seconds))
     return {"tensorrt": version, "gpu": gpu, "rows": rows}
 
 
@@ -289,6 +294,16 @@ def percentiles(values: list[float]) -> dict[str, float]:
     }
 
 
+async def create_topics(bootstrap: str, partitions: dict[str, int]) -> None:
+    """Create the run's own topics (name -> partitions)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, n, 1) for name, n in partitions.items()])
+    finally:
+        await admin.close()
+
+
 def start_worker(
     engine: Path, bootstrap: str, redis_url: str, topic: str, run: str, port: int, **extra: str
 ) -> subprocess.Popen[bytes]:
@@ -324,10 +339,7 @@ async def end_to_end(
     frames_file = cache_dir() / "bench-frames-720p-q85-250.pkl"
     run = uuid.uuid4().hex[:8]
     topic = f"bench-{run}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    await admin.create_topics([NewTopic(topic, 4, 1), NewTopic(f"{topic}.naive-labels", 1, 1)])
-    await admin.close()
+    await create_topics(bootstrap, {topic: 4, f"{topic}.naive-labels": 1})
 
     log(
         f"e2e: producing {n_max} frames (720p, {np.mean([len(f) for f in frames]) / 1000:.0f} kB avg) "
@@ -441,10 +453,7 @@ async def scaling(bootstrap: str, redis_url: str, engine: Path, frames_count: in
     for workers in (1, 2):
         run = uuid.uuid4().hex[:8]
         topic = f"bench-scale-{run}"
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-        await admin.start()
-        await admin.create_topics([NewTopic(topic, 4, 1)])
-        await admin.close()
+        await create_topics(bootstrap, {topic: 4})
         procs = []
         ports = []
         for i in range(workers):

@@ -17,8 +17,6 @@ import time
 import uuid
 from typing import Any
 
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
 from bench.__main__ import (
     REPO,
     LabelReader,
@@ -26,6 +24,7 @@ from bench.__main__ import (
     _wait_topic,
     cache_dir,
     cpu_seconds,
+    create_topics,
     free_port,
     produce,
     start_worker,
@@ -41,10 +40,7 @@ async def drain_rate(
     frames_file = cache_dir() / "bench-frames-720p-q85-250.pkl"
     run = uuid.uuid4().hex[:8]
     topic = f"bench-knob-{run}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    await admin.create_topics([NewTopic(topic, 4, 1)])
-    await admin.close()
+    await create_topics(bootstrap, {topic: 4})
     await produce(frames_file, topic, bootstrap, "knob", count=frames)
     port = free_port()
     worker = start_worker(

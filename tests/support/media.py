@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import itertools
 from pathlib import Path
 
 import cv2
+
+from stream_worker.replay import encode_jpeg, iter_images
 
 
 def _package_dir(name: str) -> Path:
@@ -29,16 +32,8 @@ def skimage_photo(name: str) -> Path:
 @functools.cache
 def street_jpegs(count: int, quality: int = 85) -> tuple[bytes, ...]:
     """``count`` JPEG frames of bikes.mp4 (looping when more than 250 are asked for)."""
-    frames: list[bytes] = []
-    while len(frames) < count:
-        capture = cv2.VideoCapture(str(bikes_video()))
-        while len(frames) < count:
-            ok, image = capture.read()
-            if not ok:
-                break
-            frames.append(cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes())
-        capture.release()
-    return tuple(frames)
+    images = itertools.islice(iter_images(str(bikes_video()), loop=True), count)
+    return tuple(encode_jpeg(image, quality, None) for image in images)
 
 
 def photo_png(name: str) -> bytes:
