@@ -139,15 +139,21 @@ async def test_two_workers_split_the_partitions_and_label_every_frame_once(
     topic = await make_topic("frames", partitions=4)
     settings = worker_settings(services.bootstrap, services.redis_url, topic, key_prefix)
     async with running_worker(settings) as first, running_worker(settings) as second:
-        # Wait until the group has settled with both members owning partitions.
-        async with asyncio.timeout(60):
-            while not (
-                first._consumer
-                and second._consumer
-                and first._consumer.assignment()
-                and second._consumer.assignment()
-            ):
-                await asyncio.sleep(0.2)
+        # Each member reports its own view, and during the join the first still lists its old
+        # partitions: the split is judged once both views agree (or never, within a minute).
+        def views() -> list[frozenset[TopicPartition]]:
+            return [w._consumer.assignment() if w._consumer else frozenset() for w in (first, second)]
+
+        try:
+            async with asyncio.timeout(60):
+                while not (
+                    all(views()) and not views()[0] & views()[1] and len(views()[0] | views()[1]) == 4
+                ):
+                    await asyncio.sleep(0.2)
+        except TimeoutError:
+            raise AssertionError(
+                f"the group never split the 4 partitions between both workers: {views()}"
+            ) from None
         owned = [first._consumer.assignment(), second._consumer.assignment()]
         frames = [(f"cam-{i % 8}", data) for i, data in enumerate(street_jpegs(80))]
         ids = await produce_frames(services.bootstrap, topic, frames)
