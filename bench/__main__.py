@@ -1,6 +1,6 @@
 """lookout's benchmark, in one run on one machine: ceilings, end to end, naive baseline, memory.
 
-    .venv/bin/python -m bench [--quick] [--no-services]
+    .venv/bin/python -m bench [--quick] [--no-services] [--scaling] [--size 720p|1080p]
 
 1. decode ceiling: full-size vs reduced-scale (DCT) JPEG decode + preprocessing, 1080p and 720p;
 2. inference ceiling: each CPU engine (fp32, int8) at batch 1, 8, 32 and the worker's default;
@@ -10,7 +10,7 @@
 4. the naive consumer (one message at a time) against the same broker and frames;
 5. ratios; 6. the worker's peak RSS and its growth over a soak at 80% load.
 
-Writes bench/results/<date>-<machine>[-quick].json and a PNG plot beside it, and prints a table.
+Writes bench/results/<date>-<machine>[-1080p][-quick].json and a PNG plot beside it, and prints a table.
 ``--quick`` (CI's smoke test) uses fewer frames and shorter phases; it fails only on errors,
 never on slow numbers.
 """
@@ -38,7 +38,8 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bench.engines import measure
-from bench.frames import SOURCE_NOTE, encoded_frames
+from bench.frames import SIZES, SOURCE_NOTE, encoded_frames
+from bench.frames import frames_file as cached_frames
 from engine_build.cpu import build_cpu_engine
 from stream_worker.backends.base import Backend, EngineInfo, default_onnx_path, verify_engine
 from stream_worker.backends.onnxruntime import OnnxRuntimeBackend
@@ -335,14 +336,15 @@ async def end_to_end(
     latency_s = 10.0 if q else 30.0
     soak_s = 20.0 if q else 300.0
     naive_n = 100 if q else 400
-    frames = encoded_frames("720p", 250, cache_dir())
-    frames_file = cache_dir() / "bench-frames-720p-q85-250.pkl"
+    size = args.size
+    frames = encoded_frames(size, 250, cache_dir())
+    frames_file = cached_frames(size, 250, cache_dir())
     run = uuid.uuid4().hex[:8]
     topic = f"bench-{run}"
     await create_topics(bootstrap, {topic: 4, f"{topic}.naive-labels": 1})
 
     log(
-        f"e2e: producing {n_max} frames (720p, {np.mean([len(f) for f in frames]) / 1000:.0f} kB avg) "
+        f"e2e: producing {n_max} frames ({size}, {np.mean([len(f) for f in frames]) / 1000:.0f} kB avg) "
         f"to {topic}"
     )
     await produce(frames_file, topic, bootstrap, "max", count=n_max)
@@ -350,7 +352,7 @@ async def end_to_end(
     metrics_port = free_port()
     worker = start_worker(engine, bootstrap, redis_url, topic, run, metrics_port)
     labels = LabelReader(bootstrap, f"{topic}.labels")
-    result: dict[str, Any] = {"frames": SOURCE_NOTE + "; 720p, quality 85", "topic_partitions": 4}
+    result: dict[str, Any] = {"frames": f"{SOURCE_NOTE}; {size}, quality 85", "topic_partitions": 4}
     try:
         deadline = time.monotonic() + 180
         while (
@@ -445,10 +447,11 @@ async def end_to_end(
     return result
 
 
-async def scaling(bootstrap: str, redis_url: str, engine: Path, frames_count: int) -> dict[str, Any]:
+async def scaling(
+    bootstrap: str, redis_url: str, engine: Path, frames_count: int, size: str
+) -> dict[str, Any]:
     """Drain throughput of one worker process vs two in one group, on a 4-partition topic."""
-    frames_file = cache_dir() / "bench-frames-720p-q85-250.pkl"
-    encoded_frames("720p", 250, cache_dir())
+    frames_file = cached_frames(size, 250, cache_dir())
     out: dict[str, Any] = {}
     for workers in (1, 2):
         run = uuid.uuid4().hex[:8]
@@ -530,9 +533,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     values = [result["naive_fps"], result["e2e_fps"], result["ceiling_fps"]]
     ax.bar(names, values, color=["#999999", "#2b7bb9", "#c7e0f4"])
     ax.set_ylabel("frames/s")
-    ax.set_title(
-        "Throughput (720p frames, 2-core machine)" if os.cpu_count() == 2 else "Throughput (720p frames)"
-    )
+    machine = ", 2-core machine" if os.cpu_count() == 2 else ""
+    ax.set_title(f"Throughput ({result['settings']['frames']} frames{machine})")
     loads = [50, 80]
     ax = axes[1]
     for key, style in (("p50", "o-"), ("p95", "s-"), ("p99", "^-")):
@@ -587,15 +589,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     if "skipped" in gpu:
         log(f"GPU section skipped: {gpu['skipped']}")
     e2e = await end_to_end(args, bootstrap, redis_url, engines["fp32"])
-    scale = await scaling(bootstrap, redis_url, engines["fp32"], 600) if args.scaling else {}
+    scale = await scaling(bootstrap, redis_url, engines["fp32"], 600, args.size) if args.scaling else {}
 
     def row(precision: str, batch: int) -> dict[str, Any]:
         return next(r for r in inference if r["precision"] == precision and r["batch"] == batch)
 
     cores = os.cpu_count() or 1
-    per_frame_cpu_s = (
-        decode["720p"]["reduced"]["cpu_ms_per_frame"] + row("fp32", WORKER_DEFAULT_BATCH)["cpu_ms_per_image"]
-    ) / 1000
+    decode_ms = decode[args.size]["reduced"]["cpu_ms_per_frame"]
+    per_frame_cpu_s = (decode_ms + row("fp32", WORKER_DEFAULT_BATCH)["cpu_ms_per_image"]) / 1000
     ceiling = cores / per_frame_cpu_s
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -612,6 +613,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "max_batch": WORKER_DEFAULT_BATCH,
             "max_wait_ms": 25,
             "frames_partitions": 4,
+            "frames": args.size,
         },
         "e2e_fps": e2e["max"]["e2e_fps"],
         "naive_fps": e2e["naive"]["fps"],
@@ -641,13 +643,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="CI smoke test: small and short (< 3 min)")
     parser.add_argument("--no-services", action="store_true", help="Kafka and Redis are already up")
     parser.add_argument("--scaling", action="store_true", help="also measure one worker process against two")
+    parser.add_argument(
+        "--size", choices=sorted(SIZES), default="720p", help="frame size of the end-to-end and scaling runs"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = parser.parse_args()
     started = time.monotonic()
     result = asyncio.run(main_async(args))
     result["bench_seconds"] = time.monotonic() - started
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{datetime.now(UTC):%Y-%m-%d}-{platform.node() or 'machine'}{'-quick' if args.quick else ''}"
+    suffix = ("" if args.size == "720p" else f"-{args.size}") + ("-quick" if args.quick else "")
+    stem = f"{datetime.now(UTC):%Y-%m-%d}-{platform.node() or 'machine'}{suffix}"
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     plot(result, args.out / f"{stem}.png")
     print(f"results: {args.out / (stem + '.json')}")

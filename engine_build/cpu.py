@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -65,6 +66,7 @@ class QuantOptions:
     unsigned_weights: bool = False
     keep_head_fp32: bool = True
     keep_first_conv_fp32: bool = False
+    keep_depthwise_fp32: bool = False
     calibrate_method: str = "minmax"
 
 
@@ -148,7 +150,10 @@ def nodes_kept_fp32(onnx_path: Path, options: QuantOptions) -> list[str]:
     Softmax always does: its output is the probabilities, and 8-bit steps of 1/255 would
     flatten every small probability to the same value and make the top classes tie. The
     classifier head (the last Gemm/MatMul) stays fp32 by default: it is under 1% of the
-    compute, and int8 logits cost top-1 agreement for no measurable speed.
+    compute, and int8 logits cost top-1 agreement for no measurable speed. Depthwise
+    convolutions (one filter per channel, ``group == channels``) may stay fp32 too: they carry
+    most of the quantisation error in this network (``bench/int8_variants.py``) and little of
+    its arithmetic.
     """
     import onnx
 
@@ -160,7 +165,14 @@ def nodes_kept_fp32(onnx_path: Path, options: QuantOptions) -> list[str]:
         kept.append(linear[-1])
     if options.keep_first_conv_fp32 and convs:
         kept.append(convs[0])
+    if options.keep_depthwise_fp32:
+        kept.extend(n.name for n in model.graph.node if n.op_type == "Conv" and _is_depthwise(n))
     return kept
+
+
+def _is_depthwise(node: Any) -> bool:
+    """A Conv whose ``group`` is above 1 (in this family: one group per channel)."""
+    return any(a.name == "group" and a.i > 1 for a in node.attribute)
 
 
 def quantize_int8(

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine_build.cpu import build_cpu_engine
+from engine_build.cpu import QuantOptions, build_cpu_engine
 from engine_build.imagefolder import path_sources, sample_photo
 from engine_build.metadata import Sidecar, check_compatible, read_sidecar, sha256_file, sidecar_path
 from stream_worker.backends import open_backend
@@ -151,6 +151,25 @@ def test_fp32_and_int8_engines_both_see_the_cat(tmp_path: Path) -> None:
     int8_class, int8_leaf = _top_class_and_leaf(int8, "chelsea.png")
     assert fp32_leaf == int8_leaf == "cat"
     assert fp32_class == int8_class
+
+
+@pytest.mark.skipif(not COMMITTED_ONNX.is_file(), reason=f"{COMMITTED_ONNX} not exported yet")
+def test_int8_can_keep_depthwise_convolutions_in_fp32(tmp_path: Path) -> None:
+    import onnx
+
+    int8 = tmp_path / "int8-dw.onnx"
+    options = QuantOptions(keep_depthwise_fp32=True)
+    build_cpu_engine(COMMITTED_ONNX, int8, precision="int8", progress=False, calibration_limit=16, quant=options)
+    graph = onnx.load(str(int8)).graph
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    depthwise = [n for n in convs if any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    pointwise = [n for n in convs if n not in depthwise]
+    assert len(depthwise) == 16 and len(pointwise) == 33  # EfficientNet-Lite0's 49 convolutions
+    assert not any(n.input[1] in dequantized for n in depthwise)  # float weights, float kernel
+    assert all(n.input[1] in dequantized for n in pointwise)  # int8 weights everywhere else
+    assert dataclasses.asdict(options) == read_sidecar(int8).build["quantization"]
+    assert _top_class_and_leaf(int8, "chelsea.png")[1] == "cat"
 
 
 # --- CLI: user mistakes end with one line on stderr and exit code 2 -------------------------
