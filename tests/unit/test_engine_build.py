@@ -159,7 +159,9 @@ def test_int8_can_keep_depthwise_convolutions_in_fp32(tmp_path: Path) -> None:
 
     int8 = tmp_path / "int8-dw.onnx"
     options = QuantOptions(keep_depthwise_fp32=True)
-    build_cpu_engine(COMMITTED_ONNX, int8, precision="int8", progress=False, calibration_limit=16, quant=options)
+    build_cpu_engine(
+        COMMITTED_ONNX, int8, precision="int8", progress=False, calibration_limit=16, quant=options
+    )
     graph = onnx.load(str(int8)).graph
     dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
     convs = [n for n in graph.node if n.op_type == "Conv"]
