@@ -87,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_flags(dashboard, ["dashboard", "kafka", "redis"])
 
+    acls = sub.add_parser(
+        "acls", help="print the kafka-acls.sh commands that grant the worker what it needs, and no more"
+    )
+    acls.add_argument("--config", help="YAML settings file (env LOOKOUT_CONFIG)")
+    acls.add_argument("--principal", help="e.g. User:lookout (default: the SASL user)")
+    acls.add_argument("--no-create-topics", action="store_true", help="output topics are made beforehand")
+    acls.add_argument("--command-config", default="admin.properties", help="the admin's kafka-acls.sh config")
+    add_flags(acls)  # the same flags as `run`, so one command line serves both
+
     verify = sub.add_parser(
         "verify",
         help="check frames in against labels, dead letters and counts out (exit 0 only when exact)",
@@ -230,6 +239,19 @@ def _cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:
     )
 
 
+def _cmd_acls(args: argparse.Namespace, settings: Settings) -> int:
+    from stream_worker.acls import acl_commands, default_principal
+
+    principal = args.principal or default_principal(settings)
+    if ":" not in principal:
+        raise ConfigError(f"--principal {principal!r} needs its type, e.g. User:{principal}")
+    for line in acl_commands(
+        settings, principal, create_topics=not args.no_create_topics, command_config=args.command_config
+    ):
+        print(line)
+    return EXIT_OK
+
+
 def _cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     from stream_worker.verify import report_json, verify
 
@@ -263,6 +285,7 @@ COMMANDS = {
     "demo": _cmd_demo,
     "dashboard": _cmd_dashboard,
     "verify": _cmd_verify,
+    "acls": _cmd_acls,
 }
 
 

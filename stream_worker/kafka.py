@@ -15,11 +15,15 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.conn import create_conn
 from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    GroupAuthorizationFailedError,
     KafkaConnectionError,
     KafkaError,
     SaslAuthenticationFailed,
     TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
     UnsupportedSaslMechanismError,
+    for_code,
 )
 
 from stream_worker.errors import ConfigError, LookoutError, ServiceUnavailable
@@ -84,8 +88,44 @@ def make_consumer(kafka: KafkaSettings, group: str, **extra: Any) -> AIOKafkaCon
     return AIOKafkaConsumer(**client_kwargs(kafka), **options)
 
 
-def kafka_failure(exc: BaseException, what: str) -> LookoutError:
-    """Map an aiokafka error to lookout's tree; connection trouble and retriable errors retry."""
+ACLS_HINT = "`stream-worker acls` prints every grant the worker needs"
+
+# What each authorization refusal means for the worker, and the grant that cures it.
+_NOT_AUTHORIZED = {
+    GroupAuthorizationFailedError: "grant its principal Read on the consumer group",
+    TopicAuthorizationFailedError: (
+        "grant its principal Read and Describe on the frames topics, Write and Describe on the "
+        "topics it produces to (Create too, or make them and pass --no-create-topics)"
+    ),
+    ClusterAuthorizationFailedError: "grant its principal the cluster permission the operation needs",
+}
+
+
+_CREATE_CURE = "grant its principal Create on the topic, or create it yourself and pass --no-create-topics"
+
+
+def not_authorized(exc: BaseException, what: str, cure: str | None = None) -> ConfigError | None:
+    """The one-line error for an ACL refusal (the broker's authorizer said no), else None."""
+    for kind, usual_cure in _NOT_AUTHORIZED.items():
+        if isinstance(exc, kind):
+            cure = cure or usual_cure
+            detail = _one_line(exc).split(": ", 1)[-1]
+            return ConfigError(
+                f"{what}: the Kafka cluster's ACLs refuse the worker ({kind.__name__}: {detail}): "
+                f"{cure}; {ACLS_HINT}"
+            )
+    return None
+
+
+def kafka_failure(exc: BaseException, what: str, *, cure: str | None = None) -> LookoutError:
+    """Map an aiokafka error to lookout's tree; connection trouble and retriable errors retry.
+
+    An ACL refusal is a ``ConfigError`` (``cure``: the grant to name, when the caller knows it
+    better): retrying cannot cure it, an administrator's grant can.
+    """
+    refused = not_authorized(exc, what, cure)
+    if refused is not None:
+        return refused
     if isinstance(exc, KafkaConnectionError):
         return ServiceUnavailable(f"{what}: Kafka unreachable ({exc})")
     if isinstance(exc, KafkaError) and getattr(exc, "retriable", False):
@@ -111,17 +151,31 @@ async def ensure_topics(
         for name in missing:
             partitions, config = topics[name]
             try:
-                await admin.create_topics([NewTopic(name, partitions, replication, topic_configs=config)])
-                created.append(name)
+                response = await admin.create_topics(
+                    [NewTopic(name, partitions, replication, topic_configs=config)]
+                )
             except TopicAlreadyExistsError:
-                pass
+                continue
+            except KafkaError as exc:
+                raise kafka_failure(exc, f"creating topic {name!r}", cure=_CREATE_CURE) from exc
+            # The admin client returns per-topic errors instead of raising them.
+            for _topic, code, *message in getattr(response, "topic_errors", []):
+                if code and code != TopicAlreadyExistsError.errno:
+                    error = for_code(code)(message[0] if message and message[0] else name)
+                    raise kafka_failure(error, f"creating topic {name!r}", cure=_CREATE_CURE)
+            if not any(code for _t, code, *_m in getattr(response, "topic_errors", [])):
+                created.append(name)
     finally:
         await admin.close()
     return created
 
 
 async def partitions_of(kafka: KafkaSettings, topic: str) -> int:
-    """How many partitions a topic has (0 when it does not exist)."""
+    """How many partitions a topic has (0 when it does not exist).
+
+    A topic the principal may not describe raises the ACL refusal: the broker hides whether it
+    exists, and "does not exist" would send the operator looking in the wrong place.
+    """
     admin = AIOKafkaAdminClient(**client_kwargs(kafka), client_id=f"{kafka.client_id}-admin")
     try:
         await admin.start()
@@ -132,7 +186,15 @@ async def partitions_of(kafka: KafkaSettings, topic: str) -> int:
     finally:
         await admin.close()
     for entry in described:
-        if entry.get("topic") == topic and not entry.get("error_code"):
+        if entry.get("topic") != topic:
+            continue
+        if entry.get("error_code") == TopicAuthorizationFailedError.errno:
+            raise kafka_failure(
+                TopicAuthorizationFailedError(topic),
+                f"describing topic {topic!r}",
+                cure="grant its principal Describe on the topic (and Read, to consume it)",
+            )
+        if not entry.get("error_code"):
             return len(entry.get("partitions", []))
     return 0
 
@@ -221,6 +283,19 @@ async def _connection_problem(
         )
     if isinstance(exc, ConnectionRefusedError):
         return None
+    if kafka.security_protocol in ("SSL", "SASL_SSL"):
+        alert = await _tls_alert(host, port, client_kwargs(kafka)["ssl_context"], timeout_s)
+        if alert is not None and not kafka.ssl_certfile:
+            return ConfigError(
+                f"{where} requires a client certificate (mutual TLS; the broker said {alert}): set "
+                "--ssl-certfile and --ssl-keyfile (KAFKA_SSL_CERTFILE, KAFKA_SSL_KEYFILE) to a certificate "
+                "signed by a CA the broker trusts"
+            )
+        if alert is not None:
+            return ConfigError(
+                f"{where} rejected the client certificate {kafka.ssl_certfile} ({alert}): it must be "
+                "signed by a CA in the broker's truststore and not be expired"
+            )
     if kafka.security_protocol in ("PLAINTEXT", "SASL_PLAINTEXT"):
         if await speaks_tls(host, port, timeout_s):
             return ConfigError(
@@ -263,6 +338,43 @@ async def speaks_tls(host: str, port: int, timeout_s: float) -> bool:
     with contextlib.suppress(OSError, ssl.SSLError):
         await writer.wait_closed()
     return True
+
+
+# TLS alerts a broker sends when it wants a client certificate or does not accept the one sent.
+_CLIENT_CERT_ALERTS = (
+    "CERTIFICATE_REQUIRED",
+    "HANDSHAKE_FAILURE",
+    "BAD_CERTIFICATE",
+    "UNKNOWN_CA",
+    "CERTIFICATE_UNKNOWN",
+    "ACCESS_DENIED",
+)
+
+
+async def _tls_alert(host: str, port: int, context: ssl.SSLContext, timeout_s: float) -> str | None:
+    """The TLS alert ``host:port`` answers a client with ``context`` with, if it is about the client.
+
+    With TLS 1.3 a broker that requires a client certificate finishes the handshake and only
+    then sends its alert, so aiokafka sees a dropped connection; this reads one byte after the
+    handshake to catch the alert and tell it apart from an unreachable broker.
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            reader, writer = await asyncio.open_connection(host, port, ssl=context)
+        try:
+            # A broker that accepted us sends nothing until asked; its alert comes at once.
+            async with asyncio.timeout(min(timeout_s, 2.0)):
+                await reader.read(1)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, ssl.SSLError, TimeoutError):
+                await writer.wait_closed()
+    except ssl.SSLError as exc:
+        reason = str(exc.reason or exc)
+        return reason if any(alert in reason.upper() for alert in _CLIENT_CERT_ALERTS) else None
+    except (OSError, TimeoutError):
+        return None
+    return None
 
 
 def _one_line(value: object) -> str:

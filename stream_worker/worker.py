@@ -212,7 +212,11 @@ class Worker:
             self._consumer.subscribe(pattern=s.topics.frames_pattern, listener=listener)
         else:
             self._consumer.subscribe(topics=list(s.topics.frames_topic), listener=listener)
-        await self._consumer.start()
+        try:
+            await self._consumer.start()
+        except KafkaError as exc:  # e.g. the group's ACL refuses the worker: say so and close cleanly
+            await self.close()
+            raise kafka_failure(exc, f"joining consumer group {s.topics.group!r}") from exc
         self._ready = True
         self.started.set()
         log.info(

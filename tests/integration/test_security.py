@@ -1,16 +1,22 @@
-"""Security end to end: Kafka over SASL_SSL (SCRAM-SHA-512), Redis with ACLs over TLS, no leaked secret.
+"""Security end to end: Kafka over SASL_SSL (SCRAM-SHA-512) and mutual TLS under ACLs, Redis with
+ACLs over TLS, no leaked secret.
 
 A separate broker and a separate redis-server are started for this module (tests/support/
-secure.py) with a CA and certificates made here. The worker runs as the real command,
-``stream-worker run``, reading every credential from files, as it would from a mounted
-Kubernetes Secret. The misconfigurations an operator really makes must each end in exit code 2
-and one line on stderr that names the cause, never a traceback or a retry loop.
+secure.py) with a CA and certificates made here. The broker's authorizer denies what no ACL
+allows; the worker's principal ``User:lookout`` gets exactly the grants ``stream-worker acls``
+prints, run through Kafka's own ``AclCommand``. The test's own clients (making frames topics,
+producing frames, reading labels) use an admin super-user, as an operator's tooling would.
+The worker runs as the real command, ``stream-worker run``, reading every credential from
+files, as it would from a mounted Kubernetes Secret. The misconfigurations an operator really
+makes must each end in exit code 2 and one line on stderr that names the cause, never a
+traceback or a retry loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -46,22 +52,37 @@ class Secured:
     redis: secure.SecureRedis
     ca: secure.Authority
     other_ca: secure.Authority
+    client_cert: secure.ServerCert  # CN=lookout, signed by ca: the worker's mutual-TLS identity
+    stranger_cert: secure.ServerCert  # CN=lookout, signed by other_ca
     kafka_password: str
     redis_password: str
     kafka_password_file: Path
     redis_password_file: Path
     wrong_password_file: Path
+    admin_password_file: Path
 
     def kafka_settings(self) -> KafkaSettings:
-        """How this test's own clients reach the secure broker."""
+        """How this test's own clients reach the secure broker: as the admin super-user."""
         return KafkaSettings(
             bootstrap=self.kafka.bootstrap,
             security_protocol="SASL_SSL",
             sasl_mechanism="SCRAM-SHA-512",
-            sasl_username=USER,
-            sasl_password_file=str(self.kafka_password_file),
+            sasl_username=secure.ADMIN_USER,
+            sasl_password_file=str(self.admin_password_file),
             ssl_cafile=str(self.ca.cert),
         )
+
+    def mtls_changes(self, cert: secure.ServerCert | None) -> dict[str, str | None]:
+        """``worker_flags`` changes for the mutual-TLS listener, presenting ``cert`` (or none)."""
+        return {
+            "bootstrap": self.kafka.mtls_bootstrap,
+            "security_protocol": "SSL",
+            "sasl_mechanism": None,
+            "sasl_username": None,
+            "sasl_password_file": None,
+            "ssl_certfile": str(cert.cert) if cert else None,
+            "ssl_keyfile": str(cert.key) if cert else None,
+        }
 
     def redis_settings(self) -> RedisSettings:
         """How this test's own clients reach the ACL redis-server."""
@@ -72,6 +93,41 @@ class Secured:
             redis_ca_file=str(self.ca.cert),
             key_prefix=KEY_PREFIX,
         )
+
+    def grant_worker(self, flags: list[str], *, skip: tuple[str, ...] = ()) -> None:
+        """Run the ACL commands ``stream-worker acls`` prints for ``flags``.
+
+        ``skip`` = (resource, operation, ...): leave those operations out of the grants on that
+        resource type ("topic" or "group"), to play an administrator who forgot them.
+        """
+        printed = subprocess.run(
+            [str(STREAM_WORKER), "acls", "--principal", f"User:{USER}", *flags],
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        bootstrap = flags[flags.index("--bootstrap") + 1]
+        for line in printed.splitlines():
+            args = shlex.split(line)
+            connection = [
+                "kafka-acls.sh",
+                "--bootstrap-server",
+                bootstrap,
+                "--command-config",
+                "admin.properties",
+            ]
+            assert args[:5] == connection, line
+            args = args[5:]
+            if skip and f"--{skip[0]}" in args:
+                for operation in skip[1:]:
+                    if operation in args:
+                        i = args.index(operation)
+                        args = args[: i - 1] + args[i + 1 :]  # drop "--operation <operation>"
+                if "--operation" not in args:
+                    continue
+            self.kafka.acls(*args)
 
     def worker_flags(self, topic: str, **changes: str | None) -> list[str]:
         """``stream-worker run`` flags for the secure services; ``changes`` replace (None drops) flags."""
@@ -119,7 +175,9 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
     pki = root / "pki"
     ca = secure.make_authority(pki, "ca")
     other_ca = secure.make_authority(pki, "other-ca")  # signed nothing the servers use
-    server = secure.issue_server_cert(ca, pki, "server")
+    server = secure.issue_cert(ca, pki, "server")
+    client_cert = secure.issue_cert(ca, pki, USER)
+    stranger_cert = secure.issue_cert(other_ca, pki / "other", USER)
     kafka_password, redis_password = secure.new_secret(), secure.new_secret()
     secrets_dir = root / "secrets"
     secrets_dir.mkdir()
@@ -133,11 +191,14 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
             redis=redis,
             ca=ca,
             other_ca=other_ca,
+            client_cert=client_cert,
+            stranger_cert=stranger_cert,
             kafka_password=kafka_password,
             redis_password=redis_password,
             kafka_password_file=secure.write_secret(secrets_dir, "kafka-password", kafka_password),
             redis_password_file=secure.write_secret(secrets_dir, "redis-password", redis_password),
             wrong_password_file=secure.write_secret(secrets_dir, "wrong-password", secure.new_secret()),
+            admin_password_file=secure.write_secret(secrets_dir, "admin-password", kafka.admin_password),
         )
 
 
@@ -168,16 +229,13 @@ def free_metrics_port() -> str:
     return str(secure.free_port())
 
 
-async def test_worker_labels_frames_over_sasl_ssl_and_counts_in_acl_redis_without_leaking_secrets(
-    secured: Secured, tmp_path: Path
-) -> None:
-    topic = await secure_topic(secured)
-    frames = street_jpegs(24)
+async def produce_frames(secured: Secured, topic: str, count: int) -> list[str]:
+    """``count`` real street frames from three cameras, produced as the admin; their frame ids."""
     producer = make_producer(secured.kafka_settings(), client_id_suffix="test")
     await producer.start()
     ids = []
     try:
-        for i, data in enumerate(frames):
+        for i, data in enumerate(street_jpegs(count)):
             frame_id = f"secure-{i}-{uuid.uuid4().hex[:6]}"
             headers = codec.frame_headers(
                 f"cam-{i % 3}", SourceKind.TRAFFIC, frame_id, 1_790_000_000_000 + i * 1000, "image/jpeg"
@@ -186,17 +244,21 @@ async def test_worker_labels_frames_over_sasl_ssl_and_counts_in_acl_redis_withou
             ids.append(frame_id)
     finally:
         await producer.stop()
+    return ids
+
+
+async def test_worker_labels_frames_over_sasl_ssl_and_counts_in_acl_redis_without_leaking_secrets(
+    secured: Secured, tmp_path: Path
+) -> None:
+    topic = await secure_topic(secured)
+    ids = await produce_frames(secured, topic, 24)
 
     port = free_metrics_port()
     stderr_path = tmp_path / "worker.stderr"
+    flags = secured.worker_flags(topic, metrics_port=port)
+    secured.grant_worker(flags)  # the worker's principal has these ACLs and no others
     # DEBUG: the most a log can say; a secret must not appear even there.
-    args = [
-        str(STREAM_WORKER),
-        "run",
-        *secured.worker_flags(topic, metrics_port=port),
-        "--log-level",
-        "DEBUG",
-    ]
+    args = [str(STREAM_WORKER), "run", *flags, "--log-level", "DEBUG"]
     with stderr_path.open("wb") as stderr:
         worker = subprocess.Popen(args, env=clean_env(), stdout=subprocess.DEVNULL, stderr=stderr)
     try:
@@ -255,8 +317,81 @@ async def test_worker_labels_frames_over_sasl_ssl_and_counts_in_acl_redis_withou
         assert password not in config.stdout + config.stderr
 
 
+async def label_with_worker(
+    secured: Secured, flags: list[str], topic: str, count: int, tmp_path: Path
+) -> list[str]:
+    """Run ``stream-worker run flags`` until ``count`` labels are out, stop it; the labelled frame ids."""
+    stderr_path = tmp_path / f"worker-{uuid.uuid4().hex[:6]}.stderr"
+    with stderr_path.open("wb") as stderr:
+        worker = subprocess.Popen(
+            [str(STREAM_WORKER), "run", *flags], env=clean_env(), stdout=subprocess.DEVNULL, stderr=stderr
+        )
+    try:
+        try:
+            labels = await read_secure(secured, f"{topic}.labels", count)
+        except TimeoutError:
+            raise AssertionError(
+                f"no labels; worker exit {worker.poll()}: {stderr_path.read_text()[-2000:]}"
+            ) from None
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        exit_code = await asyncio.to_thread(worker.wait, 60)
+    log = stderr_path.read_text()
+    assert exit_code == 0 and "Traceback" not in log, log[-2000:]
+    return sorted(codec.parse_label_record(v)["frame_id"] for v in labels)
+
+
+async def test_worker_labels_frames_over_mutual_tls_with_the_printed_acls(
+    secured: Secured, tmp_path: Path
+) -> None:
+    # The broker maps the certificate's CN=lookout to User:lookout, the principal of the grants.
+    topic = await secure_topic(secured)
+    ids = await produce_frames(secured, topic, 9)
+    flags = secured.worker_flags(topic, **secured.mtls_changes(secured.client_cert))
+    secured.grant_worker(flags)
+    assert await label_with_worker(secured, flags, topic, len(ids), tmp_path) == sorted(ids)
+
+
+ACL_GAPS = [
+    pytest.param(("topic", "Read", "Describe"), "describing topic", id="nothing-on-frames-topic"),
+    pytest.param(("topic", "Read"), "consuming frames", id="no-read-on-frames-topic"),
+    pytest.param(("group", "Read"), "joining consumer group", id="no-read-on-group"),
+    pytest.param(("topic", "Create"), "creating topic", id="no-create-on-output-topics"),
+    pytest.param(("topic", "Write"), "publishing", id="no-write-on-output-topics"),
+]
+
+
+@pytest.mark.parametrize(("missing", "where"), ACL_GAPS)
+async def test_a_missing_acl_is_one_line_and_loses_nothing_once_granted(
+    secured: Secured, tmp_path: Path, missing: tuple[str, ...], where: str
+) -> None:
+    topic = await secure_topic(secured)
+    ids = await produce_frames(secured, topic, 3)
+    flags = secured.worker_flags(topic)
+    secured.grant_worker(flags, skip=missing)
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [str(STREAM_WORKER), "run", *flags],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert last.startswith(f"stream-worker: {where}") and "ACLs refuse the worker" in last, last
+    assert "stream-worker acls" in last
+    # The administrator grants what was missing; the same worker then labels every frame.
+    secured.grant_worker(flags)
+    assert await label_with_worker(secured, flags, topic, len(ids), tmp_path) == sorted(ids)
+
+
 REFUSALS = [
     pytest.param({"sasl_password_file": "WRONG"}, "refused SASL user 'lookout'", id="kafka-wrong-password"),
+    pytest.param({"MTLS": "none"}, "requires a client certificate", id="kafka-mtls-without-certificate"),
+    pytest.param(
+        {"MTLS": "stranger"}, "rejected the client certificate", id="kafka-mtls-certificate-from-other-ca"
+    ),
     pytest.param({"security_protocol": "PLAINTEXT"}, "expects TLS", id="kafka-plaintext-to-tls-port"),
     pytest.param(
         {"ssl_cafile": "OTHER_CA"}, "TLS certificate is not trusted", id="kafka-untrusted-certificate"
@@ -285,6 +420,8 @@ def test_misconfigured_security_is_refused_with_one_clear_line(
         "PLAIN": secured.redis.url().replace("rediss://", "redis://"),
     }
     resolved = {k: stand_ins.get(v, v) if v is not None else None for k, v in changes.items()}
+    if "MTLS" in resolved:  # the mutual-TLS listener, with no certificate or another CA's
+        resolved = secured.mtls_changes(secured.stranger_cert if resolved["MTLS"] == "stranger" else None)
     result = subprocess.run(
         [str(STREAM_WORKER), "run", *secured.worker_flags("frames-never-read", **resolved)],
         env=clean_env(),

@@ -11,9 +11,13 @@ server.properties of its own:
 
 * ``SASL_SSL`` listener (SCRAM-SHA-512 over TLS) for clients and for inter-broker traffic;
   TLS uses PEM key and trust stores, so no keytool and no JKS passwords;
+* ``SSL`` listener that requires a client certificate (mutual TLS); the certificate's
+  ``CN=<name>`` maps to the principal ``User:<name>``, the same principal a SCRAM login gets;
 * the KRaft controller listener stays PLAINTEXT on loopback (it is not a client port);
 * SCRAM users are created when the storage is formatted (``StorageTool format --add-scram``),
-  so they exist before the broker first accepts a connection.
+  so they exist before the broker first accepts a connection;
+* the KRaft ``StandardAuthorizer`` denies everything no ACL allows; ACLs are added with Kafka's
+  own ``AclCommand`` (the kafka-tools jar), as an admin super-user over SASL_SSL.
 """
 
 from __future__ import annotations
@@ -124,8 +128,13 @@ def make_authority(directory: Path, name: str) -> Authority:
     return Authority(name, cert, key)
 
 
-def issue_server_cert(authority: Authority, directory: Path, name: str) -> ServerCert:
-    """A certificate for ``127.0.0.1`` and ``localhost``, signed by ``authority``."""
+def issue_cert(authority: Authority, directory: Path, name: str) -> ServerCert:
+    """A certificate with ``CN=name`` for ``127.0.0.1`` and ``localhost``, signed by ``authority``.
+
+    It is good for both ends of TLS (``serverAuth`` and ``clientAuth``): a server's certificate,
+    or a client's for mutual TLS.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
     cert, key, csr = directory / f"{name}.pem", directory / f"{name}.key", directory / f"{name}.csr"
     ext = directory / f"{name}.ext"
     ext.write_text(
@@ -172,13 +181,33 @@ def kafka_libs() -> Path:
 
 @dataclass
 class SecureKafka:
-    """A running single-node broker whose only client listener is SASL_SSL with SCRAM-SHA-512."""
+    """A running single-node broker with a SASL_SSL (SCRAM-SHA-512) and a mutual-TLS listener."""
 
     bootstrap: str
-    port: int
+    mtls_bootstrap: str
     directory: Path
     process: subprocess.Popen[bytes]
     log: Path
+    admin_config: Path
+    admin_password: str
+
+    def acls(self, *args: str) -> str:
+        """Run Kafka's ``AclCommand`` (``kafka-acls.sh``) as the admin super-user; its output.
+
+        ``args`` as for ``kafka-acls.sh`` without the connection flags, e.g.
+        ``--add --allow-principal User:lookout --operation Read --group lookout``.
+        """
+        result = subprocess.run(
+            ["java", "-Xshare:auto", "-XX:TieredStopAtLevel=1", "-cp", f"{kafka_libs()}/*",
+             "org.apache.kafka.tools.AclCommand", "--bootstrap-server", self.bootstrap,
+             "--command-config", str(self.admin_config), *args],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"kafka-acls {' '.join(args)} failed: {(result.stderr or result.stdout).strip()}"
+            )
+        return result.stdout
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 20 s; the broker's state directory is left for the caller."""
@@ -191,9 +220,14 @@ class SecureKafka:
                 self.process.wait(timeout=10)
 
 
+ADMIN_USER = "lookout-admin"
+BROKER_USER = "lookout-broker"
+
+
 def _kafka_properties(
-    directory: Path, port: int, controller_port: int, keystore: Path, ca: Path, broker: tuple[str, str]
+    directory: Path, ports: tuple[int, int, int], keystore: Path, ca: Path, broker: tuple[str, str]
 ) -> str:
+    port, mtls_port, controller_port = ports
     user, password = broker
     jaas = (
         "org.apache.kafka.common.security.scram.ScramLoginModule required "
@@ -202,10 +236,10 @@ def _kafka_properties(
     return f"""process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:{controller_port}
-listeners=SASL_SSL://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
-advertised.listeners=SASL_SSL://127.0.0.1:{port}
+listeners=SASL_SSL://127.0.0.1:{port},SSL://127.0.0.1:{mtls_port},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners=SASL_SSL://127.0.0.1:{port},SSL://127.0.0.1:{mtls_port}
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=SASL_SSL:SASL_SSL,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=SASL_SSL:SASL_SSL,SSL:SSL,CONTROLLER:PLAINTEXT
 inter.broker.listener.name=SASL_SSL
 sasl.enabled.mechanisms=SCRAM-SHA-512
 sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512
@@ -215,6 +249,12 @@ ssl.keystore.location={keystore}
 ssl.truststore.type=PEM
 ssl.truststore.location={ca}
 ssl.client.auth=none
+listener.name.ssl.ssl.client.auth=required
+ssl.principal.mapping.rules=RULE:^CN=([^,]+)$/$1/,DEFAULT
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+# ANONYMOUS is the broker talking to its own controller over the loopback PLAINTEXT listener.
+super.users=User:{user};User:{ADMIN_USER};User:ANONYMOUS
+allow.everyone.if.no.acl.found=false
 log.dirs={directory}/data
 num.partitions=1
 offsets.topic.replication.factor=1
@@ -247,26 +287,40 @@ _LOG4J = """Configuration:
 def secure_kafka(
     directory: Path, server: ServerCert, users: Mapping[str, str], *, start_timeout_s: float = 90
 ) -> Iterator[SecureKafka]:
-    """Format and start a SASL_SSL broker with SCRAM-SHA-512 ``users`` (name -> password); stop it after.
+    """Format and start the secure broker with SCRAM-SHA-512 ``users`` (name -> password); stop it after.
 
-    A broker user for inter-broker traffic is added to ``users``. Raises ``RuntimeError`` with
+    A broker user for inter-broker traffic and an admin user (both super-users) are added to
+    ``users``; every other principal needs ACLs (:meth:`SecureKafka.acls`). Raises ``RuntimeError`` with
     the end of the broker's log when it does not start.
     """
     directory.mkdir(parents=True, exist_ok=True)
     libs = kafka_libs()
     port, controller_port = free_port(), free_port()
-    broker_user = ("lookout-broker", new_secret())
+    mtls_port = free_port()
+    broker_user, admin_user = (BROKER_USER, new_secret()), (ADMIN_USER, new_secret())
     properties = directory / "server.properties"
     properties.write_text(
         _kafka_properties(
-            directory, port, controller_port, server.keystore_pem(), server.issuer.cert, broker_user
+            directory,
+            (port, mtls_port, controller_port),
+            server.keystore_pem(),
+            server.issuer.cert,
+            broker_user,
         )
     )
+    admin_config = directory / "admin.properties"
+    admin_config.write_text(
+        "security.protocol=SASL_SSL\nsasl.mechanism=SCRAM-SHA-512\n"
+        "sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required "
+        f'username="{admin_user[0]}" password="{admin_user[1]}";\n'
+        f"ssl.truststore.type=PEM\nssl.truststore.location={server.issuer.cert}\n"
+    )
+    admin_config.chmod(0o600)
     (directory / "log4j2.yaml").write_text(_LOG4J)
     classpath = f"{libs}/*"
     scram = [
         arg
-        for name, password in {**users, broker_user[0]: broker_user[1]}.items()
+        for name, password in {**users, **dict([broker_user, admin_user])}.items()
         for arg in ("--add-scram", f"SCRAM-SHA-512=[name={name},password={password}]")
     ]
     cluster_id = subprocess.run(
@@ -288,10 +342,16 @@ def secure_kafka(
              "kafka.Kafka", str(properties)],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
-    broker = SecureKafka(f"127.0.0.1:{port}", port, directory, process, log)
+    broker = SecureKafka(
+        f"127.0.0.1:{port}", f"127.0.0.1:{mtls_port}", directory, process, log, admin_config, admin_user[1]
+    )
     try:
         deadline = time.monotonic() + start_timeout_s
-        while not ("Kafka Server started" in log.read_text(errors="replace") and port_open(port)):
+        while not (
+            "Kafka Server started" in log.read_text(errors="replace")
+            and port_open(port)
+            and port_open(mtls_port)
+        ):
             if process.poll() is not None or time.monotonic() > deadline:
                 tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
                 raise RuntimeError(f"the secure broker did not start (see {log}):\n{tail}")

@@ -1,0 +1,96 @@
+"""The Kafka ACLs a worker needs, derived from its settings: what ``stream-worker acls`` prints.
+
+On a cluster with an authorizer (KRaft's ``StandardAuthorizer``, or any that denies what no ACL
+allows), the worker's principal needs exactly:
+
+- ``Read`` and ``Describe`` on each frames topic: fetch, committed offsets, partition count;
+- ``Read`` on its consumer group: join, fetch and commit offsets;
+- ``Write`` and ``Describe`` on every topic it produces to: labels, counts, review and each frames
+  topic's dead-letter topic (``Write`` on a topic also lets its idempotent producer start, KIP-679);
+- ``Create`` on those output topics, unless they are made beforehand and the worker runs with
+  ``--no-create-topics``.
+
+No cluster-wide permission, and nothing on any other topic or group. ``tests/integration/
+test_security.py`` runs the worker under exactly these ACLs, over SCRAM and over mutual TLS.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+
+from stream_worker.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class AclGrant:
+    """One ``kafka-acls.sh --add``: operations allowed on named resources of one type."""
+
+    resource: str  # "topic" or "group"
+    names: tuple[str, ...]
+    operations: tuple[str, ...]
+
+    def args(self, principal: str) -> list[str]:
+        """``kafka-acls.sh`` arguments after the connection flags."""
+        ops = [arg for op in self.operations for arg in ("--operation", op)]
+        names = [arg for name in self.names for arg in (f"--{self.resource}", name)]
+        return ["--add", "--allow-principal", principal, *ops, *names]
+
+
+def output_topics(settings: Settings) -> list[str]:
+    """Every topic the worker produces to (dead-letter topics of named frames topics included)."""
+    t = settings.topics
+    topics = [t.labels_topic, t.counts_topic, t.review_topic]
+    if not t.frames_pattern:
+        topics += [t.dlq_topic.format(topic=topic) for topic in t.frames_topic]
+    return list(dict.fromkeys(topics))
+
+
+def required_acls(settings: Settings, *, create_topics: bool = True) -> list[AclGrant]:
+    """The grants the worker with ``settings`` needs (see the module docstring)."""
+    t = settings.topics
+    writes = ("Write", "Describe", "Create") if create_topics else ("Write", "Describe")
+    grants = [
+        AclGrant("group", (t.group,), ("Read",)),
+        AclGrant("topic", tuple(output_topics(settings)), writes),
+    ]
+    if not t.frames_pattern:
+        grants.insert(0, AclGrant("topic", tuple(t.frames_topic), ("Read", "Describe")))
+    return grants
+
+
+def acl_commands(
+    settings: Settings,
+    principal: str,
+    *,
+    create_topics: bool = True,
+    command_config: str = "admin.properties",
+) -> list[str]:
+    """Shell lines that grant ``principal`` what the worker needs, for an administrator to run."""
+    lines = []
+    if settings.topics.frames_pattern:
+        dlq = settings.topics.dlq_topic
+        lines.append(
+            f"# --frames-pattern {settings.topics.frames_pattern}: grant Read and Describe on the topics it "
+            f"matches and Write, Describe and Create on their dead-letter topics ({dlq}), for example "
+            "with --resource-pattern-type prefixed"
+        )
+    base = [
+        "kafka-acls.sh",
+        "--bootstrap-server",
+        settings.kafka.bootstrap,
+        "--command-config",
+        command_config,
+    ]
+    for grant in required_acls(settings, create_topics=create_topics):
+        lines.append(shlex.join([*base, *grant.args(principal)]))
+    return lines
+
+
+def default_principal(settings: Settings) -> str:
+    """The principal the broker will most likely see: the SASL user, else a placeholder to edit."""
+    if settings.kafka.sasl_username:
+        return f"User:{settings.kafka.sasl_username}"
+    if settings.kafka.ssl_certfile:
+        return "User:<the principal of the client certificate, by ssl.principal.mapping.rules>"
+    return "User:ANONYMOUS"
