@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stream_worker.backends.base import Backend
+from stream_worker.kafka import frames_subscription
 from stream_worker.settings import Settings
 from stream_worker.taxonomy import Taxonomy
 from stream_worker.worker import Worker
@@ -73,7 +74,7 @@ def frames_agent(
 
     if settings.topics.frames_pattern:
         source = app.topic(
-            pattern=settings.topics.frames_pattern, key_serializer="raw", value_serializer="raw"
+            pattern=frames_subscription(settings.topics), key_serializer="raw", value_serializer="raw"
         )
     else:
         source = app.topic(*settings.topics.frames_topic, key_serializer="raw", value_serializer="raw")

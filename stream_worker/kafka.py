@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import ssl
 from typing import Any
 
@@ -27,7 +28,7 @@ from aiokafka.errors import (
 )
 
 from stream_worker.errors import ConfigError, LookoutError, ServiceUnavailable
-from stream_worker.settings import KafkaSettings, read_secret
+from stream_worker.settings import KafkaSettings, TopicSettings, read_secret
 
 
 def client_kwargs(kafka: KafkaSettings) -> dict[str, Any]:
@@ -136,17 +137,28 @@ def kafka_failure(exc: BaseException, what: str, *, cure: str | None = None) -> 
 
 
 async def ensure_topics(
-    kafka: KafkaSettings, topics: dict[str, tuple[int, dict[str, str]]], *, replication: int = 1
+    kafka: KafkaSettings,
+    topics: dict[str, tuple[int, dict[str, str]]],
+    *,
+    replication: int = 1,
+    running: bool = False,
 ) -> list[str]:
-    """Create the missing topics (name -> (partitions, config)); returns the ones created."""
+    """Create the missing topics (name -> (partitions, config)); returns the ones created.
+
+    At start-up an unreachable broker is the user's one-line error; a ``running`` worker instead
+    gets the retriable ``ServiceUnavailable`` and tries the batch again.
+    """
     admin = AIOKafkaAdminClient(**client_kwargs(kafka), client_id=f"{kafka.client_id}-admin")
     try:
         await admin.start()
     except KafkaError as exc:
-        raise unreachable(kafka, exc) from exc
+        raise (kafka_failure(exc, "creating topics") if running else unreachable(kafka, exc)) from exc
     created: list[str] = []
     try:
-        existing = set(await admin.list_topics())
+        try:
+            existing = set(await admin.list_topics())
+        except KafkaError as exc:
+            raise kafka_failure(exc, "listing topics") from exc
         missing = [name for name in topics if name not in existing]
         for name in missing:
             partitions, config = topics[name]
@@ -168,6 +180,21 @@ async def ensure_topics(
     finally:
         await admin.close()
     return created
+
+
+def frames_subscription(topics: TopicSettings) -> str:
+    """The regex a worker subscribes with: ``--frames-pattern`` minus the worker's own outputs.
+
+    A pattern such as ``cams-.*`` also matches ``cams-1.dlq``, the dead-letter topic the worker
+    writes for ``cams-1``: reading it would dead-letter the dead letters into ``cams-1.dlq.dlq``,
+    and so on; a broad pattern would read the labels, counts and review topics as frames too.
+    Those names are cut out with look-aheads; the user's pattern keeps aiokafka's meaning (it
+    must match at the start of the topic name).
+    """
+    outputs = "|".join(re.escape(t) for t in (topics.labels_topic, topics.counts_topic, topics.review_topic))
+    head, marker, tail = topics.dlq_topic.partition("{topic}")
+    dead = f"{re.escape(head)}.*{re.escape(tail)}" if marker else re.escape(topics.dlq_topic)
+    return f"(?!(?:{outputs})$)(?!(?:{dead})$)(?:{topics.frames_pattern})"
 
 
 async def partitions_of(kafka: KafkaSettings, topic: str) -> int:

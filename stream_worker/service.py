@@ -144,7 +144,11 @@ async def run_worker(settings: Settings, stop: asyncio.Event, *, create_topics: 
         await prepare_topics(settings)
     metrics = Metrics()
     worker = Worker(
-        settings, backend_factory=lambda: backend_factory(settings), taxonomy=Taxonomy.load(), metrics=metrics
+        settings,
+        backend_factory=lambda: backend_factory(settings),
+        taxonomy=Taxonomy.load(),
+        metrics=metrics,
+        create_topics=create_topics,
     )
     server = HealthServer(metrics, ready=worker.ready, live=worker.live)
     if settings.ops.metrics_port:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -380,6 +381,14 @@ def validate(settings: Settings) -> None:
         raise ConfigError("--security-protocol must be PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
     if not settings.topics.frames_topic and not settings.topics.frames_pattern:
         raise ConfigError("give --frames-topic or --frames-pattern")
+    if settings.topics.frames_pattern:
+        try:
+            re.compile(settings.topics.frames_pattern)
+        except re.error as exc:
+            raise ConfigError(
+                f"--frames-pattern {settings.topics.frames_pattern!r} is not a regular expression ({exc}): "
+                "fix --frames-pattern / LOOKOUT_FRAMES_PATTERN"
+            ) from exc
     if settings.faults.fault_kill_at:
         stage, _, nth = settings.faults.fault_kill_at.partition(":")
         if stage not in FAULT_STAGES or not nth.isdigit() or int(nth) < 1:

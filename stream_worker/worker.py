@@ -51,7 +51,13 @@ from stream_worker.batching import BatchPolicy, InFlight
 from stream_worker.decode import DecodeLimits, decode_into
 from stream_worker.errors import BadFrame, LookoutError
 from stream_worker.frames import Frame, FrameLabels, Prediction, SourceKind
-from stream_worker.kafka import kafka_failure, make_consumer, make_producer
+from stream_worker.kafka import (
+    ensure_topics,
+    frames_subscription,
+    kafka_failure,
+    make_consumer,
+    make_producer,
+)
 from stream_worker.observability import Metrics
 from stream_worker.settings import Settings
 from stream_worker.sinks.counts import CountedFrame, RedisCounts, WindowCounts, make_redis
@@ -117,8 +123,13 @@ class Worker:
         taxonomy: Taxonomy,
         metrics: Metrics | None = None,
         clock_ms: Callable[[], int] | None = None,
+        create_topics: bool = True,
     ) -> None:
         self.settings = settings
+        # Dead-letter topics known to exist: with --frames-pattern, a new frames topic's one is
+        # made on its first bad frame (unless create_topics is off, as with --no-create-topics).
+        self._create_topics = create_topics
+        self._dead_letter_topics: set[str] = set()
         self.metrics = metrics or Metrics()
         self._backend_factory = backend_factory
         self._taxonomy = taxonomy
@@ -209,7 +220,7 @@ class Worker:
         self._consumer = make_consumer(s.kafka, s.topics.group, max_poll_records=self._max_batch * 4)
         listener = _Rebalance(self)
         if s.topics.frames_pattern:
-            self._consumer.subscribe(pattern=s.topics.frames_pattern, listener=listener)
+            self._consumer.subscribe(pattern=frames_subscription(s.topics), listener=listener)
         else:
             self._consumer.subscribe(topics=list(s.topics.frames_topic), listener=listener)
         try:
@@ -632,6 +643,7 @@ class Worker:
         producer, counts = self._producer, self._counts
         assert producer is not None and counts is not None
         if not batch.published:
+            await self._ensure_dead_letter_topics(batch)
             await self._send_all(producer, self._kafka_records(batch), "publishing labels")
             batch.published = True
             self._count_published(batch)
@@ -704,6 +716,19 @@ class Worker:
             )
             out.append((topics.dlq_topic.format(topic=d.topic), d.key, keep, headers))
         return out
+
+    async def _ensure_dead_letter_topics(self, batch: Batch) -> None:
+        """Create the dead-letter topics this batch needs that are not known to exist yet."""
+        topics = self.settings.topics
+        wanted = {topics.dlq_topic.format(topic=d.topic) for d in batch.dead} - self._dead_letter_topics
+        if wanted and self._create_topics:
+            await ensure_topics(
+                self.settings.kafka,
+                {name: (1, {}) for name in sorted(wanted)},
+                replication=topics.topic_replication,
+                running=True,
+            )
+        self._dead_letter_topics |= wanted
 
     def _count_published(self, batch: Batch) -> None:
         """Metrics and the drift signal for a published batch (per batch, not per frame)."""

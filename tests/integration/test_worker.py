@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections import Counter
 
 import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import OffsetAndMetadata
 
 from stream_worker import codec
@@ -275,3 +277,45 @@ async def test_sigterm_during_a_redis_outage_gives_up_after_the_deadline_and_com
         assert await check.committed(TopicPartition(topic, 0)) is None  # nothing uncounted was committed
     finally:
         await check.stop()
+
+
+async def test_a_frames_pattern_labels_every_match_and_never_reads_the_workers_own_topics(
+    services: Services, key_prefix: str
+) -> None:
+    # Every topic here matches the pattern: the frames topics, the labels/counts/review topics
+    # and the dead-letter topics (`{topic}.dlq` always starts with its frames topic's name).
+    prefix = f"pat-{uuid.uuid4().hex[:8]}-"
+    a, b = f"{prefix}a", f"{prefix}b"
+    admin = AIOKafkaAdminClient(bootstrap_servers=services.bootstrap)
+    await admin.start()
+    try:
+        # a's dead-letter topic is made by the operator; b's must be made by the worker
+        # (the broker does not auto-create topics).
+        await admin.create_topics([NewTopic(t, 2 if t != f"{a}.dlq" else 1, 1) for t in (a, b, f"{a}.dlq")])
+        good = street_jpegs(8)
+        corrupt = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4
+        ids_a = await produce_frames(services.bootstrap, a, [("cam-a", f) for f in [*good[:4], corrupt]])
+        ids_b = await produce_frames(services.bootstrap, b, [("cam-b", f) for f in [*good[4:], corrupt]])
+        settings = worker_settings(
+            services.bootstrap,
+            services.redis_url,
+            a,
+            key_prefix,
+            frames_pattern=f"{prefix}.*",
+            labels_topic=f"{prefix}labels",
+            counts_topic=f"{prefix}counts",
+            review_topic=f"{prefix}review",
+        )
+        async with running_worker(settings):
+            labels = await read_topic(services.bootstrap, settings.topics.labels_topic, 8, settle_s=5)
+            dead_a = await read_topic(services.bootstrap, f"{a}.dlq", 1, settle_s=2)
+            dead_b = await read_topic(services.bootstrap, f"{b}.dlq", 1, settle_s=2)
+        topics = {t for t in await admin.list_topics() if t.startswith(prefix)}
+    finally:
+        await admin.close()
+    labelled = sorted(codec.parse_label_record(r.value)["frame_id"] for r in labels)
+    assert labelled == sorted(ids_a[:4] + ids_b[:4])
+    assert [dict(r.headers)["frame-id"].decode() for r in dead_a] == [ids_a[4]]
+    assert [dict(r.headers)["frame-id"].decode() for r in dead_b] == [ids_b[4]]
+    # No dead letters of dead letters, no records of the worker's own outputs taken as frames.
+    assert topics == {a, b, f"{a}.dlq", f"{b}.dlq", *(f"{prefix}{t}" for t in ("labels", "counts", "review"))}

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from stream_worker.errors import ConfigError
-from stream_worker.kafka import bootstrap_addresses, client_kwargs
+from stream_worker.kafka import bootstrap_addresses, client_kwargs, frames_subscription
 from stream_worker.settings import load_settings
 
 
@@ -34,3 +35,19 @@ def test_sasl_needs_credentials_and_reads_the_password_from_its_file(tmp_path: P
     env["KAFKA_SASL_PASSWORD_FILE"] = str(tmp_path / "missing")
     with pytest.raises(ConfigError, match="cannot read the Kafka SASL password"):
         client_kwargs(load_settings(env=env).kafka)
+
+
+@pytest.mark.parametrize(
+    ("dlq", "excluded"),
+    [("{topic}.dlq", "cams-1.dlq"), ("dead.{topic}", "dead.cams-1"), ("all-dead", "all-dead")],
+)
+def test_a_frames_pattern_never_subscribes_to_the_workers_own_output_topics(dlq: str, excluded: str) -> None:
+    settings = load_settings(
+        flags={"frames_pattern": "cams-.*|dead.*|all.*", "labels_topic": "cams-labels", "dlq_topic": dlq},
+        env={},
+    )
+    pattern = re.compile(frames_subscription(settings.topics))
+    assert pattern.match("cams-1") and pattern.match("cams-labels-archive")
+    for own in ("cams-labels", excluded, dlq.format(topic=excluded)):
+        assert not pattern.match(own), own
+    assert not pattern.match("other-cams")  # the user's pattern still decides the rest

@@ -35,6 +35,7 @@ def test_precedence_is_defaults_then_file_then_env_then_flags(tmp_path: Path) ->
         ({"KAFKA_SECURITY_PROTOCOL": "TLS"}, "--security-protocol must be"),
         ({"LOOKOUT_MAX_IN_FLIGHT": "4"}, "--max-in-flight must be at least --max-batch"),
         ({"LOOKOUT_FAULT_KILL_AT": "lunch:1"}, "STAGE:N"),
+        ({"LOOKOUT_FRAMES_PATTERN": "cams-["}, "--frames-pattern 'cams-\\[' is not a regular expression"),
     ],
 )
 def test_bad_values_are_one_line_errors_that_name_the_option(env: dict[str, str], message: str) -> None:
