@@ -1,4 +1,4 @@
-"""The Kafka ACLs a worker needs, derived from its settings: what ``stream-worker acls`` prints.
+r"""The Kafka ACLs a worker needs, derived from its settings: what ``stream-worker acls`` prints.
 
 On a cluster with an authorizer (KRaft's ``StandardAuthorizer``, or any that denies what no ACL
 allows), the worker's principal needs exactly:
@@ -12,10 +12,17 @@ allows), the worker's principal needs exactly:
 
 No cluster-wide permission, and nothing on any other topic or group. ``tests/integration/
 test_security.py`` runs the worker under exactly these ACLs, over SCRAM and over mutual TLS.
+
+With ``--frames-pattern`` the frames topics are not known in advance. A pattern that is a
+literal prefix followed by ``.*`` (``cams-.*``, ``^cams\..*``) becomes PREFIXED grants: Read and
+Describe on the prefix, and Write, Describe and Create on the prefix of the dead-letter topics
+(with the default ``{topic}.dlq`` that is the same prefix, so the frames topics become writable
+too: Kafka's prefixes cannot say "ends with .dlq"). Any other pattern gets a comment, not a guess.
 """
 
 from __future__ import annotations
 
+import re
 import shlex
 from dataclasses import dataclass
 
@@ -29,12 +36,23 @@ class AclGrant:
     resource: str  # "topic" or "group"
     names: tuple[str, ...]
     operations: tuple[str, ...]
+    prefixed: bool = False  # names are prefixes (--resource-pattern-type prefixed)
 
     def args(self, principal: str) -> list[str]:
         """``kafka-acls.sh`` arguments after the connection flags."""
         ops = [arg for op in self.operations for arg in ("--operation", op)]
         names = [arg for name in self.names for arg in (f"--{self.resource}", name)]
-        return ["--add", "--allow-principal", principal, *ops, *names]
+        pattern = ["--resource-pattern-type", "prefixed"] if self.prefixed else []
+        return ["--add", "--allow-principal", principal, *ops, *names, *pattern]
+
+
+_PREFIX_PATTERN = re.compile(r"\^?((?:[A-Za-z0-9_-]|\\\.)+)\.\*\$?")
+
+
+def pattern_prefix(pattern: str) -> str | None:
+    """The literal topic-name prefix a ``prefix.*`` pattern stands for, else None."""
+    match = _PREFIX_PATTERN.fullmatch(pattern)
+    return match.group(1).replace("\\.", ".") if match else None
 
 
 def output_topics(settings: Settings) -> list[str]:
@@ -47,7 +65,11 @@ def output_topics(settings: Settings) -> list[str]:
 
 
 def required_acls(settings: Settings, *, create_topics: bool = True) -> list[AclGrant]:
-    """The grants the worker with ``settings`` needs (see the module docstring)."""
+    """The grants the worker with ``settings`` needs (see the module docstring).
+
+    For a ``--frames-pattern`` that is not a plain prefix the frames-topic grants are missing
+    (:func:`acl_commands` says so in a comment).
+    """
     t = settings.topics
     writes = ("Write", "Describe", "Create") if create_topics else ("Write", "Describe")
     grants = [
@@ -56,6 +78,15 @@ def required_acls(settings: Settings, *, create_topics: bool = True) -> list[Acl
     ]
     if not t.frames_pattern:
         grants.insert(0, AclGrant("topic", tuple(t.frames_topic), ("Read", "Describe")))
+        return grants
+    prefix = pattern_prefix(t.frames_pattern)
+    if prefix is not None:
+        head, marker, _tail = t.dlq_topic.partition("{topic}")
+        grants.insert(0, AclGrant("topic", (prefix,), ("Read", "Describe"), prefixed=True))
+        if marker:
+            grants.append(AclGrant("topic", (head + prefix,), writes, prefixed=True))
+        else:
+            grants.append(AclGrant("topic", (t.dlq_topic,), writes))
     return grants
 
 
@@ -68,7 +99,7 @@ def acl_commands(
 ) -> list[str]:
     """Shell lines that grant ``principal`` what the worker needs, for an administrator to run."""
     lines = []
-    if settings.topics.frames_pattern:
+    if settings.topics.frames_pattern and pattern_prefix(settings.topics.frames_pattern) is None:
         dlq = settings.topics.dlq_topic
         lines.append(
             f"# --frames-pattern {settings.topics.frames_pattern}: grant Read and Describe on the topics it "

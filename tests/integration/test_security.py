@@ -318,7 +318,7 @@ async def test_worker_labels_frames_over_sasl_ssl_and_counts_in_acl_redis_withou
 
 
 async def label_with_worker(
-    secured: Secured, flags: list[str], topic: str, count: int, tmp_path: Path
+    secured: Secured, flags: list[str], labels_topic: str, count: int, tmp_path: Path
 ) -> list[str]:
     """Run ``stream-worker run flags`` until ``count`` labels are out, stop it; the labelled frame ids."""
     stderr_path = tmp_path / f"worker-{uuid.uuid4().hex[:6]}.stderr"
@@ -328,7 +328,7 @@ async def label_with_worker(
         )
     try:
         try:
-            labels = await read_secure(secured, f"{topic}.labels", count)
+            labels = await read_secure(secured, labels_topic, count)
         except TimeoutError:
             raise AssertionError(
                 f"no labels; worker exit {worker.poll()}: {stderr_path.read_text()[-2000:]}"
@@ -349,7 +349,34 @@ async def test_worker_labels_frames_over_mutual_tls_with_the_printed_acls(
     ids = await produce_frames(secured, topic, 9)
     flags = secured.worker_flags(topic, **secured.mtls_changes(secured.client_cert))
     secured.grant_worker(flags)
-    assert await label_with_worker(secured, flags, topic, len(ids), tmp_path) == sorted(ids)
+    assert await label_with_worker(secured, flags, f"{topic}.labels", len(ids), tmp_path) == sorted(ids)
+
+
+async def test_a_prefix_frames_pattern_runs_under_the_printed_prefixed_acls(
+    secured: Secured, tmp_path: Path
+) -> None:
+    prefix = f"pat-{uuid.uuid4().hex[:8]}-"
+    topic = f"{prefix}a"
+    await ensure_topics(secured.kafka_settings(), {topic: (2, {})})
+    # A corrupt frame first, on cam-0's partition: once cam-0's later frames are labelled, its
+    # dead letter has been published too (a partition's batches are published in order).
+    producer = make_producer(secured.kafka_settings(), client_id_suffix="test")
+    await producer.start()
+    try:
+        headers = codec.frame_headers(
+            "cam-0", SourceKind.TRAFFIC, "corrupt-1", 1_790_000_000_000, "image/jpeg"
+        )
+        await producer.send_and_wait(topic, b"\xff\xd8\xff\xe0" + bytes(256), key=b"cam-0", headers=headers)
+    finally:
+        await producer.stop()
+    ids = await produce_frames(secured, topic, 4)
+    outputs = {f"{t}_topic": f"{prefix}{t}" for t in ("labels", "counts", "review")}
+    flags = secured.worker_flags(topic, frames_pattern=f"{prefix}.*", **outputs)
+    secured.grant_worker(flags)  # prefixed grants on the pattern's prefix, literal ones on outputs
+    assert await label_with_worker(secured, flags, f"{prefix}labels", len(ids), tmp_path) == sorted(ids)
+    # The worker created the new topic's dead-letter topic itself (Create on the prefix).
+    dead = await read_secure(secured, f"{topic}.dlq", 1)
+    assert len(dead) == 1
 
 
 ACL_GAPS = [
@@ -383,7 +410,7 @@ async def test_a_missing_acl_is_one_line_and_loses_nothing_once_granted(
     assert "stream-worker acls" in last
     # The administrator grants what was missing; the same worker then labels every frame.
     secured.grant_worker(flags)
-    assert await label_with_worker(secured, flags, topic, len(ids), tmp_path) == sorted(ids)
+    assert await label_with_worker(secured, flags, f"{topic}.labels", len(ids), tmp_path) == sorted(ids)
 
 
 REFUSALS = [

@@ -32,12 +32,32 @@ def test_grants_follow_the_configured_topics_and_group() -> None:
     assert all("Create" not in g.operations for g in without_create)
 
 
-def test_a_frames_pattern_gets_a_comment_not_a_guess() -> None:
-    settings = load_settings(flags={"frames_pattern": "cams-.*"}, env={})
+def test_a_frames_pattern_that_is_not_a_prefix_gets_a_comment_not_a_guess() -> None:
+    settings = load_settings(flags={"frames_pattern": "cams-[0-9]+"}, env={})
     lines = acl_commands(settings, "User:lookout")
-    assert lines[0].startswith("# --frames-pattern cams-.*") and "{topic}.dlq" in lines[0]
+    assert lines[0].startswith("# --frames-pattern cams-[0-9]+") and "{topic}.dlq" in lines[0]
     assert not any("cams-" in line for line in lines[1:])
     assert "{topic}.dlq" not in " ".join(output_topics(settings))
+
+
+def test_a_prefix_pattern_gets_prefixed_grants_for_frames_and_dead_letters() -> None:
+    settings = load_settings(flags={"frames_pattern": r"^cams\..*", "group": "g"}, env={})
+    grants = [(g.resource, g.names, g.prefixed, g.operations) for g in required_acls(settings)]
+    assert grants == [
+        ("topic", ("cams.",), True, ("Read", "Describe")),
+        ("group", ("g",), False, ("Read",)),
+        ("topic", ("labels", "counts", "review"), False, ("Write", "Describe", "Create")),
+        ("topic", ("cams.",), True, ("Write", "Describe", "Create")),  # {topic}.dlq starts with it
+    ]
+    elsewhere = load_settings(flags={"frames_pattern": "cams-.*", "dlq_topic": "dead.{topic}"}, env={})
+    dead = required_acls(elsewhere)[-1]
+    assert (dead.names, dead.prefixed, dead.operations) == (
+        ("dead.cams-",),
+        True,
+        ("Write", "Describe", "Create"),
+    )
+    assert not acl_commands(elsewhere, "User:x")[0].startswith("#")
+    assert acl_commands(elsewhere, "User:x")[0].endswith("--resource-pattern-type prefixed")
 
 
 def test_cli_prints_runnable_kafka_acls_commands_for_the_sasl_user() -> None:
