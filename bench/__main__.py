@@ -117,7 +117,7 @@ def measure_batches(
         for i, data in enumerate(frames):
             decode_into(data, "image/jpeg", images[i], spec, DecodeLimits())
         return [
-            {"precision": precision, "batch": batch, **measure(backend, images[:batch], seconds)}
+            {"precision": precision, "batch": batch, **measure(backend.infer, images[:batch], seconds)}
             for batch in (1, 8, WORKER_DEFAULT_BATCH, 32)
         ]
     finally:

@@ -16,6 +16,7 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,19 +26,19 @@ import onnxruntime as ort
 
 from engine_build.cpu import build_cpu_engine, repo_devset_dir
 from engine_build.imagefolder import bundled_street_and_photo_sources, folder_sources, iter_batches
-from stream_worker.backends.base import Backend, EngineInfo, default_onnx_path, verify_engine
+from stream_worker.backends.base import EngineInfo, default_onnx_path, verify_engine
 from stream_worker.backends.onnxruntime import OnnxRuntimeBackend
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def measure(backend: Backend, batch: np.ndarray, seconds: float) -> dict[str, float]:
-    """Images/s and CPU-seconds per image for repeated inference on ``batch``."""
-    backend.infer(batch)  # warm-up: first run allocates the arena
+def measure(infer: Callable[[np.ndarray], object], batch: np.ndarray, seconds: float) -> dict[str, float]:
+    """Images/s and CPU-seconds per image for repeated ``infer(batch)`` (e.g. ``backend.infer``)."""
+    infer(batch)  # warm-up: first run allocates the arena
     images = 0
     wall0, cpu0 = time.perf_counter(), time.process_time()
     while time.perf_counter() - wall0 < seconds:
-        backend.infer(batch)
+        infer(batch)
         images += len(batch)
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     return {"images_per_s": images / wall, "cpu_ms_per_image": 1000 * cpu / images, "images": images}
@@ -97,7 +98,7 @@ def main() -> None:
                     {
                         "precision": precision,
                         "batch": batch_size,
-                        **measure(backend, images[:batch_size], seconds),
+                        **measure(backend.infer, images[:batch_size], seconds),
                     }
                 )
 

@@ -28,7 +28,6 @@ import argparse
 import json
 import platform
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -39,6 +38,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from bench.engines import measure
 from engine_build.cpu import QuantOptions, calibration_sources, quantize_int8, repo_devset_dir
 from engine_build.imagefolder import (
     ImageSource,
@@ -103,16 +103,6 @@ def predict(run: Callable[[Images], Images], images: Images) -> npt.NDArray[np.i
     return probabilities(run, images).argmax(axis=1)
 
 
-def images_per_s(run: Callable[[Images], Images], batch: Images, seconds: float) -> float:
-    """Throughput at ``len(batch)`` after one warm-up run."""
-    run(batch)
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        run(batch)
-        done += len(batch)
-    return done / (time.perf_counter() - start)
-
-
 def agreement(reference: dict[str, Images], got: dict[str, npt.NDArray[np.int64]]) -> dict[str, float]:
     """Top-1 agreement per image set, overall and where FP32's top-1 probability >= CONFIDENT."""
     out = {}
@@ -149,7 +139,7 @@ def openvino_section(
 
         top1 = {k: predict(run, v) for k, v in sets.items()}
         out[name] = {
-            "images_per_s": images_per_s(run, sets["bikes_heldout"][:BATCH], seconds),
+            "images_per_s": measure(run, sets["bikes_heldout"][:BATCH], seconds)["images_per_s"],
             "top1_agreement_with_ort_fp32": agreement(reference, top1),
         }
     out["int8_speedup"] = out["int8"]["images_per_s"] / out["fp32"]["images_per_s"]
@@ -178,7 +168,7 @@ def main() -> None:
         "images": {k: len(v) for k, v in sets.items()},
         "fp32_confident_images": {k: int((p.max(axis=1) >= CONFIDENT).sum()) for k, p in reference.items()},
         "fp32_median_top1_probability": {k: float(np.median(p.max(axis=1))) for k, p in reference.items()},
-        "fp32_images_per_s": images_per_s(ort_runner(fp32), probe, args.seconds),
+        "fp32_images_per_s": measure(ort_runner(fp32), probe, args.seconds)["images_per_s"],
         "variants": {},
     }
     print(f"fp32: {result['fp32_images_per_s']:.1f} images/s at batch {BATCH}")
@@ -193,7 +183,7 @@ def main() -> None:
                 "options": asdict(options),
                 "kernels": agreement(reference, {k: predict(kernels, v) for k, v in sets.items()}),
                 "simulated": agreement(reference, {k: predict(simulated, v) for k, v in sets.items()}),
-                "images_per_s": images_per_s(kernels, probe, args.seconds),
+                "images_per_s": measure(kernels, probe, args.seconds)["images_per_s"],
             }
             row["speedup"] = row["images_per_s"] / result["fp32_images_per_s"]
             result["variants"][name] = row
