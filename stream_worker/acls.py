@@ -55,15 +55,6 @@ def pattern_prefix(pattern: str) -> str | None:
     return match.group(1).replace("\\.", ".") if match else None
 
 
-def output_topics(settings: Settings) -> list[str]:
-    """Every topic the worker produces to (dead-letter topics of named frames topics included)."""
-    t = settings.topics
-    topics = [t.labels_topic, t.counts_topic, t.review_topic]
-    if not t.frames_pattern:
-        topics += [t.dlq_topic.format(topic=topic) for topic in t.frames_topic]
-    return list(dict.fromkeys(topics))
-
-
 def required_acls(settings: Settings, *, create_topics: bool = True) -> list[AclGrant]:
     """The grants the worker with ``settings`` needs (see the module docstring).
 
@@ -74,7 +65,7 @@ def required_acls(settings: Settings, *, create_topics: bool = True) -> list[Acl
     writes = ("Write", "Describe", "Create") if create_topics else ("Write", "Describe")
     grants = [
         AclGrant("group", (t.group,), ("Read",)),
-        AclGrant("topic", tuple(output_topics(settings)), writes),
+        AclGrant("topic", tuple(t.output_topics()), writes),
     ]
     if not t.frames_pattern:
         grants.insert(0, AclGrant("topic", tuple(t.frames_topic), ("Read", "Describe")))

@@ -171,11 +171,12 @@ async def ensure_topics(
             except KafkaError as exc:
                 raise kafka_failure(exc, f"creating topic {name!r}", cure=_CREATE_CURE) from exc
             # The admin client returns per-topic errors instead of raising them.
-            for _topic, code, *message in getattr(response, "topic_errors", []):
-                if code and code != TopicAlreadyExistsError.errno:
+            errors = [(code, message) for _t, code, *message in getattr(response, "topic_errors", []) if code]
+            for code, message in errors:
+                if code != TopicAlreadyExistsError.errno:
                     error = for_code(code)(message[0] if message and message[0] else name)
                     raise kafka_failure(error, f"creating topic {name!r}", cure=_CREATE_CURE)
-            if not any(code for _t, code, *_m in getattr(response, "topic_errors", [])):
+            if not errors:
                 created.append(name)
     finally:
         await admin.close()

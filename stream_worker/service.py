@@ -102,14 +102,11 @@ async def prepare_topics(settings: Settings) -> None:
     partitions = 1
     for topic in t.frames_topic:
         partitions = max(partitions, await partitions_of(settings.kafka, topic))
-    wanted: dict[str, tuple[int, dict[str, str]]] = {
+    keyed_like_frames: dict[str, tuple[int, dict[str, str]]] = {
         t.labels_topic: (partitions, {}),
         t.counts_topic: (partitions, {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"}),
-        t.review_topic: (1, {}),
     }
-    if not t.frames_pattern:
-        for topic in t.frames_topic:
-            wanted[t.dlq_topic.format(topic=topic)] = (1, {})
+    wanted = {name: keyed_like_frames.get(name, (1, {})) for name in t.output_topics()}
     created = await ensure_topics(settings.kafka, wanted, replication=t.topic_replication)
     if created:
         log.info("created topics %s", ", ".join(created))

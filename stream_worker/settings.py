@@ -83,6 +83,14 @@ class TopicSettings:
         "replication factor of output topics the worker creates (use 3 in production)",
     )
 
+    def output_topics(self) -> list[str]:
+        """Every topic the worker produces to: labels, counts, review, and the dead-letter topic
+        of each named frames topic (a ``frames_pattern``'s are only known as frames arrive)."""
+        topics = [self.labels_topic, self.counts_topic, self.review_topic]
+        if not self.frames_pattern:
+            topics += [self.dlq_topic.format(topic=topic) for topic in self.frames_topic]
+        return list(dict.fromkeys(topics))
+
 
 @dataclass(frozen=True, slots=True)
 class RedisSettings:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stream_worker.acls import acl_commands, output_topics, required_acls
+from stream_worker.acls import acl_commands, required_acls
 from stream_worker.settings import load_settings
 
 STREAM_WORKER = Path(sys.executable).with_name("stream-worker")
@@ -37,7 +37,7 @@ def test_a_frames_pattern_that_is_not_a_prefix_gets_a_comment_not_a_guess() -> N
     lines = acl_commands(settings, "User:lookout")
     assert lines[0].startswith("# --frames-pattern cams-[0-9]+") and "{topic}.dlq" in lines[0]
     assert not any("cams-" in line for line in lines[1:])
-    assert "{topic}.dlq" not in " ".join(output_topics(settings))
+    assert "{topic}.dlq" not in " ".join(settings.topics.output_topics())
 
 
 def test_a_prefix_pattern_gets_prefixed_grants_for_frames_and_dead_letters() -> None:
