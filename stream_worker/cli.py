@@ -271,9 +271,17 @@ async def _with_signals(body: Any) -> int:
         log.info("signal %d: draining and stopping", signum)
         stop.set()
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    # The handlers before the loop took over (the console entry's early SIGTERM handler): put
+    # back once the loop is done, or a SIGTERM while the process exits would kill it (exit -15).
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    for signum in previous:
         loop.add_signal_handler(signum, on_signal, signum)
-    result: int = await body(stop)
+    try:
+        result: int = await body(stop)
+    finally:
+        for signum, handler in previous.items():
+            loop.remove_signal_handler(signum)
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
     return result
 
 

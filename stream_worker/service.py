@@ -6,7 +6,9 @@ Every check here turns a user mistake into one actionable line before any frame 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -132,13 +134,15 @@ def backend_factory(settings: Settings) -> Backend:
 
 
 async def run_worker(settings: Settings, stop: asyncio.Event, *, create_topics: bool = True) -> int:
-    """Preflight, then run one worker until ``stop``; returns the exit code."""
+    """Preflight, then run one worker until ``stop``; returns the exit code.
+
+    A stop during the preflight (a slow or unanswering broker) ends it at once: nothing has been
+    consumed yet, so that is a clean stop, not a failure.
+    """
     check_engine(settings)
-    await check_kafka(settings.kafka)
-    await check_redis(settings)
-    await check_frames_topics(settings)
-    if create_topics:
-        await prepare_topics(settings)
+    if not await _unless_stopped(stop, _preflight(settings, create_topics=create_topics)):
+        log.info("stopped during start-up")
+        return 0
     metrics = Metrics()
     worker = Worker(
         settings,
@@ -163,6 +167,31 @@ async def run_worker(settings: Settings, stop: asyncio.Event, *, create_topics: 
         await server.stop()
     log.info("worker stopped")
     return 0
+
+
+async def _preflight(settings: Settings, *, create_topics: bool) -> None:
+    await check_kafka(settings.kafka)
+    await check_redis(settings)
+    await check_frames_topics(settings)
+    if create_topics:
+        await prepare_topics(settings)
+
+
+async def _unless_stopped(stop: asyncio.Event, step: Awaitable[None]) -> bool:
+    """Run ``step`` unless ``stop`` is set first (then cancel it); whether it finished."""
+    task = asyncio.ensure_future(step)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return False
+    task.result()
+    return True
 
 
 async def read_counts(settings: Settings, source_id: str, window: str) -> dict[str, Any]:

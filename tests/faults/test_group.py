@@ -45,6 +45,9 @@ async def test_rebalance_one_of_two_workers_stopped_and_started_repeatedly(harne
             flapping.start()
         await feeding
         await out.wait_all(300, workers=[steady, flapping])
+        # The last start must be running before the stop this test judges (a SIGTERM during
+        # start-up is also exit 0, but then this would not test a running member leaving).
+        await wait_for_log(flapping, "worker started", REBALANCE_CYCLES + 1, 60)
         assert await flapping.stop() == 0, flapping.tail()
         assert await steady.stop() == 0, steady.tail()
     assert steady.count_in_log("worker started") == 1
