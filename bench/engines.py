@@ -25,9 +25,11 @@ import numpy as np
 import onnxruntime as ort
 
 from engine_build.cpu import build_cpu_engine, repo_devset_dir
+from engine_build.default import default_onnx_path
 from engine_build.imagefolder import bundled_street_and_photo_sources, folder_sources, iter_batches
-from stream_worker.backends.base import EngineInfo, default_onnx_path, verify_engine
+from stream_worker.backends.base import EngineInfo
 from stream_worker.backends.onnxruntime import OnnxRuntimeBackend
+from stream_worker.backends.registry import verify_engine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

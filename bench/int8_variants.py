@@ -40,18 +40,19 @@ import onnxruntime as ort
 
 from bench.engines import measure
 from engine_build.cpu import QuantOptions, calibration_sources, quantize_int8, repo_devset_dir
+from engine_build.default import default_onnx_path
 from engine_build.imagefolder import (
     ImageSource,
     folder_sources,
     iter_batches,
     video_frames,
 )
-from stream_worker.backends.base import default_onnx_path
 from stream_worker.preprocess import PreprocessSpec
-from tests.support.media import bikes_video
+from stream_worker.replay import footage_path
+from stream_worker.settings import BatchSettings
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BATCH = 16
+BATCH = BatchSettings().max_batch  # the worker's default batch size
 Images = npt.NDArray[np.float32]
 
 VARIANTS: dict[str, QuantOptions] = {
@@ -68,7 +69,7 @@ VARIANTS: dict[str, QuantOptions] = {
 
 def image_sets(spec: PreprocessSpec) -> dict[str, Images]:
     """The dev set and the held-out street frames, preprocessed once."""
-    frames = video_frames(bikes_video(), every=1, limit=250)
+    frames = video_frames(footage_path(), every=1, limit=250)
     held = [ImageSource(f"bikes#{i}", lambda f=f: f) for i, f in enumerate(frames) if i % 5 == 2]
     sets = {"bikes_heldout": held}
     if repo_devset_dir().is_dir():

@@ -12,53 +12,53 @@ import argparse
 import asyncio
 import json
 import signal
-import subprocess
 import time
 import uuid
 from typing import Any
 
-from bench.__main__ import (
-    REPO,
+from bench.e2e import (
+    TOPIC_PARTITIONS,
     LabelReader,
-    _ready,
-    _wait_topic,
-    cache_dir,
-    cpu_seconds,
     create_topics,
-    free_port,
+    drain_fps,
     produce,
     start_worker,
+    wait_topic,
+    worker_ready,
 )
 from bench.frames import frames_file as cached_frames
+from bench.host import cache_dir, cpu_seconds, free_port, service_endpoints
+from stream_worker.settings import TopicSettings
 
 
 async def drain_rate(
     bootstrap: str, redis_url: str, frames: int, extra_env: dict[str, str]
 ) -> dict[str, Any]:
-    """Pre-fill a 4-partition topic, start one worker, measure first-to-last label rate."""
+    """Pre-fill a frames topic (partitioned as in the main benchmark), start one worker, measure
+    the first-to-last label rate."""
     frames_file = cached_frames("720p", 250, cache_dir())
     run = uuid.uuid4().hex[:8]
     topic = f"bench-knob-{run}"
-    await create_topics(bootstrap, {topic: 4})
+    await create_topics(bootstrap, {topic: TOPIC_PARTITIONS})
     await produce(frames_file, topic, bootstrap, "knob", count=frames)
     port = free_port()
     worker = start_worker(
         cache_dir() / "engine-fp32.onnx", bootstrap, redis_url, topic, run, port, **extra_env
     )
-    labels = LabelReader(bootstrap, f"{topic}.labels")
+    labels_topic = TopicSettings.named_after(topic).labels_topic
+    labels = LabelReader(bootstrap, labels_topic)
     try:
-        while not _ready(port):
+        while not worker_ready(port):
             if worker.poll() is not None:
                 raise RuntimeError(f"worker exited with {worker.returncode}")
             await asyncio.sleep(0.3)
-        await _wait_topic(bootstrap, f"{topic}.labels")
+        await wait_topic(bootstrap, labels_topic)
         await labels.start()
         cpu0, t0 = cpu_seconds(worker.pid), time.monotonic()
         got = await labels.wait_for("knob", frames, timeout_s=60 + frames)
         cpu = cpu_seconds(worker.pid) - cpu0
-        first, last = min(r["processed_at"] for r in got), max(r["processed_at"] for r in got)
         return {
-            "fps": (len(got) - 1) / max(1e-3, (last - first) / 1000),
+            "fps": drain_fps(got),
             "worker_cpu_ms_per_frame": 1000 * cpu / frames,
             "wall_s": time.monotonic() - t0,
         }
@@ -74,17 +74,14 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=1000)
     parser.add_argument("variants", nargs="+", help="NAME=ENV=VALUE[,ENV=VALUE] or NAME=")
     args = parser.parse_args()
-    env_lines = subprocess.run(
-        [str(REPO / "scripts" / "services"), "env"], check=True, capture_output=True, text=True
-    ).stdout.splitlines()
-    env = dict(line.removeprefix("export ").split("=", 1) for line in env_lines)
+    bootstrap, redis_url = service_endpoints()
     results = {}
     for variant in args.variants:
         name, _, spec = variant.partition("=")
         extra = dict(item.split("=", 1) for item in spec.split(",") if item)
         results[name] = {
             "env": extra,
-            **asyncio.run(drain_rate(env["KAFKA_BOOTSTRAP"], env["REDIS_URL"], args.frames, extra)),
+            **asyncio.run(drain_rate(bootstrap, redis_url, args.frames, extra)),
         }
         print(
             f"{name:<12} {results[name]['fps']:7.1f} frames/s  "

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from stream_worker.backends.base import open_backend
+from stream_worker.backends.registry import open_backend
 from stream_worker.preprocess import preprocess_into
 
 

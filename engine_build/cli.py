@@ -110,7 +110,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from stream_worker.backends.base import default_onnx_path
+    from engine_build.default import default_onnx_path
 
     onnx_path = args.onnx or default_onnx_path()
     if not onnx_path.is_file():
@@ -161,14 +161,14 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from engine_build.evaluate import evaluate_engine
-    from stream_worker.backends.base import open_backend
+    from stream_worker.backends.registry import open_backend
     from stream_worker.taxonomy import Taxonomy
 
     if not args.data.is_dir():
         raise ConfigError(f"data folder not found: {args.data}")
     backend = open_backend(args.engine, threads=args.threads)
     try:
-        taxonomy = Taxonomy.load(class_names=backend.info.class_names)
+        taxonomy = Taxonomy.for_engine(backend.info)
         report = evaluate_engine(backend, args.data, taxonomy)
     finally:
         backend.close()
@@ -202,7 +202,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from engine_build.evaluate import compare
     from engine_build.imagefolder import folder_sources
-    from stream_worker.backends.base import open_backend
+    from stream_worker.backends.registry import open_backend
     from stream_worker.taxonomy import Taxonomy
 
     sources = folder_sources(args.data)
@@ -210,7 +210,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     try:
         b = open_backend(args.b)
         try:
-            result = compare(a, b, sources, Taxonomy.load(class_names=a.info.class_names))
+            result = compare(a, b, sources, Taxonomy.for_engine(a.info))
         finally:
             b.close()
     finally:
@@ -229,8 +229,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from engine_build.metadata import read_sidecar
-    from stream_worker.backends.base import verify_engine
+    from stream_worker.backends.registry import verify_engine
+    from stream_worker.backends.sidecar import read_sidecar
 
     sidecar = read_sidecar(args.engine)
     try:
@@ -242,6 +242,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps({**json.loads(sidecar.to_json()), "status": status}, indent=2))
         return 0
     spec = sidecar.spec
+    taxonomy_source = "the model's own" if sidecar.taxonomy else "packaged"
     rows = [
         ("engine", str(args.engine)),
         ("backend", f"{sidecar.backend} {sidecar.runtime_version}"),
@@ -250,7 +251,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         ("model", f"{sidecar.model_name} {sidecar.model_version} ({len(sidecar.class_names)} classes)"),
         ("onnx", f"{sidecar.onnx_path} sha256 {sidecar.onnx_sha256[:16]}..."),
         ("input", f"{sidecar.input_name} 3x{spec.height}x{spec.width} {spec.colour_order}"),
-        ("taxonomy", sidecar.taxonomy_version),
+        ("taxonomy", f"{sidecar.taxonomy_version} ({taxonomy_source})"),
         ("gpu", sidecar.gpu_name or "-"),
         ("created", sidecar.created_at),
         ("status", status),

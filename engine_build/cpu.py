@@ -29,14 +29,8 @@ from engine_build.imagefolder import (
     folder_sources,
     iter_batches,
 )
-from engine_build.metadata import (
-    PRECISIONS,
-    Sidecar,
-    check_batch_profile,
-    make_sidecar,
-    read_onnx_model_info,
-    write_sidecar,
-)
+from engine_build.metadata import check_batch_profile, make_sidecar, read_onnx_model_info, write_sidecar
+from stream_worker.backends.sidecar import PRECISIONS, Sidecar
 from stream_worker.errors import ConfigError, EngineError
 from stream_worker.preprocess import PreprocessSpec
 

@@ -244,6 +244,8 @@ def compare(a: Backend, b: Backend, sources: Sequence[ImageSource], taxonomy: Ta
     """Run both engines on ``sources`` and measure agreement of raw classes and leaf labels."""
     if a.info.spec != b.info.spec:
         raise ConfigError("the two engines expect different preprocessing; they are not the same model")
+    if a.info.class_names != b.info.class_names:
+        raise ConfigError("the two engines have different classes or class orders; they are not one model")
     if not sources:
         raise ConfigError("nothing to compare: no images")
     probs_a = run_engine(a, sources)

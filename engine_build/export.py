@@ -9,7 +9,6 @@ class names travel inside the ONNX ``metadata_props``, so serving never guesses 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -25,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 
+from stream_worker.backends.sidecar import sha256_file
 from stream_worker.errors import ConfigError, EngineError
 from stream_worker.preprocess import PreprocessSpec, preprocess_into
 from stream_worker.taxonomy import load_class_names
@@ -72,15 +72,6 @@ class ExportCheck:
     def passed(self, max_abs_diff: float = MAX_ABS_DIFF) -> bool:
         """True when every top-1 agrees and no probability differs by more than ``max_abs_diff``."""
         return self.top1_agreement == 1.0 and self.max_abs_diff < max_abs_diff
-
-
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _import_torch() -> Any:
@@ -178,7 +169,7 @@ def export_onnx(
         "class_names": json.dumps(names),
         "num_classes": str(len(names)),
         "weights_file": weights.name,
-        "weights_sha256": sha256_of(weights),
+        "weights_sha256": sha256_file(weights),
         "weights_package": f"{WEIGHTS_PACKAGE}=={_version(WEIGHTS_PACKAGE)}",
         "code_package": f"{CODE_PACKAGE}=={_version(CODE_PACKAGE)}",
         "weights_licence": (
@@ -313,5 +304,5 @@ def run_export(out: Path, opset: int = DEFAULT_OPSET) -> Path:
     else:
         print("scikit-image is not installed: skipped the torch vs onnxruntime check on real photos")
     print(f"wrote {out} ({out.stat().st_size} bytes)")
-    print(f"sha256 {sha256_of(out)}")
+    print(f"sha256 {sha256_file(out)}")
     return out

@@ -18,14 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from engine_build.cpu import DEFAULT_CALIBRATION_LIMIT, QuantOptions, calibration_sources, quantize_int8
-from engine_build.metadata import (
-    PRECISIONS,
-    Sidecar,
-    check_batch_profile,
-    make_sidecar,
-    read_onnx_model_info,
-    write_sidecar,
-)
+from engine_build.metadata import check_batch_profile, make_sidecar, read_onnx_model_info, write_sidecar
+from stream_worker.backends.sidecar import PRECISIONS, Sidecar
 from stream_worker.backends.tensorrt import import_tensorrt, runtime_version_and_gpu
 from stream_worker.errors import ConfigError, EngineError
 

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from stream_worker import __version__
+from stream_worker import __version__, opencv_environment
 from stream_worker.errors import ConfigError, EngineError, LookoutError
 from stream_worker.frames import SourceKind
 from stream_worker.settings import Settings, add_flags, as_dict, load_settings
@@ -116,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from(args)
+        # Before any command imports cv2: OpenCV reads its own limits only then.
+        os.environ.update(opencv_environment(settings.batch.max_pixels))
         from stream_worker.observability import setup_logging
 
         setup_logging(settings.ops.log_level, settings.ops.log_format)

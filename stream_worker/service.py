@@ -12,78 +12,17 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
-from redis import exceptions as redis_errors
-
-from stream_worker.backends.base import Backend, open_backend
+from stream_worker.backends.base import Backend
+from stream_worker.backends.registry import default_engine_provider, open_backend
 from stream_worker.errors import ConfigError, LookoutError
-from stream_worker.kafka import check_kafka, ensure_topics, partitions_of, speaks_tls
+from stream_worker.kafka import check_kafka, ensure_topics, partitions_of
 from stream_worker.observability import HealthServer, Metrics
-from stream_worker.settings import Settings, redact_url
-from stream_worker.sinks.counts import RedisCounts, make_redis
-from stream_worker.taxonomy import Taxonomy
+from stream_worker.redis_client import check_redis, make_redis
+from stream_worker.settings import Settings
+from stream_worker.sinks.counts import CountsReader
 from stream_worker.worker import Worker
 
 log = logging.getLogger("lookout.service")
-
-
-async def check_redis(settings: Settings) -> None:
-    """One-line error when Redis cannot be reached, refuses us, or forbids lookout's key prefix."""
-    r = settings.redis
-    where = f"Redis at {redact_url(r.redis_url).split('://', 1)[-1]}"
-    client = make_redis(r)
-    try:
-        await client.ping()
-        # An ACL user limited to other keys would pass PING and fail on the first batch; a read
-        # under the prefix (GET of a key lookout never writes) asks the ACL now.
-        await client.get(f"{r.key_prefix}:preflight")
-    except redis_errors.AuthenticationError as exc:
-        if not r.redis_password_file:
-            raise ConfigError(
-                f"{where} requires a login ({exc}): set REDIS_USERNAME and REDIS_PASSWORD_FILE "
-                "(--redis-username, --redis-password-file)"
-            ) from exc
-        raise ConfigError(
-            f"{where} refused user {r.redis_username or 'default'!r} ({exc}): check REDIS_USERNAME and "
-            f"the password in {r.redis_password_file}"
-        ) from exc
-    except redis_errors.NoPermissionError as exc:
-        raise ConfigError(
-            f"{where}: user {r.redis_username or 'default'!r} may not use keys under '{r.key_prefix}:' "
-            f"({exc}): set --key-prefix / LOOKOUT_KEY_PREFIX to the prefix its ACL allows, or widen the ACL"
-        ) from exc
-    except redis_errors.RedisError as exc:
-        raise await _redis_connection_problem(settings, where, exc) from exc
-    finally:
-        await client.aclose()
-
-
-async def _redis_connection_problem(settings: Settings, where: str, exc: BaseException) -> ConfigError:
-    """Name the TLS mistake behind a failed Redis connection, or say it is unreachable."""
-    r = settings.redis
-    text = " ".join(str(exc).split())
-    if "CERTIFICATE_VERIFY_FAILED" in text:
-        reason = text.split("certificate verify failed:", 1)[-1].split("(_ssl", 1)[0].strip(" .")
-        return ConfigError(
-            f"{where}: the server's TLS certificate is not trusted ({reason}): set --redis-ca-file / "
-            f"REDIS_CA_FILE to the CA that signed it (now {r.redis_ca_file or 'the system CAs'})"
-        )
-    if r.redis_url.startswith("redis://") and "refused" not in text.lower():
-        host, port = _url_address(r.redis_url)
-        if port and await speaks_tls(host, port, 5.0):
-            return ConfigError(
-                f"{where} expects TLS but --redis-url is redis://: use rediss:// and set --redis-ca-file"
-            )
-    return ConfigError(
-        f"cannot reach {where} ({exc.__class__.__name__}): "
-        "start it (scripts/services up) or fix --redis-url / REDIS_URL"
-    )
-
-
-def _url_address(url: str) -> tuple[str, int]:
-    """Host and port of a redis:// URL (0 when the URL names no port)."""
-    hostport = url.split("://", 1)[-1].rpartition("@")[2].split("/", 1)[0]
-    host, _, port = hostport.rpartition(":")
-    return (host.strip("[]"), int(port)) if port.isdigit() else (hostport, 0)
 
 
 async def check_frames_topics(settings: Settings) -> None:
@@ -115,10 +54,15 @@ async def prepare_topics(settings: Settings) -> None:
 
 
 def check_engine(settings: Settings) -> Path | None:
-    """The configured engine file (None: the default CPU engine); one line when it does not exist."""
+    """The configured engine file (None: the default CPU engine); one line when it does not exist.
+
+    With no engine named, one line too when no provider of the default engine is installed.
+    """
     e = settings.engine
     engine = Path(e.engine) if e.engine else None
-    if engine is not None and not engine.exists():
+    if engine is None:
+        default_engine_provider()
+    elif not engine.exists():
         raise ConfigError(
             f"engine {engine} does not exist: build it with `engine-build build ... --out {engine}` "
             "or leave --engine empty for the default CPU engine"
@@ -147,7 +91,6 @@ async def run_worker(settings: Settings, stop: asyncio.Event, *, create_topics: 
     worker = Worker(
         settings,
         backend_factory=lambda: backend_factory(settings),
-        taxonomy=Taxonomy.load(),
         metrics=metrics,
         create_topics=create_topics,
     )
@@ -198,9 +141,7 @@ async def read_counts(settings: Settings, source_id: str, window: str) -> dict[s
     """The counts of one source as plain data (the ``counts --json`` format)."""
     client = make_redis(settings.redis)
     try:
-        counts = RedisCounts(
-            client, key_prefix=settings.redis.key_prefix, ttl_s=settings.redis.counts_ttl_s, event_gap_ms=0
-        )
+        counts = CountsReader(client, key_prefix=settings.redis.key_prefix)
         try:
             windows = await counts.read(source_id, window)
         except LookoutError as exc:

@@ -19,6 +19,8 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from stream_worker.backends.cache import default_cache_dir
+from stream_worker.counting import WindowSpec
 from stream_worker.errors import ConfigError
 
 REDACTED = "***"
@@ -83,6 +85,21 @@ class TopicSettings:
         "replication factor of output topics the worker creates (use 3 in production)",
     )
 
+    @classmethod
+    def named_after(cls, frames_topic: str, **overrides: Any) -> TopicSettings:
+        """Topics of one isolated pipeline: ``T`` in, ``T.labels``, ``T.counts``, ``T.review`` out.
+
+        The one naming convention for per-run topics (tests, benchmarks, the demo), so that a
+        harness never spells the suffixes itself.
+        """
+        return cls(
+            frames_topic=[frames_topic],
+            labels_topic=f"{frames_topic}.labels",
+            counts_topic=f"{frames_topic}.counts",
+            review_topic=f"{frames_topic}.review",
+            **overrides,
+        )
+
     def output_topics(self) -> list[str]:
         """Every topic the worker produces to: labels, counts, review, and the dead-letter topic
         of each named frames topic (a ``frames_pattern``'s are only known as frames arrive)."""
@@ -109,9 +126,7 @@ class EngineSettings:
     """Which engine classifies the frames."""
 
     engine: str = opt("", "LOOKOUT_ENGINE", "engine file; empty = the default CPU engine, built on first use")
-    cache_dir: str = opt(
-        str(Path.home() / ".cache" / "lookout"), "LOOKOUT_CACHE_DIR", "where default engines are cached"
-    )
+    cache_dir: str = opt(str(default_cache_dir()), "LOOKOUT_CACHE_DIR", "where default engines are cached")
     inference_threads: int = opt(
         0, "LOOKOUT_INFERENCE_THREADS", "intra-op threads for ONNX Runtime (0 = auto)"
     )
@@ -170,6 +185,16 @@ class CountSettings:
     thumbnail_ttl_s: int = opt(
         300, "LOOKOUT_THUMBNAIL_TTL_S", "life of each source's latest-frame thumbnail in Redis"
     )
+
+    @property
+    def window_specs(self) -> tuple[WindowSpec, ...]:
+        """The configured windows, parsed (``1m`` -> 60,000 ms); the one place they are parsed."""
+        return tuple(WindowSpec.parse(w) for w in self.windows)
+
+    @property
+    def event_gap_ms(self) -> int:
+        """The camera-trap sequence gap in milliseconds."""
+        return int(self.event_gap_s * 1000)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,15 +10,22 @@ Single-label mode rolls a weak leaf up the tree the way SpeciesNet rolls a low-c
 species up to genus and family: the answer is the most specific label whose score passes
 the threshold, and ``unknown`` when not even a root passes. Multi-label mode returns every
 label that passes its own threshold.
+
+Serving binds the taxonomy to the engine (:meth:`Taxonomy.for_engine`): the engine's own class
+names decide which output column a mapped class is, so an engine with its classes in another
+order is labelled correctly, one that lacks a mapped class is refused, and one that carries its
+own taxonomy (a model with its own label set) is labelled with that.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -27,12 +34,16 @@ import yaml
 from stream_worker.errors import ConfigError, EngineError
 from stream_worker.frames import ClassScore, FrameLabels, LabelScore
 
+if TYPE_CHECKING:
+    from stream_worker.backends.base import EngineInfo
+
 UNKNOWN = "unknown"
 """The label of a frame that no label of the taxonomy explains well enough."""
 
 _DATA = "data"
 _TAXONOMY_FILE = "taxonomy.yaml"
 _CLASSES_FILE = "imagenet_classes.txt"
+_PACKAGED_ORIGIN = f"stream_worker/{_DATA}/{_TAXONOMY_FILE}"
 
 
 def _read_packaged(name: str) -> str:
@@ -98,9 +109,49 @@ def _parse(doc: Any, origin: str) -> _Spec:
     return _Spec(version, tuple(parents), parents, classes, notes)
 
 
+def _read_document(path: Path | None) -> Any:
+    """The YAML document at ``path`` (``None``: the packaged taxonomy), not yet validated."""
+    origin = str(path) if path is not None else _PACKAGED_ORIGIN
+    try:
+        text = path.read_text(encoding="utf-8") if path is not None else _read_packaged(_TAXONOMY_FILE)
+        return yaml.safe_load(text)
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read taxonomy {origin}: {exc}") from exc
+
+
+def _matched_by_name(spec: _Spec, names: tuple[str, ...], origin: str) -> _Spec:
+    """``spec`` with every mapped class at its index in ``names``; refuses what cannot match."""
+    mapped = {name for pairs in spec.classes.values() for _, name in pairs}
+    repeated = sorted(name for name, count in Counter(names).items() if count > 1 and name in mapped)
+    if repeated:
+        raise EngineError(
+            f"{origin}: the mapped class names {', '.join(map(repr, repeated[:3]))} repeat among its "
+            f"{len(names)} classes, so taxonomy {spec.version} cannot tell which to count"
+        )
+    index = {name: i for i, name in enumerate(names)}
+    missing = [
+        (name, label) for label, pairs in spec.classes.items() for _, name in pairs if name not in index
+    ]
+    if missing:
+        shown = ", ".join(f"{name!r} ({label})" for name, label in missing[:3])
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise EngineError(
+            f"{origin} lacks {len(missing)} of the classes taxonomy {spec.version} maps: {shown}{more}; "
+            "serve an engine whose model has them, or one that carries its own taxonomy"
+        )
+    classes = {
+        label: tuple((index[name], name) for _, name in pairs) for label, pairs in spec.classes.items()
+    }
+    return dataclasses.replace(spec, classes=classes)
+
+
 @dataclass(frozen=True, eq=False)
 class Taxonomy:
-    """A loaded, validated label map. Build it with :meth:`load`; it is immutable and thread-safe."""
+    """A loaded, validated label map; immutable and thread-safe.
+
+    Serving builds it with :meth:`for_engine`, from the engine's own class names; :meth:`load`
+    reads a taxonomy for a model in the packaged ImageNet class order.
+    """
 
     version: str
     labels: tuple[str, ...]
@@ -114,6 +165,11 @@ class Taxonomy:
     _height: npt.NDArray[np.float32] = field(repr=False)
     _paths: dict[str, tuple[str, ...]] = field(repr=False)
 
+    @property
+    def parent_labels(self) -> frozenset[str]:
+        """Every label that is some label's parent (``vehicle``, ``animal``, ``mammal``)."""
+        return frozenset(p for p in self.parents.values() if p)
+
     @classmethod
     def load(cls, path: Path | None = None, class_names: Sequence[str] | None = None) -> Taxonomy:
         """Load the taxonomy (default: the packaged one) for a model with ``class_names``.
@@ -122,15 +178,45 @@ class Taxonomy:
         packaged ImageNet-1k list. Every mapped class's name must match the model's name at that
         index, so a model with a different class order is refused instead of mislabelling.
         """
-        origin = str(path) if path is not None else f"stream_worker/{_DATA}/{_TAXONOMY_FILE}"
-        try:
-            text = path.read_text(encoding="utf-8") if path is not None else _read_packaged(_TAXONOMY_FILE)
-            doc = yaml.safe_load(text)
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read taxonomy {origin}: {exc}") from exc
-        spec = _parse(doc, origin)
+        origin = str(path) if path is not None else _PACKAGED_ORIGIN
+        spec = _parse(_read_document(path), origin)
         names = tuple(class_names) if class_names is not None else load_class_names()
         return cls._build(spec, names, origin)
+
+    @classmethod
+    def for_engine(cls, info: EngineInfo) -> Taxonomy:
+        """The taxonomy that labels the engine ``info`` describes; see :meth:`for_classes`.
+
+        The engine's own taxonomy when its sidecar carries one (a model with its own label
+        set, e.g. a fine-tuned one), else the packaged one, matched to the engine's class names.
+        """
+        return cls.for_classes(info.class_names, info.taxonomy, origin=f"engine {info.path}")
+
+    @classmethod
+    def for_classes(
+        cls,
+        class_names: Sequence[str],
+        document: Mapping[str, Any] | None = None,
+        *,
+        origin: str = "the model",
+    ) -> Taxonomy:
+        """The taxonomy ``document`` (default: the packaged one) for a model with ``class_names``.
+
+        Each mapped class is found in ``class_names`` by its name; the index written beside the
+        name in the document is not used. So a model whose classes come in another order is
+        labelled exactly as one in the original order, scores included. A model class that
+        the taxonomy does not map counts towards ``unknown``, as unmapped ImageNet classes do.
+
+        A class the taxonomy maps but the model lacks (a class dropped, or another class set
+        altogether) is refused with a one-line ``EngineError`` naming the missing classes and
+        their labels, rather than served: that label's scores would silently lose the class.
+        A mapped class name that repeats among ``class_names`` is refused too, since it could
+        not be matched. ``origin`` names the model in those messages.
+        """
+        where = _PACKAGED_ORIGIN if document is None else f"the taxonomy of {origin}"
+        spec = _parse(_read_document(None) if document is None else document, where)
+        names = tuple(str(name) for name in class_names)
+        return cls._build(_matched_by_name(spec, names, origin), names, where)
 
     @classmethod
     def _build(cls, spec: _Spec, names: tuple[str, ...], origin: str) -> Taxonomy:
@@ -199,21 +285,6 @@ class Taxonomy:
             return self._paths[label]
         except KeyError:
             raise ConfigError(f"unknown taxonomy label {label!r}; known: {', '.join(self.labels)}") from None
-
-    def ancestors(self, label: str) -> tuple[str, ...]:
-        """The labels a frame labelled ``label`` also counts for, nearest parent first."""
-        return tuple(reversed(self.path(label)[:-1]))
-
-    def leaf_parents(self) -> dict[str, str | None]:
-        """Leaf -> its parent (``None`` for a root leaf such as ``person``), for per-parent counts."""
-        return {leaf: self.parents[leaf] for leaf in self.leaves}
-
-    def classes_of(self, label: str) -> tuple[int, ...]:
-        """Indices of the classes that count towards ``label`` (directly or through a child)."""
-        self.path(label)  # raises ConfigError for a label that does not exist
-        if label == UNKNOWN:
-            return tuple(int(i) for i in np.flatnonzero(self._mapped == 0.0))
-        return tuple(int(i) for i in np.flatnonzero(self._membership[:, self.labels.index(label)]))
 
     # -- scoring -----------------------------------------------------------------------------
 

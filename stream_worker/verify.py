@@ -7,7 +7,7 @@ The verifier reads, each up to the end offsets it finds when it starts (a bounde
   ``topic/partition/offset`` as the worker defaults it);
 * the labels topic and the dead-letter topic(s): what came out, by frame id;
 * the counts topic, latest record per key (what compaction keeps);
-* the Redis counts, through :class:`~stream_worker.sinks.counts.RedisCounts`.
+* the Redis counts, through :class:`~stream_worker.sinks.counts.CountsReader`.
 
 It recomputes the counts from the *distinct* labelled frames with the pure reference
 functions of :mod:`stream_worker.counting` (window counts from :func:`count_deltas`, camera-trap
@@ -40,8 +40,9 @@ from stream_worker import codec, counting
 from stream_worker.errors import BadFrame, LookoutError, ServiceUnavailable
 from stream_worker.frames import LabelScore, SourceKind
 from stream_worker.kafka import client_kwargs, partitions_of, unreachable
+from stream_worker.redis_client import make_redis
 from stream_worker.settings import Settings
-from stream_worker.sinks.counts import RedisCounts, make_redis
+from stream_worker.sinks.counts import CountsReader
 from stream_worker.taxonomy import Taxonomy
 
 # Fields of a label record that may differ between two records of the same frame: when and how
@@ -386,12 +387,7 @@ async def read_redis_counts(
     """Every count of every source under the key prefix, summed over partitions."""
     client = make_redis(settings.redis)
     try:
-        counts = RedisCounts(
-            client,
-            key_prefix=settings.redis.key_prefix,
-            ttl_s=settings.redis.counts_ttl_s,
-            event_gap_ms=1,  # unused when reading
-        )
+        counts = CountsReader(client, key_prefix=settings.redis.key_prefix)
         out: dict[CountKey, dict[str, int]] = {}
         for source in await counts.sources():
             for window in windows:
@@ -413,10 +409,9 @@ async def verify(settings: Settings, *, parent_labels: frozenset[str] | None = N
     t = settings.topics
     if not t.frames_topic:
         raise LookoutError("verify needs --frames-topic (a pattern cannot be read to its end)")
-    windows = [counting.WindowSpec.parse(w) for w in settings.counts.windows]
+    windows = settings.counts.window_specs
     if parent_labels is None:
-        taxonomy = Taxonomy.load()
-        parent_labels = frozenset(p for p in taxonomy.parents.values() if p)
+        parent_labels = Taxonomy.load().parent_labels
     dlq_topics = sorted({t.dlq_topic.format(topic=topic) for topic in t.frames_topic})
     reads = await asyncio.gather(
         *[read_to_end(settings, topic) for topic in t.frames_topic],
@@ -446,7 +441,7 @@ async def verify(settings: Settings, *, parent_labels: frozenset[str] | None = N
         labels,
         dead,
         windows=windows,
-        gap_ms=int(settings.counts.event_gap_s * 1000),
+        gap_ms=settings.counts.event_gap_ms,
         redis_counts=redis_counts,
         topic_counts=topic_counts,
         parent_labels=parent_labels,

@@ -1,22 +1,12 @@
 """Inference backends: ONNX Runtime on the CPU, TensorRT on NVIDIA GPUs.
 
-Open an engine with :func:`open_backend`; its sidecar decides which backend runs it.
+One module per concern, imported directly (this package file imports nothing, so that the
+settings can read the cache default without loading numpy and OpenCV):
+
+- ``base``: the ``Backend`` protocol, ``EngineInfo``, ``check_batch``
+- ``registry``: ``open_backend`` (the engine's sidecar picks the backend), ``verify_engine``,
+  and the lookup of the default-engine provider
+- ``sidecar``: reading engine sidecars and checking them against this machine
+- ``cache``: the default cache directory
+- ``onnxruntime``, ``tensorrt``: the backends themselves
 """
-
-from stream_worker.backends.base import (
-    Backend,
-    EngineInfo,
-    default_engine_path,
-    default_onnx_path,
-    ensure_default_engine,
-    open_backend,
-)
-
-__all__ = [
-    "Backend",
-    "EngineInfo",
-    "default_engine_path",
-    "default_onnx_path",
-    "ensure_default_engine",
-    "open_backend",
-]

@@ -1,7 +1,8 @@
-"""The Backend protocol, the engine description, and the factory that opens an engine.
+"""The Backend protocol and the description of an opened engine.
 
-An engine is a file plus its sidecar JSON (see ``engine_build.metadata``); the sidecar
-names the backend that runs it, so callers never choose a backend class themselves.
+An engine is a file plus its sidecar JSON (``stream_worker.backends.sidecar``); the sidecar
+names the backend that runs it, and ``stream_worker.backends.registry.open_backend`` picks
+it, so callers never choose a backend class themselves.
 
 Threading: a backend is owned by exactly one thread (the worker's inference thread, which
 for TensorRT also owns the CUDA context). Backends hold no locks; do not share one between
@@ -10,23 +11,16 @@ threads, open one per thread instead.
 
 from __future__ import annotations
 
-import fcntl
-import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from engine_build.metadata import Sidecar, check_compatible, read_sidecar, sha256_file
+from stream_worker.backends.sidecar import Sidecar
 from stream_worker.errors import EngineError
 from stream_worker.preprocess import PreprocessSpec
-
-log = logging.getLogger(__name__)
-
-DEFAULT_MODEL_FILE = "efficientnet_lite0.onnx"
-DEFAULT_ENGINE_FILE = "efficientnet_lite0-onnxruntime-fp32.onnx"
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +40,8 @@ class EngineInfo:
     class_names: tuple[str, ...]
     onnx_sha256: str
     taxonomy_version: str
+    taxonomy: dict[str, Any] | None = None
+    """The model's own taxonomy document, when it carries one (see ``Sidecar.taxonomy``)."""
 
     @classmethod
     def from_sidecar(cls, path: Path, sidecar: Sidecar) -> EngineInfo:
@@ -64,6 +60,7 @@ class EngineInfo:
             class_names=sidecar.class_names,
             onnx_sha256=sidecar.onnx_sha256,
             taxonomy_version=sidecar.taxonomy_version,
+            taxonomy=sidecar.taxonomy,
         )
 
     @property
@@ -101,118 +98,3 @@ def check_batch(batch: npt.NDArray[np.float32], info: EngineInfo) -> int:
     if not 1 <= size <= info.max_batch:
         raise EngineError(f"batch size {size} is outside the engine's profile 1..{info.max_batch}")
     return size
-
-
-def default_cache_dir() -> Path:
-    """Where engines are cached when settings name no directory: ``~/.cache/lookout``."""
-    return Path.home() / ".cache" / "lookout"
-
-
-def default_engine_path(cache_dir: Path | None = None) -> Path:
-    """Path of the default CPU engine (fp32, ONNX Runtime) inside ``cache_dir``."""
-    return (cache_dir or default_cache_dir()) / "engines" / DEFAULT_ENGINE_FILE
-
-
-def default_onnx_path() -> Path:
-    """Locate the committed ONNX model.
-
-    Looked up next to the source tree (``<repo>/models``, which also covers editable
-    installs) and then inside the package (``stream_worker/data``, for wheels that ship it).
-    """
-    package_dir = Path(__file__).resolve().parent.parent
-    candidates = (
-        package_dir.parent / "models" / DEFAULT_MODEL_FILE,
-        package_dir / "data" / DEFAULT_MODEL_FILE,
-    )
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise EngineError(
-        f"the model {DEFAULT_MODEL_FILE} was not found in {' or '.join(str(c.parent) for c in candidates)}; "
-        "pass --engine PATH, or export it with `engine-build export --out models/efficientnet_lite0.onnx`"
-    )
-
-
-def _runtime_version(backend: str) -> tuple[str, str | None]:
-    """Version of the runtime that would load ``backend`` engines, and the GPU name if any."""
-    if backend == "onnxruntime":
-        import onnxruntime
-
-        return str(onnxruntime.__version__), None
-    if backend == "tensorrt":
-        from stream_worker.backends.tensorrt import runtime_version_and_gpu
-
-        return runtime_version_and_gpu()
-    raise EngineError(f"unknown backend {backend!r} in engine sidecar; expected onnxruntime or tensorrt")
-
-
-def verify_engine(engine_path: Path) -> Sidecar:
-    """Read the sidecar of ``engine_path`` and check it against this runtime and its ONNX.
-
-    Raises ``EngineError`` (saying how to rebuild) when anything does not match.
-    """
-    sidecar = read_sidecar(engine_path)
-    runtime_version, gpu_name = _runtime_version(sidecar.backend)
-    onnx_path = Path(sidecar.onnx_path)
-    onnx_sha = sha256_file(onnx_path) if onnx_path.is_file() else None
-    check_compatible(
-        sidecar,
-        runtime_version,
-        onnx_sha,
-        engine_path=engine_path,
-        engine_sha=sha256_file(engine_path),
-        gpu_name=gpu_name,
-    )
-    return sidecar
-
-
-def open_backend(
-    engine_path: Path | None,
-    *,
-    threads: int | None = None,
-    cache_dir: Path | None = None,
-) -> Backend:
-    """Open the engine at ``engine_path`` with the backend its sidecar names.
-
-    ``None`` means the default CPU engine in ``cache_dir``, built on first use.
-    ``threads`` sets ONNX Runtime's intra-op threads (``None``: one per core).
-    """
-    path = ensure_default_engine(cache_dir or default_cache_dir()) if engine_path is None else engine_path
-    sidecar = verify_engine(path)
-    info = EngineInfo.from_sidecar(path, sidecar)
-    if sidecar.backend == "onnxruntime":
-        from stream_worker.backends.onnxruntime import OnnxRuntimeBackend
-
-        return OnnxRuntimeBackend(info, threads=threads)
-    from stream_worker.backends.tensorrt import TensorRTBackend
-
-    return TensorRTBackend(info)
-
-
-def ensure_default_engine(cache_dir: Path, *, onnx_path: Path | None = None) -> Path:
-    """Return the default fp32 CPU engine in ``cache_dir``, building it when missing or stale.
-
-    The cache is ours, so a stale default engine (new ONNX Runtime, new model) is rebuilt
-    instead of failing. A file lock keeps two workers starting together from building twice.
-    """
-    engine_path = default_engine_path(cache_dir)
-    engine_path.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = engine_path.with_name(engine_path.name + ".lock")
-    with lock_path.open("a") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        try:
-            source = onnx_path or default_onnx_path()
-            try:
-                sidecar = verify_engine(engine_path)
-                if Path(sidecar.onnx_path).resolve() == source.resolve():
-                    return engine_path
-            except EngineError as exc:
-                if engine_path.exists():
-                    log.info("rebuilding the default engine: %s", exc)
-            from engine_build.cpu import build_cpu_engine
-
-            log.info("building the default CPU engine %s from %s", engine_path, source)
-            build_cpu_engine(source, engine_path, precision="fp32")
-            return engine_path
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)

@@ -1,6 +1,6 @@
 """What the dashboard shows, read from Redis as plain JSON-ready data.
 
-The worker writes a live view per source (``<prefix>:live:*``, see ``Worker._publish_live``)
+The worker writes a live view per source (``<prefix>:live:*``, ``sinks/live.py``, keys in ``live_keys.py``)
 and the exactly-once window counts (``sinks/counts.py``). This module only reads them. Rates
 (frames/s, dead letters/s) are not stored anywhere: they are derived here from successive
 readings of the cumulative counters, so every dashboard replica computes them on its own.
@@ -20,7 +20,9 @@ import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
 from stream_worker.errors import ConfigError
-from stream_worker.sinks.counts import RedisCounts, redis_failure
+from stream_worker.live_keys import LiveKeys
+from stream_worker.redis_client import redis_failure
+from stream_worker.sinks.counts import CountsReader
 
 RATE_HORIZON_S = 10.0
 """Throughput is averaged over about this many seconds of readings."""
@@ -109,13 +111,13 @@ class LiveView:
         # redis-py's async typing is loose; replies used here are plain bytes.
         self._client: Any = client
         self._prefix = key_prefix
-        self._live = f"{key_prefix}:live"
+        self._keys = LiveKeys(key_prefix)
         self.windows = tuple(windows)
         # The taxonomy's hierarchy: the page stacks leaves and shows what a group counted
         # beyond its children (frames rolled up to "vehicle" when no type was sure enough).
         self._parents = {k: v for k, v in (parents or {}).items() if v}
         # ttl and event gap only matter for writes; the dashboard never writes counts.
-        self._counts = RedisCounts(client, key_prefix=key_prefix, ttl_s=1, event_gap_ms=0)
+        self._counts = CountsReader(client, key_prefix=key_prefix)
         self._rates = RateTracker()
         self._clock_s = clock_s
         self._wall_ms = wall_ms
@@ -131,7 +133,7 @@ class LiveView:
         """Every source with counts or a live view, sorted."""
         try:
             async with self._client.pipeline(transaction=False) as pipe:
-                pipe.smembers(f"{self._live}:sources")
+                pipe.smembers(self._keys.sources)
                 pipe.smembers(f"{self._prefix}:sources")
                 live, counted = await pipe.execute()
         except redis_errors.RedisError as exc:
@@ -144,7 +146,7 @@ class LiveView:
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 for source in ids:
-                    pipe.hget(f"{self._live}:stats:{source}", "kind")
+                    pipe.hget(self._keys.stats(source), "kind")
                 kinds = await pipe.execute()
         except redis_errors.RedisError as exc:
             raise redis_failure(exc) from exc
@@ -163,9 +165,9 @@ class LiveView:
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 for source in ids:
-                    pipe.hgetall(f"{self._live}:stats:{source}")
-                    pipe.get(f"{self._live}:frame:{source}")
-                    pipe.exists(f"{self._live}:thumb:{source}")
+                    pipe.hgetall(self._keys.stats(source))
+                    pipe.get(self._keys.frame(source))
+                    pipe.exists(self._keys.thumb(source))
                 replies = await pipe.execute()
         except redis_errors.RedisError as exc:
             raise redis_failure(exc) from exc
@@ -214,7 +216,7 @@ class LiveView:
         labels = sorted({name for w in windows for name in w.labels})
         species = sorted({name for w in windows for name in w.events})
         try:
-            kind = await self._client.hget(f"{self._live}:stats:{source}", "kind")
+            kind = await self._client.hget(self._keys.stats(source), "kind")
         except redis_errors.RedisError as exc:
             raise redis_failure(exc) from exc
         return {
@@ -237,7 +239,7 @@ class LiveView:
     async def thumbnail(self, source: str) -> bytes | None:
         """The latest JPEG thumbnail of a source, or ``None`` when it expired or never existed."""
         try:
-            data = await self._client.get(f"{self._live}:thumb:{source}")
+            data = await self._client.get(self._keys.thumb(source))
         except redis_errors.RedisError as exc:
             raise redis_failure(exc) from exc
         return bytes(data) if data is not None else None

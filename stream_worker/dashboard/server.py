@@ -324,7 +324,7 @@ async def start_dashboard(
     Returns the running server (``.url`` says where; ``await server.stop()`` ends it). This is
     what ``stream-worker dashboard`` runs, and what the demo calls to show its run live.
     """
-    from stream_worker.sinks.counts import make_redis
+    from stream_worker.redis_client import make_redis
 
     client = make_redis(settings.redis)
     view = LiveView(

@@ -1,0 +1,181 @@
+"""The worker's outputs, one file each, all with an idempotent ``write(batch)``.
+
+=====================  ==========================================================================
+``topics.py``          labels, review samples and dead letters (``FrameTopicsSink``); the
+                       absolute window counts on the compacted counts topic (``WindowCountsSink``)
+``counts.py``          the exactly-once Redis counts (``CountsSink``, with ``counts.lua``)
+``live.py``            the dashboard's live view (best effort, after the commit)
+=====================  ==========================================================================
+
+:class:`Outputs` owns the clients they share (one producer, one Redis client) and lists the
+sinks in the order a batch must pass them before its offsets may be committed. Each sink's write
+is retried on its own (:class:`Retrier`), so a failure re-runs only the sink that failed; a sink
+that succeeded is never written twice for the same batch by the same worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import Executor
+from typing import Protocol
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from stream_worker.errors import LookoutError
+from stream_worker.faults import Faults
+from stream_worker.kafka import ensure_topics, make_producer
+from stream_worker.observability import Metrics
+from stream_worker.pipeline import Batch
+from stream_worker.redis_client import make_redis
+from stream_worker.settings import Settings
+from stream_worker.sinks.counts import CountsSink, CountsWriter
+from stream_worker.sinks.live import LiveViewSink
+from stream_worker.sinks.topics import FrameTopicsSink, WindowCountsSink
+
+log = logging.getLogger("lookout.sinks")
+
+
+class Sink(Protocol):
+    """An output of the worker. ``write`` is idempotent: running it twice for a batch is safe."""
+
+    name: str
+
+    async def write(self, batch: Batch) -> None:
+        """Write the batch's part of this output; raise a retriable ``LookoutError`` to be retried."""
+        ...
+
+
+class Outputs:
+    """Every sink of the worker and the clients they share."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        model: Callable[[], Mapping[str, str]],
+        metrics: Metrics,
+        executor: Executor,
+        faults: Faults | None = None,
+        create_topics: bool = True,
+    ) -> None:
+        self._settings = settings
+        self._create_topics = create_topics
+        # Dead-letter topics known to exist: with --frames-pattern, a new frames topic's one is
+        # made on its first bad frame (unless create_topics is off, as with --no-create-topics).
+        self._dead_letter_topics: set[str] = set()
+        faults = faults or Faults(settings.faults)
+        self.redis = make_redis(settings.redis)
+        self.producer: AIOKafkaProducer = make_producer(settings.kafka, client_id_suffix="worker")
+        self.counts = CountsWriter.from_settings(self.redis, settings)
+        self.windows = WindowCountsSink(self.producer, settings.topics.counts_topic, self.counts)
+        frames = FrameTopicsSink(
+            self.producer,
+            settings,
+            model=model,
+            metrics=metrics,
+            ensure_topics=self._ensure_dead_letter_topics,
+        )
+        counts = CountsSink(self.counts, skipped=metrics.counts_skipped.inc)
+        self.before_commit: list[Sink] = [
+            faults.sink(frames, "labels"),
+            faults.sink(counts, "counts"),
+            self.windows,
+        ]
+        self.live = LiveViewSink(self.redis, settings, model=model, executor=executor)
+
+    async def open(self) -> None:
+        """Connect the producer (Redis connects on first use)."""
+        await self.producer.start()
+
+    async def close(self) -> None:
+        """Flush and close the producer, close the Redis client."""
+        try:
+            await self.producer.stop()
+        except KafkaError as exc:
+            log.warning("producer stop failed: %s", exc)
+        await self.redis.aclose()
+
+    async def _ensure_dead_letter_topics(self, wanted: set[str]) -> None:
+        missing = wanted - self._dead_letter_topics
+        if not missing:
+            return
+        if self._create_topics:
+            await ensure_topics(
+                self._settings.kafka,
+                {name: (1, {}) for name in sorted(missing)},
+                replication=self._settings.topics.topic_replication,
+                running=True,
+            )
+        self._dead_letter_topics |= missing
+
+
+class Retrier:
+    """Retries a retriable failure with exponential backoff; anything else is raised at once.
+
+    ``abandon`` (the worker's shutdown past its drain deadline) cuts an attempt in flight and
+    stops retrying: the frames stay uncommitted and the next owner reads them again.
+    """
+
+    def __init__(
+        self,
+        *,
+        retry_max_s: float,
+        metrics: Metrics,
+        abandon: asyncio.Event | None = None,
+        pending: Callable[[], int] = lambda: 0,
+    ) -> None:
+        self._retry_max_s = retry_max_s
+        self._metrics = metrics
+        self._abandon = abandon or asyncio.Event()
+        self._pending = pending
+
+    async def run(self, step: Callable[[], Awaitable[None]]) -> None:
+        """Run ``step`` until it succeeds."""
+        delay = 0.2
+        while True:
+            try:
+                await self._unless_abandoned(step)
+                return
+            except LookoutError as exc:
+                if not exc.retriable:
+                    raise
+                if self._abandon.is_set():
+                    raise self._abandoned() from exc
+                self._metrics.retries.labels(exc.__class__.__name__).inc()
+                log.warning("sink write failed, retrying in %.1fs: %s", delay, exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._abandon.wait(), timeout=delay)
+                delay = min(delay * 2, self._retry_max_s)
+
+    async def _unless_abandoned(self, step: Callable[[], Awaitable[None]]) -> None:
+        attempt = asyncio.ensure_future(step())
+        abandoned = asyncio.ensure_future(self._abandon.wait())
+        try:
+            await asyncio.wait({attempt, abandoned}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            abandoned.cancel()
+        if not attempt.done():
+            attempt.cancel()
+            with contextlib.suppress(asyncio.CancelledError, LookoutError):
+                await attempt
+            raise self._abandoned()
+        attempt.result()
+
+    def _abandoned(self) -> LookoutError:
+        return LookoutError(
+            f"shutdown: drain deadline passed with {self._pending()} frames uncommitted "
+            "(they will be read again by the next worker)"
+        )
+
+
+async def deliver(batch: Batch, outputs: Outputs, retrier: Retrier) -> None:
+    """Write ``batch`` to every sink that must have it before a commit, each retried on its own."""
+    for sink in outputs.before_commit:
+        await retrier.run(lambda sink=sink: sink.write(batch))  # type: ignore[misc]
+
+
+__all__ = ["Outputs", "Retrier", "Sink", "deliver"]

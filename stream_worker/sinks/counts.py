@@ -20,42 +20,22 @@ Count keys expire after ``ttl_s``; the directory sets are refreshed on every wri
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
-from stream_worker.errors import LookoutError, ServiceUnavailable
-from stream_worker.settings import RedisSettings, read_secret
+from stream_worker.counting import CountedFrame, WindowCounts, merge
+from stream_worker.redis_client import redis_failure
+from stream_worker.settings import Settings
+
+if TYPE_CHECKING:
+    from stream_worker.pipeline import Batch
 
 LUA_SOURCE = resources.files("stream_worker.sinks").joinpath("counts.lua").read_text()
-
-
-@dataclass(frozen=True, slots=True)
-class CountedFrame:
-    """One classified frame's contribution to the counts."""
-
-    offset: int
-    source_id: str
-    captured_at_ms: int
-    labels: tuple[str, ...]
-    event_labels: tuple[str, ...] | None
-
-
-@dataclass(frozen=True, slots=True)
-class WindowCounts:
-    """Absolute counts of one source in one window."""
-
-    source_id: str
-    window: str
-    start_ms: int
-    frames: int
-    labels: dict[str, int] = field(default_factory=dict)
-    events: dict[str, int] = field(default_factory=dict)
-    key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,129 +43,21 @@ class ApplyResult:
     """What one partition-batch did to Redis."""
 
     applied: int
-    watermark: int
     windows: tuple[WindowCounts, ...]
 
 
-def redis_failure(exc: Exception) -> LookoutError:
-    """Map a redis-py exception to lookout's tree: connection trouble is retriable."""
-    if isinstance(
-        exc, redis_errors.ConnectionError | redis_errors.TimeoutError | redis_errors.BusyLoadingError
-    ):
-        return ServiceUnavailable(f"Redis unavailable: {exc}")
-    if isinstance(exc, redis_errors.AuthenticationError | redis_errors.NoPermissionError):
-        return LookoutError(
-            f"Redis refused lookout's credentials: {exc}; check REDIS_USERNAME/REDIS_PASSWORD_FILE"
-        )
-    if isinstance(exc, redis_errors.ReadOnlyError | redis_errors.TryAgainError):
-        return ServiceUnavailable(f"Redis not writable right now: {exc}")
-    return LookoutError(f"Redis error: {exc}")
+class CountsReader:
+    """Reads lookout's counts (the ``counts`` command, verify, the dashboard)."""
 
-
-def make_redis(settings: RedisSettings) -> aioredis.Redis:
-    """A Redis client from the settings (ACL user, password file, TLS CA), with timeouts."""
-    options: dict[str, Any] = {"socket_timeout": 10, "socket_connect_timeout": 5, "health_check_interval": 15}
-    if settings.redis_username:
-        options["username"] = settings.redis_username
-    if settings.redis_password_file:
-        options["password"] = read_secret(settings.redis_password_file, "the Redis password")
-    if settings.redis_url.startswith("rediss://") and settings.redis_ca_file:
-        options["ssl_ca_certs"] = settings.redis_ca_file
-    return aioredis.from_url(settings.redis_url, **options)
-
-
-class RedisCounts:
-    """Reads and writes lookout's counts; the worker, the CLI and the dashboard share it."""
-
-    def __init__(
-        self,
-        client: aioredis.Redis,
-        *,
-        key_prefix: str,
-        ttl_s: int,
-        event_gap_ms: int,
-        windows: Sequence[tuple[str, int]] = (("1m", 60_000), ("15m", 900_000)),
-    ) -> None:
+    def __init__(self, client: aioredis.Redis, *, key_prefix: str) -> None:
         # redis-py's async typing is loose (bytes | str | Awaitable unions); the replies used
         # here are plain bytes, so the client is held untyped.
         self._client: Any = client
-        self._windows = json.dumps([list(w) for w in windows])
         self._prefix = key_prefix
-        self._ttl_s = ttl_s
-        self._event_gap_ms = event_gap_ms
-        self._script = client.register_script(LUA_SOURCE)
 
     def stem(self, topic: str, partition: int) -> str:
         """Key stem of one partition: the hash tag keeps its keys in one cluster slot."""
         return f"{self._prefix}:{{{topic}:{partition}}}"
-
-    async def apply(self, topic: str, partition: int, frames: Sequence[CountedFrame]) -> ApplyResult:
-        """Apply a partition-batch atomically; frames at or below the watermark change nothing."""
-        stem = self.stem(topic, partition)
-        payload = json.dumps(
-            [
-                {
-                    "o": f.offset,
-                    "s": f.source_id,
-                    "t": f.captured_at_ms,
-                    "l": list(f.labels),
-                    "e": list(f.event_labels) if f.event_labels is not None else None,
-                }
-                for f in frames
-            ],
-            separators=(",", ":"),
-        )
-        tag = f"{topic}:{partition}"
-        sources = sorted({f.source_id for f in frames})
-        try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                # The directory is written first, so a reader never misses counts that exist.
-                for source in sources:
-                    pipe.sadd(f"{self._prefix}:src:{source}", tag)
-                    pipe.expire(f"{self._prefix}:src:{source}", self._ttl_s)
-                if sources:
-                    pipe.sadd(f"{self._prefix}:sources", *sources)
-                await pipe.execute()
-            raw = await self._script(
-                keys=[f"{stem}:wm"], args=[stem, self._ttl_s, self._event_gap_ms, self._windows, payload]
-            )
-        except redis_errors.RedisError as exc:
-            raise redis_failure(exc) from exc
-        applied, watermark = int(raw[0]), int(raw[1])
-        windows = tuple(self._parse_hash(stem, raw[i], raw[i + 1]) for i in range(2, len(raw), 2))
-        return ApplyResult(applied=applied, watermark=watermark, windows=windows)
-
-    async def watermark(self, topic: str, partition: int) -> int:
-        """The last applied offset of a partition, or -1 when none was applied."""
-        try:
-            value = await self._client.get(f"{self.stem(topic, partition)}:wm")
-        except redis_errors.RedisError as exc:
-            raise redis_failure(exc) from exc
-        return int(value) if value is not None else -1
-
-    async def dirty(self, topic: str, partition: int) -> list[WindowCounts]:
-        """Count hashes changed in Redis but not yet confirmed on the counts topic."""
-        stem = self.stem(topic, partition)
-        try:
-            keys = sorted(k.decode() for k in await self._client.smembers(f"{stem}:dirty"))
-            async with self._client.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    pipe.hgetall(key)
-                values = await pipe.execute()
-        except redis_errors.RedisError as exc:
-            raise redis_failure(exc) from exc
-        return [
-            self._parse_hash(stem, key, self._flatten(v)) for key, v in zip(keys, values, strict=True) if v
-        ]
-
-    async def mark_published(self, topic: str, partition: int, windows: Sequence[WindowCounts]) -> None:
-        """Forget the dirty marks of windows now on the counts topic."""
-        if not windows:
-            return
-        try:
-            await self._client.srem(f"{self.stem(topic, partition)}:dirty", *[w.key for w in windows])
-        except redis_errors.RedisError as exc:
-            raise redis_failure(exc) from exc
 
     async def sources(self) -> list[str]:
         """Every source with counts."""
@@ -250,12 +122,125 @@ class RedisCounts:
         return WindowCounts(source_id, window, int(start), frames, labels, events, key_text)
 
 
-def merge(a: WindowCounts, b: WindowCounts) -> WindowCounts:
-    """Sum two partial counts of the same source and window (a source spread over partitions)."""
-    labels = dict(a.labels)
-    for k, v in b.labels.items():
-        labels[k] = labels.get(k, 0) + v
-    events = dict(a.events)
-    for k, v in b.events.items():
-        events[k] = events.get(k, 0) + v
-    return WindowCounts(a.source_id, a.window, a.start_ms, a.frames + b.frames, labels, events, a.key)
+class CountsWriter(CountsReader):
+    """Applies partition-batches to the counts exactly once (the worker's side)."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        key_prefix: str,
+        ttl_s: int,
+        event_gap_ms: int,
+        windows: Sequence[tuple[str, int]] = (("1m", 60_000), ("15m", 900_000)),
+    ) -> None:
+        super().__init__(client, key_prefix=key_prefix)
+        self._windows = json.dumps([list(w) for w in windows])
+        self._ttl_s = ttl_s
+        self._event_gap_ms = event_gap_ms
+        self._script = client.register_script(LUA_SOURCE)
+
+    @classmethod
+    def from_settings(cls, client: aioredis.Redis, settings: Settings) -> CountsWriter:
+        """The writer for the worker's settings (prefix, TTL, event gap, windows)."""
+        return cls(
+            client,
+            key_prefix=settings.redis.key_prefix,
+            ttl_s=settings.redis.counts_ttl_s,
+            event_gap_ms=settings.counts.event_gap_ms,
+            windows=[(w.name, w.size_ms) for w in settings.counts.window_specs],
+        )
+
+    async def apply(self, topic: str, partition: int, frames: Sequence[CountedFrame]) -> ApplyResult:
+        """Apply a partition-batch atomically; frames at or below the watermark change nothing."""
+        stem = self.stem(topic, partition)
+        payload = json.dumps(
+            [
+                {
+                    "o": f.offset,
+                    "s": f.source_id,
+                    "t": f.captured_at_ms,
+                    "l": list(f.labels),
+                    "e": list(f.event_labels) if f.event_labels is not None else None,
+                }
+                for f in frames
+            ],
+            separators=(",", ":"),
+        )
+        tag = f"{topic}:{partition}"
+        sources = sorted({f.source_id for f in frames})
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                # The directory is written first, so a reader never misses counts that exist.
+                for source in sources:
+                    pipe.sadd(f"{self._prefix}:src:{source}", tag)
+                    pipe.expire(f"{self._prefix}:src:{source}", self._ttl_s)
+                if sources:
+                    pipe.sadd(f"{self._prefix}:sources", *sources)
+                await pipe.execute()
+            raw = await self._script(
+                keys=[f"{stem}:wm"], args=[stem, self._ttl_s, self._event_gap_ms, self._windows, payload]
+            )
+        except redis_errors.RedisError as exc:
+            raise redis_failure(exc) from exc
+        windows = tuple(self._parse_hash(stem, raw[i], raw[i + 1]) for i in range(2, len(raw), 2))
+        return ApplyResult(applied=int(raw[0]), windows=windows)
+
+    async def watermark(self, topic: str, partition: int) -> int:
+        """The last applied offset of a partition, or -1 when none was applied."""
+        try:
+            value = await self._client.get(f"{self.stem(topic, partition)}:wm")
+        except redis_errors.RedisError as exc:
+            raise redis_failure(exc) from exc
+        return int(value) if value is not None else -1
+
+    async def dirty(self, topic: str, partition: int) -> list[WindowCounts]:
+        """Count hashes changed in Redis but not yet confirmed on the counts topic."""
+        stem = self.stem(topic, partition)
+        try:
+            keys = sorted(k.decode() for k in await self._client.smembers(f"{stem}:dirty"))
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hgetall(key)
+                values = await pipe.execute()
+        except redis_errors.RedisError as exc:
+            raise redis_failure(exc) from exc
+        return [
+            self._parse_hash(stem, key, self._flatten(v)) for key, v in zip(keys, values, strict=True) if v
+        ]
+
+    async def mark_published(self, topic: str, partition: int, windows: Sequence[WindowCounts]) -> None:
+        """Forget the dirty marks of windows now on the counts topic."""
+        if not windows:
+            return
+        try:
+            await self._client.srem(f"{self.stem(topic, partition)}:dirty", *[w.key for w in windows])
+        except redis_errors.RedisError as exc:
+            raise redis_failure(exc) from exc
+
+
+class CountsSink:
+    """The Redis counts of a batch: one atomic, watermark-gated Lua call per partition.
+
+    Idempotent: a partition-batch already applied changes nothing, so a retry, or a replay after
+    a crash, re-runs it safely. It leaves each partition's changed windows on ``batch.windows``
+    for the window-counts topic; when some of the frames were applied before (a retry or a
+    replay), the Lua call cannot tell which windows they changed, so the partition's whole set
+    of windows not yet on the counts topic (its dirty set) is taken instead.
+    """
+
+    name = "counts"
+
+    def __init__(self, writer: CountsWriter, *, skipped: Callable[[int], None] = lambda n: None) -> None:
+        self._writer = writer
+        self._skipped = skipped
+
+    async def write(self, batch: Batch) -> None:
+        """Apply every partition-batch of ``batch``."""
+        for (topic, partition), frames in batch.counted.items():
+            result = await self._writer.apply(topic, partition, frames)
+            if result.applied == len(frames):
+                batch.windows[(topic, partition)] = result.windows
+            else:
+                self._skipped(len(frames) - result.applied)
+                batch.windows[(topic, partition)] = tuple(await self._writer.dirty(topic, partition))

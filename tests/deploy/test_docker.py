@@ -242,7 +242,8 @@ async def test_healthcheck_passes_on_a_live_worker_and_fails_otherwise(
 
 def test_wheel_of_the_image_ships_the_model_and_every_package_file(tmp_path: Path) -> None:
     """docker/Dockerfile builds a wheel with the model copied into stream_worker/data; the
-    installed worker must find the model there and have every data file it reads."""
+    installed worker must find the model there, have every data file it reads, and find the
+    default engine's provider."""
     src = tmp_path / "src"
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
@@ -261,6 +262,11 @@ def test_wheel_of_the_image_ships_the_model_and_every_package_file(tmp_path: Pat
     with zipfile.ZipFile(wheel) as archive:
         shipped = set(archive.namelist())
         archive.extractall(site)
+        (entry_points,) = (name for name in shipped if name.endswith(".dist-info/entry_points.txt"))
+        # Serving finds the default engine through this entry point (stream_worker.backends.registry).
+        assert "[lookout.engines]\ndefault = engine_build.default:ensure_default_engine" in (
+            archive.read(entry_points).decode()
+        )
     expected = {
         p.relative_to(src).as_posix()
         for package in ("stream_worker", "engine_build")
@@ -270,7 +276,7 @@ def test_wheel_of_the_image_ships_the_model_and_every_package_file(tmp_path: Pat
     missing = sorted(expected - shipped)
     assert not missing, f"the wheel (and so the image) lacks {missing}: add them to package-data"
     found = subprocess.run(
-        [sys.executable, "-c", "from stream_worker.backends.base import default_onnx_path as p; print(p())"],
+        [sys.executable, "-c", "from engine_build.default import default_onnx_path as p; print(p())"],
         env={**os.environ, "PYTHONPATH": str(site)},
         cwd=tmp_path,
         capture_output=True,

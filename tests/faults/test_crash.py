@@ -7,15 +7,9 @@ import random
 import signal
 import time
 
-from tests.faults.conftest import (
-    Harness,
-    OutputWatcher,
-    assert_exact,
-    mixed_feed,
-    produce_feed,
-    record_result,
-    scaled,
-)
+from tests.support.feeds import mixed_feed, produce_feed, scaled
+from tests.support.outputs import OutputWatcher, assert_exact, record_result
+from tests.support.workers import Harness
 
 # (stage, n): the worker SIGKILLs itself the n-th time it reaches the stage. Together they hit
 # every gap in the sink: mid-inference, labels out but not counted, counted but not on the

@@ -8,18 +8,9 @@ import time
 
 import pytest
 
-from tests.faults.conftest import (
-    FAULT_SCALE,
-    SESSION_TIMEOUT_MS,
-    Harness,
-    OutputWatcher,
-    WorkerProcess,
-    assert_exact,
-    mixed_feed,
-    produce_feed,
-    record_result,
-    scaled,
-)
+from tests.support.feeds import FAULT_SCALE, mixed_feed, produce_feed, scaled
+from tests.support.outputs import OutputWatcher, assert_exact, record_result
+from tests.support.workers import SESSION_TIMEOUT_MS, Harness, WorkerProcess
 
 REBALANCE_CYCLES = 3
 

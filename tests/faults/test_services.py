@@ -11,17 +11,10 @@ import time
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from tests.faults.conftest import (
-    Harness,
-    OutputWatcher,
-    Pipeline,
-    PrivateServices,
-    assert_exact,
-    mixed_feed,
-    produce_feed,
-    record_result,
-    scaled,
-)
+from tests.support.feeds import mixed_feed, produce_feed, scaled
+from tests.support.outputs import OutputWatcher, assert_exact, record_result
+from tests.support.services import PrivateServices
+from tests.support.workers import Harness, Pipeline
 
 REDIS_OUTAGE_S = 30
 

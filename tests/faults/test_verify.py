@@ -18,14 +18,9 @@ from stream_worker.verify import (
     read_to_end,
     reconcile,
 )
-from tests.faults.conftest import (
-    WORKER_BIN,
-    Harness,
-    OutputWatcher,
-    Pipeline,
-    mixed_feed,
-    produce_feed,
-)
+from tests.support.feeds import mixed_feed, produce_feed
+from tests.support.outputs import OutputWatcher
+from tests.support.workers import WORKER_BIN, Harness, Pipeline
 
 WINDOWS = [counting.WindowSpec.parse("1m")]
 

@@ -13,7 +13,7 @@ import pytest
 from engine_build.cpu import build_cpu_engine
 from engine_build.evaluate import compare
 from engine_build.imagefolder import bundled_street_and_photo_sources
-from stream_worker.backends import open_backend
+from stream_worker.backends.registry import open_backend
 from stream_worker.backends.tensorrt import import_tensorrt
 from stream_worker.errors import EngineError
 from stream_worker.taxonomy import Taxonomy

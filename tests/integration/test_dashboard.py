@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 
 from stream_worker.dashboard.live import RateTracker, Reading
 from stream_worker.dashboard.server import start_dashboard
-from stream_worker.sinks.counts import RedisCounts
+from stream_worker.sinks.counts import CountsReader
 from tests.conftest import REPO, Services, TopicFactory
 from tests.support.media import street_jpegs
 from tests.support.pipeline import produce_frames, running_worker, worker_settings
@@ -46,7 +46,7 @@ NORTH, SOUTH = "dash-cam-north", "dash-cam-south"
 
 async def counts_in_redis(client: aioredis.Redis, prefix: str, source: str, window: str) -> Counter[str]:
     """Label totals and frames of one source, summed over its windows, as Redis holds them."""
-    counts = RedisCounts(client, key_prefix=prefix, ttl_s=3600, event_gap_ms=1)
+    counts = CountsReader(client, key_prefix=prefix)
     total: Counter[str] = Counter()
     for w in await counts.read(source, window):
         total["_frames"] += w.frames
@@ -159,9 +159,7 @@ async def test_page_shows_the_fed_counts_thumbnails_and_health_of_each_source_li
             leaves = {k for k in expected if k not in groups and k != "_frames"}
             assert leaves <= set(legend)
             assert set(legend) - leaves <= {f"{g} (type unclear)" for g in groups}
-            windows = await RedisCounts(redis_client, key_prefix=key_prefix, ttl_s=3600, event_gap_ms=1).read(
-                source, "1m"
-            )
+            windows = await CountsReader(redis_client, key_prefix=key_prefix).read(source, "1m")
             assert await page.get_attribute("#chart", "data-stack-tops") == ",".join(
                 str(w.frames) for w in windows
             )

@@ -11,6 +11,7 @@ from collections import Counter
 import redis.asyncio as aioredis
 
 from stream_worker import codec
+from stream_worker.settings import TopicSettings
 from tests.conftest import REPO, Services, TopicFactory
 from tests.integration.test_worker import counts_by_source
 from tests.support.media import street_jpegs
@@ -33,7 +34,7 @@ async def test_a_batch_that_fails_is_not_acknowledged_and_is_labelled_after_the_
     topic = await make_topic("faust-frames", partitions=2)
     frames = [(f"cam-{i % 4}", data) for i, data in enumerate(street_jpegs(60))]
     ids = await produce_frames(services.bootstrap, topic, frames)
-    labels_topic = f"{topic}.labels"
+    labels_topic = TopicSettings.named_after(topic).labels_topic
     await make_topic_named(services, labels_topic)
     env = {
         **os.environ,

@@ -31,11 +31,13 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer
 from redis import exceptions as redis_errors
 
+from bench.host import free_port
 from stream_worker import codec
 from stream_worker.frames import SourceKind
 from stream_worker.kafka import client_kwargs, ensure_topics, make_producer
-from stream_worker.settings import KafkaSettings, RedisSettings
-from stream_worker.sinks.counts import RedisCounts, make_redis
+from stream_worker.redis_client import make_redis
+from stream_worker.settings import KafkaSettings, RedisSettings, TopicSettings
+from stream_worker.sinks.counts import CountsReader
 from tests.support import secure
 from tests.support.media import street_jpegs
 
@@ -131,6 +133,7 @@ class Secured:
 
     def worker_flags(self, topic: str, **changes: str | None) -> list[str]:
         """``stream-worker run`` flags for the secure services; ``changes`` replace (None drops) flags."""
+        topics = TopicSettings.named_after(topic)
         flags: dict[str, str | None] = {
             "bootstrap": self.kafka.bootstrap,
             "security-protocol": "SASL_SSL",
@@ -144,9 +147,9 @@ class Secured:
             "redis-ca-file": str(self.ca.cert),
             "key-prefix": KEY_PREFIX,
             "frames-topic": topic,
-            "labels-topic": f"{topic}.labels",
-            "counts-topic": f"{topic}.counts",
-            "review-topic": f"{topic}.review",
+            "labels-topic": topics.labels_topic,
+            "counts-topic": topics.counts_topic,
+            "review-topic": topics.review_topic,
             "group": f"g-{uuid.uuid4().hex[:8]}",
             "metrics-port": "0",
             "metrics-host": "127.0.0.1",
@@ -226,7 +229,7 @@ async def read_secure(secured: Secured, topic: str, expected: int, timeout_s: fl
 
 
 def free_metrics_port() -> str:
-    return str(secure.free_port())
+    return str(free_port())
 
 
 async def produce_frames(secured: Secured, topic: str, count: int) -> list[str]:
@@ -263,7 +266,7 @@ async def test_worker_labels_frames_over_sasl_ssl_and_counts_in_acl_redis_withou
         worker = subprocess.Popen(args, env=clean_env(), stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         try:
-            labels = await read_secure(secured, f"{topic}.labels", len(ids))
+            labels = await read_secure(secured, TopicSettings.named_after(topic).labels_topic, len(ids))
         except TimeoutError:
             raise AssertionError(
                 f"no labels over SASL_SSL; worker exit {worker.poll()}: {stderr_path.read_text()[-2000:]}"
@@ -282,7 +285,7 @@ async def test_worker_labels_frames_over_sasl_ssl_and_counts_in_acl_redis_withou
     # The counts went to the ACL user's prefix, over TLS.
     client = make_redis(secured.redis_settings())
     try:
-        counts = RedisCounts(client, key_prefix=KEY_PREFIX, ttl_s=3600, event_gap_ms=1)
+        counts = CountsReader(client, key_prefix=KEY_PREFIX)
         sources = await counts.sources()
         frames_counted = 0
         for source in sources:
@@ -349,7 +352,8 @@ async def test_worker_labels_frames_over_mutual_tls_with_the_printed_acls(
     ids = await produce_frames(secured, topic, 9)
     flags = secured.worker_flags(topic, **secured.mtls_changes(secured.client_cert))
     secured.grant_worker(flags)
-    assert await label_with_worker(secured, flags, f"{topic}.labels", len(ids), tmp_path) == sorted(ids)
+    labels_topic = TopicSettings.named_after(topic).labels_topic
+    assert await label_with_worker(secured, flags, labels_topic, len(ids), tmp_path) == sorted(ids)
 
 
 async def test_a_prefix_frames_pattern_runs_under_the_printed_prefixed_acls(
@@ -410,7 +414,8 @@ async def test_a_missing_acl_is_one_line_and_loses_nothing_once_granted(
     assert "stream-worker acls" in last
     # The administrator grants what was missing; the same worker then labels every frame.
     secured.grant_worker(flags)
-    assert await label_with_worker(secured, flags, f"{topic}.labels", len(ids), tmp_path) == sorted(ids)
+    labels_topic = TopicSettings.named_after(topic).labels_topic
+    assert await label_with_worker(secured, flags, labels_topic, len(ids), tmp_path) == sorted(ids)
 
 
 REFUSALS = [

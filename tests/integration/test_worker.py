@@ -16,8 +16,7 @@ from aiokafka.structs import OffsetAndMetadata
 from stream_worker import codec
 from stream_worker.errors import LookoutError
 from stream_worker.frames import SourceKind
-from stream_worker.sinks.counts import RedisCounts
-from stream_worker.taxonomy import Taxonomy
+from stream_worker.sinks.counts import CountsReader
 from stream_worker.worker import Worker
 from tests.conftest import Services, TopicFactory
 from tests.support.media import photo_jpeg, photo_png, street_jpegs
@@ -29,7 +28,7 @@ SOURCES = ("cam-north", "cam-south", "cam-east", "cam-west", "cam-gate")
 async def counts_by_source(
     redis_client: aioredis.Redis, prefix: str, window: str
 ) -> dict[str, dict[str, int]]:
-    counts = RedisCounts(redis_client, key_prefix=prefix, ttl_s=3600, event_gap_ms=1)
+    counts = CountsReader(redis_client, key_prefix=prefix)
     out: dict[str, dict[str, int]] = {}
     for source in await counts.sources():
         total: Counter[str] = Counter()
@@ -182,10 +181,7 @@ async def test_a_batch_replayed_after_a_crash_leaves_counts_unchanged(
         await read_topic(services.bootstrap, settings.topics.labels_topic, len(ids))
     before = await counts_by_source(redis_client, key_prefix, "1m")
     events_before = [
-        w.events
-        for w in await RedisCounts(redis_client, key_prefix=key_prefix, ttl_s=60, event_gap_ms=1).read(
-            "trap-1", "1m"
-        )
+        w.events for w in await CountsReader(redis_client, key_prefix=key_prefix).read("trap-1", "1m")
     ]
 
     # Simulate a crash between the Redis update and the commit: rewind the group to offset 0.
@@ -206,10 +202,7 @@ async def test_a_batch_replayed_after_a_crash_leaves_counts_unchanged(
         await asyncio.sleep(5)  # time enough to replay the whole topic if it were going to
     assert await counts_by_source(redis_client, key_prefix, "1m") == before
     events_after = [
-        w.events
-        for w in await RedisCounts(redis_client, key_prefix=key_prefix, ttl_s=60, event_gap_ms=1).read(
-            "trap-1", "1m"
-        )
+        w.events for w in await CountsReader(redis_client, key_prefix=key_prefix).read("trap-1", "1m")
     ]
     assert events_after == events_before and sum(sum(e.values()) for e in events_after) >= 1
     labels = await read_topic(services.bootstrap, settings.topics.labels_topic, len(ids), settle_s=2.0)
@@ -260,7 +253,7 @@ async def test_sigterm_during_a_redis_outage_gives_up_after_the_deadline_and_com
     from stream_worker.service import backend_factory, prepare_topics
 
     await prepare_topics(settings)
-    worker = Worker(settings, backend_factory=lambda: backend_factory(settings), taxonomy=Taxonomy.load())
+    worker = Worker(settings, backend_factory=lambda: backend_factory(settings))
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
     async with asyncio.timeout(120):

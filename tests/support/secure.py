@@ -23,7 +23,6 @@ server.properties of its own:
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import secrets
 import shutil
@@ -34,6 +33,9 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from bench.host import free_port
+from stream_worker.settings import load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 KAFKA_POM = REPO / "scripts" / "kafka" / "pom.xml"
@@ -62,13 +64,6 @@ WORKER_REDIS_COMMANDS = (
     "zrange",
     "zremrangebyscore",
 )
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def port_open(port: int) -> bool:
@@ -172,7 +167,7 @@ def kafka_libs() -> Path:
     match = re.search(r"<kafka.version>(.*)</kafka.version>", KAFKA_POM.read_text())
     if match is None:
         raise RuntimeError(f"no <kafka.version> in {KAFKA_POM}")
-    cache = Path(os.environ.get("LOOKOUT_CACHE_DIR", Path.home() / ".cache" / "lookout"))
+    cache = Path(load_settings().engine.cache_dir)  # LOOKOUT_CACHE_DIR, as scripts/services reads it
     libs = cache / f"kafka-{match.group(1)}" / "libs"
     if not any(libs.glob("kafka_2.13-*.jar")):
         raise RuntimeError(f"Kafka jars missing in {libs}: run scripts/services up (it fetches them)")

@@ -1,9 +1,12 @@
-"""Shared helpers for engine tests: a tiny real ONNX classifier and the committed model's path."""
+"""Shared helpers for engine tests: a tiny real ONNX classifier, the committed model's path, and
+the committed model with its classes reordered or left out."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -60,3 +63,36 @@ def build_tiny_onnx(path: Path, *, seed: int = 0, version: str = "test-1") -> Pa
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
+
+
+def with_classes(
+    source: Path, out: Path, order: Sequence[int], *, taxonomy: Mapping[str, Any] | None = None
+) -> Path:
+    """Write ``source`` with its output classes taken in ``order``: output ``j`` is class ``order[j]``.
+
+    The classifier head's rows are re-indexed (``order`` may be a permutation or leave classes
+    out), the softmax then runs over the classes kept, and the ``class_names`` metadata follows,
+    so this is the model a training run with that class list would give. ``taxonomy`` embeds a
+    taxonomy document as a model with its own label set carries it.
+    """
+    model = onnx.load(str(source))
+    (softmax,) = (n for n in model.graph.node if n.op_type == "Softmax")
+    (head,) = (n for n in model.graph.node if softmax.input[0] in n.output)
+    if head.op_type != "Gemm" or not any(a.name == "transB" and a.i == 1 for a in head.attribute):
+        raise ValueError(f"{source}: expected a Gemm head with transB=1 before the softmax")
+    rows = np.asarray(order, dtype=np.int64)
+    initializers = {init.name: init for init in model.graph.initializer}
+    for name in head.input[1:3]:  # weight (classes x features) and bias (classes)
+        array = numpy_helper.to_array(initializers[name])[rows]
+        initializers[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), name))
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = len(rows)
+    meta = {p.key: p.value for p in model.metadata_props}
+    names = json.loads(meta["class_names"])
+    meta |= {"class_names": json.dumps([names[i] for i in rows]), "num_classes": str(len(rows))}
+    if taxonomy is not None:
+        meta["taxonomy"] = json.dumps(dict(taxonomy))
+    del model.metadata_props[:]
+    helper.set_model_props(model, meta)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out))
+    return out

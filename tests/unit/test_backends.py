@@ -11,9 +11,12 @@ import onnxruntime as ort
 import pytest
 
 from engine_build.cpu import build_cpu_engine
+from engine_build.default import default_engine_path, ensure_default_engine
 from engine_build.imagefolder import path_sources, sample_photo
-from engine_build.metadata import read_sidecar, sidecar_path, write_sidecar
-from stream_worker.backends import default_engine_path, ensure_default_engine, open_backend
+from engine_build.metadata import write_sidecar
+from stream_worker.backends import registry
+from stream_worker.backends.registry import default_engine_provider, open_backend
+from stream_worker.backends.sidecar import read_sidecar, sidecar_path
 from stream_worker.errors import EngineError
 from stream_worker.taxonomy import Taxonomy
 from tests.unit.engine_fixtures import COMMITTED_ONNX, build_tiny_onnx
@@ -105,6 +108,22 @@ def test_default_engine_is_built_once_and_rebuilt_when_its_model_changes(tmp_pat
     open_backend(engine)  # and the rebuilt engine passes the compatibility check
 
 
+def test_the_default_engine_comes_from_engine_build_through_its_entry_point() -> None:
+    assert default_engine_provider() is ensure_default_engine
+
+
+def test_without_a_default_engine_provider_the_error_says_to_pass_an_engine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(registry, "entry_points", lambda **_: ())
+    with pytest.raises(EngineError) as excinfo:
+        open_backend(None, cache_dir=tmp_path)
+    message = str(excinfo.value)
+    assert "pass --engine PATH, an engine built with `engine-build build" in message
+    assert "\n" not in message
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.skipif(not COMMITTED_ONNX.is_file(), reason=f"{COMMITTED_ONNX} not exported yet")
 def test_open_backend_without_engine_uses_the_committed_model(tmp_path: Path) -> None:
     backend = open_backend(None, cache_dir=tmp_path)
@@ -115,7 +134,7 @@ def test_open_backend_without_engine_uses_the_committed_model(tmp_path: Path) ->
     from stream_worker.preprocess import preprocess_into
 
     preprocess_into(source.load(), batch[0], backend.info.spec)
-    taxonomy = Taxonomy.load(class_names=backend.info.class_names)
+    taxonomy = Taxonomy.for_engine(backend.info)
     leaf = taxonomy.leaves[int(taxonomy.scores(backend.infer(batch))[0, : len(taxonomy.leaves)].argmax())]
     assert leaf == "cat"
 

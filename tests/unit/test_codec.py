@@ -9,7 +9,6 @@ import pytest
 from stream_worker.codec import (
     count_record,
     dead_letter_headers,
-    dead_letter_headers_for,
     frame_from_record,
     frame_headers,
     label_record,
@@ -303,7 +302,9 @@ def test_unknown_count_kind_is_refused() -> None:
 def test_dead_letter_headers_name_the_origin_and_keep_the_frame_headers() -> None:
     error = BadFrame("decode", "truncated", "the JPEG has no end-of-image marker")
     frame = record(FULL)
-    headers = dead_letter_headers_for(frame, error)
+    headers = dead_letter_headers(
+        frame.topic, frame.partition, frame.offset, error.stage, error.reason, error, frame.headers
+    )
     assert headers[: len(FULL)] == FULL
     assert dict(headers[len(FULL) :]) == {
         "__connect.errors.topic": b"frames",

@@ -20,7 +20,7 @@ from stream_worker.counting import (
     window_start,
 )
 from stream_worker.errors import ConfigError
-from stream_worker.frames import ClassScore, Frame, FrameLabels, LabelScore, Prediction, SourceKind
+from stream_worker.frames import LabelScore, SourceKind
 
 MINUTE = WindowSpec("1m", 60_000)
 QUARTER = WindowSpec("15m", 900_000)
@@ -117,13 +117,6 @@ def test_frames_field_sums_to_the_number_of_frames_in_every_window_spec() -> Non
     deltas = count_deltas(frames, [MINUTE, QUARTER])
     for spec in (MINUTE, QUARTER):
         assert sum(c[FRAMES_FIELD] for (_, name, _), c in deltas.items() if name == spec.name) == 200
-
-
-def test_count_deltas_from_a_prediction() -> None:
-    frame = Frame("frames", 0, 5, "cam-9", SourceKind.TRAFFIC, "frames/0/5", T0, "image/jpeg", b"")
-    prediction = Prediction(frame, FrameLabels((CAR,), (ClassScore(817, "sports car", 0.9),), 0.9), T0, 3.0)
-    deltas = count_deltas([Observation.from_prediction(prediction)], [MINUTE])
-    assert deltas == {("cam-9", "1m", T0): {FRAMES_FIELD: 1, "car": 1, "vehicle": 1}}
 
 
 # --- camera-trap events ------------------------------------------------------------------------
@@ -260,7 +253,6 @@ def test_drift_tracks_the_last_n_frames_per_source() -> None:
     assert snapshot.low_confidence_share == 0.75
     assert snapshot.label_share == {"car": 0.25, "unknown": 0.75}
     assert tracker.snapshot("cam-2").low_confidence_share == 1.0
-    assert tracker.sources() == ["cam-1", "cam-2"]
 
 
 def test_drift_of_an_unseen_source_is_empty() -> None:

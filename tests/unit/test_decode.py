@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 import zlib
 
@@ -15,7 +18,6 @@ from stream_worker.decode import (
     decode_bgr,
     decode_into,
     decode_target,
-    opencv_environment,
     probe,
     reduction_factor,
 )
@@ -335,18 +337,24 @@ def test_decode_into_writes_the_normalised_image_into_the_slot() -> None:
     np.testing.assert_array_equal(out, expected)
 
 
-def test_opencv_environment_mirrors_the_limits() -> None:
-    env = opencv_environment(DecodeLimits(max_pixels=1234, max_side=99))
-    assert env == {
-        "OPENCV_IO_MAX_IMAGE_PIXELS": "1234",
-        "OPENCV_IO_MAX_IMAGE_WIDTH": "99",
-        "OPENCV_IO_MAX_IMAGE_HEIGHT": "99",
-    }
-
-
-@pytest.mark.parametrize("orientation", [1, 6])
-def test_reduced_size_of_odd_dimensions_rounds_up_like_libjpeg(orientation: int) -> None:
-    data = images.with_exif_orientation(images.jpeg(images.solid(1083, 1927, GREEN)), orientation)
-    image = decoded(data, "image/jpeg", (100, 100))
-    expected = (136, 241, 3) if orientation == 1 else (241, 136, 3)
-    assert image.shape == expected
+def test_a_configured_max_pixels_reaches_opencvs_own_limit() -> None:
+    # The command line sets OpenCV's limits from the settings before cv2 is imported; OpenCV
+    # then refuses by itself an image above them (a second line behind the header guards).
+    code = (
+        "import contextlib\n"
+        "from stream_worker.cli import main\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(None):\n"
+        "    main(['config', '--max-pixels', '1000'])\n"
+        "import cv2, numpy as np\n"
+        "for side in (20, 40):\n"
+        "    image = cv2.imencode('.png', np.zeros((side, side, 3), np.uint8))[1]\n"
+        "    try:\n"
+        "        print(cv2.imdecode(image, cv2.IMREAD_COLOR) is not None)\n"
+        "    except cv2.error:\n"
+        "        print('refused')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENCV_IO_")}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert result.stdout.split() == ["True", "refused"], result.stderr

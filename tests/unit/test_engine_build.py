@@ -14,9 +14,8 @@ import pytest
 
 from engine_build.cpu import QuantOptions, build_cpu_engine
 from engine_build.imagefolder import path_sources, sample_photo
-from engine_build.metadata import Sidecar, check_compatible, read_sidecar, sha256_file, sidecar_path
-from stream_worker.backends import open_backend
-from stream_worker.backends.base import verify_engine
+from stream_worker.backends.registry import open_backend, verify_engine
+from stream_worker.backends.sidecar import Sidecar, check_compatible, read_sidecar, sha256_file, sidecar_path
 from stream_worker.errors import ConfigError, EngineError
 from stream_worker.preprocess import preprocess_into
 from stream_worker.taxonomy import Taxonomy
@@ -44,6 +43,18 @@ def test_sidecar_describes_the_engine(tiny: tuple[Path, Path, Sidecar]) -> None:
     assert sidecar.taxonomy_version == Taxonomy.load().version
     assert len(sidecar.class_names) == 1000
     assert sidecar.spec.height == 224
+
+
+def test_sidecars_without_an_own_taxonomy_keep_their_shape(tiny: tuple[Path, Path, Sidecar]) -> None:
+    _, engine, sidecar = tiny
+    assert sidecar.taxonomy is None
+    text = sidecar_path(engine).read_text()
+    assert "taxonomy" not in json.loads(text)  # as sidecars were before models carried one
+    assert Sidecar.from_json(text) == sidecar
+    own = dataclasses.replace(sidecar, taxonomy={"version": "pets-1", "labels": [], "mapping": {}})
+    assert Sidecar.from_json(own.to_json()) == own
+    with pytest.raises(EngineError, match="taxonomy must be a mapping"):
+        Sidecar.from_json(text.replace('"taxonomy_version"', '"taxonomy": [1],\n  "taxonomy_version"'))
 
 
 def test_runtime_mismatch_fails_with_the_rebuild_command(tiny: tuple[Path, Path, Sidecar]) -> None:
@@ -134,7 +145,7 @@ def _top_class_and_leaf(engine: Path, photo: str) -> tuple[str, str]:
     batch = np.empty((1, *backend.info.input_shape), np.float32)
     preprocess_into(source.load(), batch[0], backend.info.spec)
     probs = backend.infer(batch)
-    taxonomy = Taxonomy.load(class_names=backend.info.class_names)
+    taxonomy = Taxonomy.for_engine(backend.info)
     leaf = taxonomy.leaves[int(taxonomy.scores(probs)[0, : len(taxonomy.leaves)].argmax())]
     return backend.info.class_names[int(probs[0].argmax())], leaf
 

@@ -20,7 +20,7 @@ from engine_build.evaluate import (
     evaluate_predictions,
 )
 from engine_build.imagefolder import path_sources, sample_photo
-from stream_worker.backends import open_backend
+from stream_worker.backends.registry import open_backend
 from stream_worker.errors import ConfigError
 from stream_worker.taxonomy import Taxonomy
 from tests.unit.engine_fixtures import COMMITTED_ONNX

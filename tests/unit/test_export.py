@@ -22,9 +22,9 @@ from engine_build.export import (
     read_images,
     read_metadata,
     reference_photos,
-    sha256_of,
     verify_export,
 )
+from stream_worker.backends.sidecar import sha256_file
 from stream_worker.preprocess import PreprocessSpec
 from stream_worker.taxonomy import Taxonomy, load_class_names
 
@@ -51,7 +51,7 @@ def test_committed_model_matches_the_sha256_in_models_readme() -> None:
     readme = (MODELS / "README.md").read_text()
     match = re.search(r"\| sha256 \| `([0-9a-f]{64})` \|", readme)
     assert match, "models/README.md has no '| sha256 | `...` |' row"
-    assert sha256_of(MODEL) == match.group(1)
+    assert sha256_file(MODEL) == match.group(1)
     size = re.search(r"\| size \| (\d+) bytes \|", readme)
     assert size and int(size.group(1)) == MODEL.stat().st_size
 

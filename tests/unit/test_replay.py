@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from stream_worker.errors import ConfigError
-from stream_worker.replay import check_source, encode_jpeg, image_files, iter_images
-from tests.support.media import bikes_video, skimage_photo
+from stream_worker.replay import check_source, encode_jpeg, footage_path, image_files, iter_images
+from tests.support.media import skimage_photo
 
 
 def test_a_folder_yields_its_images_in_name_order_and_ignores_other_files(tmp_path: Path) -> None:
@@ -26,9 +26,9 @@ def test_a_folder_yields_its_images_in_name_order_and_ignores_other_files(tmp_pa
 
 
 def test_a_video_is_read_frame_by_frame_and_loops_when_asked() -> None:
-    once = sum(1 for _ in iter_images(str(bikes_video()), loop=False))
+    once = sum(1 for _ in iter_images(str(footage_path()), loop=False))
     assert once == 250
-    looped = list(itertools.islice(iter_images(str(bikes_video()), loop=True), 260))
+    looped = list(itertools.islice(iter_images(str(footage_path()), loop=True), 260))
     assert len(looped) == 260 and looped[250].shape == (272, 640, 3)
 
 

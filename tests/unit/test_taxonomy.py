@@ -1,8 +1,14 @@
-"""The domain taxonomy: the packaged map, score sums, roll-up, multi-label thresholds."""
+"""The domain taxonomy: the packaged map, score sums, roll-up, multi-label thresholds, and its
+binding to an engine's own classes (engines made from the shipped model)."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import shutil
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -12,8 +18,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from engine_build.cpu import build_cpu_engine
+from engine_build.evaluate import run_engine
+from engine_build.imagefolder import ImageSource, bundled_street_and_photo_sources
+from engine_build.metadata import write_sidecar
+from stream_worker.backends.registry import open_backend
+from stream_worker.backends.sidecar import read_sidecar, sha256_file
 from stream_worker.errors import ConfigError, EngineError
+from stream_worker.frames import FrameLabels
 from stream_worker.taxonomy import UNKNOWN, Taxonomy, load_class_names
+from tests.unit.engine_fixtures import COMMITTED_ONNX, with_classes
 
 LEAVES = (
     "car",
@@ -80,8 +94,8 @@ def test_leaves_and_hierarchy_are_the_documented_ones(tax: Taxonomy) -> None:
     assert tax.path("car") == ("vehicle", "car")
     assert tax.path("person") == ("person",)
     assert tax.path(UNKNOWN) == (UNKNOWN,)
-    assert tax.ancestors("dog") == ("mammal", "animal")
-    parents = tax.leaf_parents()
+    assert tax.path("dog") == ("animal", "mammal", "dog")
+    parents = {leaf: tax.parents[leaf] for leaf in tax.leaves}
     assert {leaf for leaf, parent in parents.items() if parent == "vehicle"} == {
         "car",
         "truck",
@@ -110,24 +124,49 @@ def test_no_class_is_mapped_twice_and_names_match_the_class_list() -> None:
     assert all(names[index] == name for index, name in pairs)
 
 
+def counted_for(tax: Taxonomy, label: str) -> list[int]:
+    """The classes whose frames count for ``label`` when the model is sure of them: one-hot frames, scored."""
+    sure = tax.scores(np.eye(len(tax.class_names), dtype=np.float32))
+    return np.flatnonzero(sure[:, tax.labels.index(label)] == 1.0).tolist()
+
+
+@functools.cache
+def taxonomy_file() -> Any:
+    return yaml.safe_load(DATA_FILE.read_text())
+
+
+@functools.cache
+def mapped_classes(label: str) -> list[int]:
+    """The classes the taxonomy file maps to ``label`` or to a label under it (the tests' oracle)."""
+    doc = taxonomy_file()
+    parent = {row["label"]: row["parent"] for row in doc["labels"]}
+
+    def under(node: str | None) -> bool:
+        while node is not None and node != label:
+            node = parent[node]
+        return node == label
+
+    return sorted(i for mapped, entry in doc["mapping"].items() if under(mapped) for i, _ in entry["classes"])
+
+
 def test_the_decisions_the_model_card_relies_on(tax: Taxonomy) -> None:
     names = tax.class_names
     assert len(names) == 1000
-    assert tax.classes_of("dog") == tuple(range(151, 269))
-    assert tax.classes_of("cat") == tuple(range(281, 286))
-    assert [names[i] for i in tax.classes_of("wild_boar")] == ["wild boar"]
+    assert counted_for(tax, "dog") == list(range(151, 269))
+    assert counted_for(tax, "cat") == list(range(281, 286))
+    assert [names[i] for i in counted_for(tax, "wild_boar")] == ["wild boar"]
     hog = names.index("hog")
-    assert hog not in tax.classes_of("wild_boar") and hog in tax.classes_of("mammal")
-    assert [names[i] for i in tax.classes_of("person")] == ["ballplayer", "groom", "scuba diver"]
+    assert hog not in counted_for(tax, "wild_boar") and hog in counted_for(tax, "mammal")
+    assert [names[i] for i in counted_for(tax, "person")] == ["ballplayer", "groom", "scuba diver"]
     for antelope in ("hartebeest", "impala", "gazelle"):
-        assert names.index(antelope) in tax.classes_of("mammal")
+        assert names.index(antelope) in counted_for(tax, "mammal")
     # Every ImageNet animal class (0-397) is under 'animal' but the two extinct ones.
     extinct = {names.index("triceratops"), names.index("trilobite")}
-    assert set(range(398)) - set(tax.classes_of("animal")) == extinct
+    assert set(range(398)) - set(counted_for(tax, "animal")) == extinct
     # The railway 'passenger car' is no car; big cats are no cats.
-    assert names.index("passenger car") not in tax.classes_of("car")
-    assert names.index("lion") not in tax.classes_of("cat")
-    assert not set(tax.classes_of("vehicle")) & set(tax.classes_of("animal"))
+    assert names.index("passenger car") not in counted_for(tax, "car")
+    assert names.index("lion") not in counted_for(tax, "cat")
+    assert not set(counted_for(tax, "vehicle")) & set(counted_for(tax, "animal"))
 
 
 # -- scores -----------------------------------------------------------------------------------
@@ -139,18 +178,12 @@ def test_scores_are_sums_of_class_probabilities(tax: Taxonomy) -> None:
     scores = tax.scores(batch)
     assert scores.shape == (6, len(tax.labels))
     for j, label in enumerate(tax.labels):
-        expected = batch[:, list(tax.classes_of(label))].sum(axis=1)
+        expected = batch[:, mapped_classes(label)].sum(axis=1)
         np.testing.assert_allclose(scores[:, j], expected, rtol=1e-5, atol=1e-6)
     column = {label: j for j, label in enumerate(tax.labels)}
     mammal_children = [leaf for leaf in tax.leaves if tax.parents[leaf] == "mammal"]
-    direct_mammal = batch[
-        :,
-        [
-            i
-            for i in tax.classes_of("mammal")
-            if not any(i in tax.classes_of(child) for child in mammal_children)
-        ],
-    ].sum(axis=1)
+    in_children = {i for child in mammal_children for i in mapped_classes(child)}
+    direct_mammal = batch[:, [i for i in mapped_classes("mammal") if i not in in_children]].sum(axis=1)
     np.testing.assert_allclose(
         scores[:, column["mammal"]],
         scores[:, [column[c] for c in mammal_children]].sum(axis=1) + direct_mammal,
@@ -319,3 +352,206 @@ def test_a_custom_taxonomy_file_is_loaded(tmp_path: Path) -> None:
     tax = Taxonomy.load(path)
     assert (tax.version, tax.leaves, tax.labels) == ("test-1", ("feline",), ("feline", "pet"))
     assert only_label(tax, probs(c281=0.3, c151=0.3)) == ("pet", pytest.approx(0.6), ("pet",))
+
+
+# -- bound to the model's own class names --------------------------------------------------
+
+
+def assert_same_labels(
+    got: Sequence[FrameLabels], expected: Sequence[FrameLabels], atol: float = 1e-5
+) -> None:
+    """The same labels and paths, frame by frame, with scores equal up to float rounding."""
+    assert [[(x.label, x.path) for x in r.labels] for r in got] == [
+        [(x.label, x.path) for x in r.labels] for r in expected
+    ]
+    np.testing.assert_allclose(
+        [x.score for r in got for x in r.labels], [x.score for r in expected for x in r.labels], atol=atol
+    )
+
+
+def test_classes_are_matched_by_name_whatever_their_order(tax: Taxonomy) -> None:
+    order = np.random.default_rng(3).permutation(1000)
+    shuffled = Taxonomy.for_classes([tax.class_names[i] for i in order])
+    batch = np.random.default_rng(4).dirichlet(np.full(1000, 0.05), size=8).astype(np.float32)
+    batch[0] = probs(c281=0.6, c284=0.3)[0]
+    # Column j of the shuffled model's output is the class order[j] of the packaged list.
+    np.testing.assert_allclose(shuffled.scores(batch[:, order]), tax.scores(batch), rtol=1e-5, atol=1e-6)
+    assert_same_labels(shuffled.classify(batch[:, order]), tax.classify(batch))
+    (cat,) = shuffled.classify(batch[:1, order])
+    assert cat.labels[0].label == "cat"
+    assert cat.top_k[0].name == "tabby" and order[cat.top_k[0].index] == TABBY
+
+
+def test_a_model_lacking_mapped_classes_is_refused_naming_them() -> None:
+    names = [n for n in load_class_names() if n not in ("tabby", "tiger cat")]
+    with pytest.raises(EngineError) as excinfo:
+        Taxonomy.for_classes(names, origin="engine e.onnx")
+    message = str(excinfo.value)
+    assert message.startswith("engine e.onnx lacks 2 of the classes taxonomy 1.0.0 maps: ")
+    assert "'tabby' (cat), 'tiger cat' (cat)" in message and "\n" not in message
+    # Another class set altogether: the first few are named, with how many more.
+    with pytest.raises(EngineError, match=r"lacks \d+ of the classes .* and \d+ more; serve an engine"):
+        Taxonomy.for_classes(["feline", "canine"])
+
+
+def test_unmapped_classes_may_be_missing_or_extra() -> None:
+    names = [n for n in load_class_names() if n != "toilet tissue"] + ["lawn mower robot"]
+    tax = Taxonomy.for_classes(names)
+    batch = np.zeros((2, 1000), dtype=np.float32)
+    batch[0, names.index("tabby")], batch[0, names.index("lawn mower robot")] = 0.7, 0.3
+    batch[1, names.index("lawn mower robot")] = 1.0
+    cat, robot = (r.labels[0] for r in tax.classify(batch))
+    assert cat.label == "cat" and cat.score == pytest.approx(0.7)
+    assert robot.label == UNKNOWN and robot.score == pytest.approx(1.0)
+
+
+def test_a_mapped_class_name_that_repeats_cannot_be_matched() -> None:
+    names = list(load_class_names())
+    names[998] = names[999]  # two unmapped 'toilet tissue' classes are harmless
+    Taxonomy.for_classes(names)
+    names[999] = names[281]
+    with pytest.raises(EngineError, match=r"the mapped class names 'tabby' repeat among its 1000 classes"):
+        Taxonomy.for_classes(names)
+
+
+def test_a_model_with_its_own_taxonomy_is_labelled_with_it() -> None:
+    doc = {
+        "version": "pets-1",
+        "labels": [{"label": "feline", "parent": "pet"}, {"label": "pet", "parent": None}],
+        "mapping": {"feline": {"classes": [[0, "tabby"]]}, "pet": {"classes": [[1, "Chihuahua"]]}},
+    }
+    tax = Taxonomy.for_classes(["Chihuahua", "tabby", "lawn mower robot"], doc)
+    assert (tax.version, tax.leaves, tax.labels) == ("pets-1", ("feline",), ("feline", "pet"))
+    (result,) = tax.classify(np.array([[0.1, 0.8, 0.1]], dtype=np.float32))
+    assert (result.labels[0].label, result.labels[0].path) == ("feline", ("pet", "feline"))
+    with pytest.raises(ConfigError, match="mapping for undeclared label 'dog'"):
+        Taxonomy.for_classes(["tabby"], {**doc, "mapping": {"dog": {"classes": []}}})
+
+
+# -- engines made from the shipped model ----------------------------------------------------
+
+needs_model = pytest.mark.skipif(not COMMITTED_ONNX.is_file(), reason=f"{COMMITTED_ONNX} not exported yet")
+
+
+@pytest.fixture(scope="module")
+def engine_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("engines")
+
+
+def build_engine(onnx_path: Path) -> Path:
+    engine = onnx_path.with_name(f"{onnx_path.stem}-fp32.onnx")
+    build_cpu_engine(onnx_path, engine, precision="fp32", progress=False)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[ImageSource]:
+    """Real photos (a cat, motorcycles, a person, coffee, a rocket) and street frames."""
+    return bundled_street_and_photo_sources(16)
+
+
+@pytest.fixture(scope="module")
+def shipped(engine_dir: Path) -> Path:
+    return build_engine(Path(shutil.copy(COMMITTED_ONNX, engine_dir / "shipped.onnx")))
+
+
+def labelled(engine: Path, photos: Sequence[ImageSource]) -> list[FrameLabels]:
+    """What serving says about ``photos``: the engine's output through the taxonomy bound to it."""
+    backend = open_backend(engine)
+    try:
+        return Taxonomy.for_engine(backend.info).classify(run_engine(backend, photos))
+    finally:
+        backend.close()
+
+
+def leaf_labels(results: Sequence[FrameLabels]) -> list[str]:
+    return [r.labels[0].label for r in results]
+
+
+@needs_model
+def test_an_engine_with_its_classes_permuted_is_labelled_like_the_shipped_one(
+    engine_dir: Path, shipped: Path, photos: list[ImageSource]
+) -> None:
+    order = np.random.default_rng(12).permutation(1000).tolist()
+    permuted = build_engine(with_classes(COMMITTED_ONNX, engine_dir / "permuted.onnx", order))
+    expected = labelled(shipped, photos)
+    assert {"cat", "motorcycle"} <= set(leaf_labels(expected))  # the photos say something
+    got = labelled(permuted, photos)
+    assert_same_labels(got, expected)
+    assert [[c.name for c in r.top_k] for r in got] == [[c.name for c in r.top_k] for r in expected]
+    # The packaged ImageNet order, which serving used before, mislabels this engine.
+    backend = open_backend(permuted)
+    packaged_order = Taxonomy.load().classify(run_engine(backend, photos))
+    assert leaf_labels(packaged_order) != leaf_labels(expected)
+
+
+@needs_model
+def test_an_engine_without_a_mapped_class_is_refused_at_build_and_at_start_up(
+    engine_dir: Path, shipped: Path
+) -> None:
+    names = load_class_names()
+    keep = [i for i, name in enumerate(names) if name != "tabby"]
+    no_tabby = with_classes(COMMITTED_ONNX, engine_dir / "no-tabby.onnx", keep)
+    with pytest.raises(EngineError) as built:
+        build_engine(no_tabby)
+    assert "lacks 1 of the classes taxonomy 1.0.0 maps: 'tabby' (cat)" in str(built.value)
+    assert "\n" not in str(built.value)
+    assert not (engine_dir / "no-tabby-fp32.onnx").exists()
+    # An engine made without that check (an older engine-build, another tool) runs, but is
+    # refused before it labels anything.
+    engine = Path(shutil.copy(no_tabby, engine_dir / "no-tabby-unchecked.onnx"))
+    sidecar = dataclasses.replace(
+        read_sidecar(shipped),
+        class_names=tuple(names[i] for i in keep),
+        onnx_path=str(no_tabby),
+        onnx_sha256=sha256_file(no_tabby),
+        engine_sha256=sha256_file(engine),
+    )
+    write_sidecar(engine, sidecar)
+    backend = open_backend(engine)
+    assert backend.infer(np.zeros((1, *backend.info.input_shape), np.float32)).shape == (1, 999)
+    with pytest.raises(EngineError) as served:
+        Taxonomy.for_engine(backend.info)
+    message = str(served.value)
+    assert message.startswith(f"engine {engine} lacks 1 of the classes taxonomy 1.0.0 maps: 'tabby' (cat)")
+    assert "\n" not in message
+
+
+@needs_model
+def test_an_engine_without_an_unmapped_class_is_labelled_like_the_shipped_one(
+    engine_dir: Path, shipped: Path, photos: list[ImageSource]
+) -> None:
+    keep = [i for i, name in enumerate(load_class_names()) if name != "toilet tissue"]
+    without = build_engine(with_classes(COMMITTED_ONNX, engine_dir / "no-tissue.onnx", keep))
+    # The softmax spreads the dropped class's (tiny) probability over the rest: scores move a little.
+    assert_same_labels(labelled(without, photos), labelled(shipped, photos), atol=1e-3)
+
+
+@needs_model
+def test_an_engine_with_its_own_label_set_is_served_with_its_own_labels(
+    engine_dir: Path, photos: list[ImageSource]
+) -> None:
+    names = load_class_names()
+    pets = list(range(151, 286))  # dogs, wolves and foxes, cats: a model of pets and their kin
+    own = {
+        "version": "pets-1",
+        "labels": [
+            {"label": "feline", "parent": "pet"},
+            {"label": "canine", "parent": "pet"},
+            {"label": "pet", "parent": None},
+        ],
+        "mapping": {
+            "feline": {"classes": [[j, names[i]] for j, i in enumerate(pets) if i >= 281]},
+            "canine": {"classes": [[j, names[i]] for j, i in enumerate(pets) if i < 269]},
+            "pet": {"classes": []},
+        },
+    }
+    engine = build_engine(with_classes(COMMITTED_ONNX, engine_dir / "pets.onnx", pets, taxonomy=own))
+    sidecar = read_sidecar(engine)
+    assert (sidecar.taxonomy, sidecar.taxonomy_version) == (own, "pets-1")
+    (chelsea,) = (i for i, p in enumerate(photos) if p.name.endswith("chelsea.png"))
+    result = labelled(engine, photos)[chelsea]
+    assert (result.labels[0].label, result.labels[0].path) == ("feline", ("pet", "feline"))
+    # The packaged taxonomy cannot label this model at all.
+    with pytest.raises(EngineError, match=r"lacks \d+ of the classes taxonomy 1.0.0 maps"):
+        Taxonomy.for_classes(sidecar.class_names)

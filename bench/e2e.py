@@ -1,0 +1,379 @@
+"""The benchmark end to end: worker processes on the real broker and Redis, fed by a producer process.
+
+3. maximum sustained throughput, then latency (captured-at to label record) at 50% and 80% of it,
+   and where the CPU went (worker, broker, Redis);
+4. the naive consumer (one message at a time) against the same broker and frames;
+6. the worker's peak RSS and its growth over a soak at 80% load;
+and, on request, one worker process against two in one group.
+
+Every run gets its own topics (named after its frames topic, as the worker's settings name them),
+consumer group and Redis key prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from bench.frames import SOURCE_NOTE, encoded_frames, frames_file
+from bench.host import PY, REPO, cache_dir, cpu_seconds, free_port, log, rss_mb, service_pids
+from stream_worker.settings import TopicSettings
+
+TOPIC_PARTITIONS = 4
+READY_TIMEOUT_S = 180
+
+
+class LabelReader:
+    """Reads the labels topic continuously in the background; frame ids and latencies by phase."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.records: list[dict[str, Any]] = []
+        self._consumer = AIOKafkaConsumer(
+            topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start reading."""
+        await self._consumer.start()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._consumer.getmany(timeout_ms=200)
+            for records in batch.values():
+                for r in records:
+                    value = json.loads(r.value)
+                    self.records.append(
+                        {
+                            "frame_id": value["frame_id"],
+                            "captured_at": value["captured_at"],
+                            "processed_at": value["processed_at"],
+                            "seen_at": time.time() * 1000,
+                        }
+                    )
+
+    def phase(self, prefix: str) -> list[dict[str, Any]]:
+        """Label records of one producer phase."""
+        return [r for r in self.records if r["frame_id"].startswith(prefix + "/")]
+
+    async def wait_for(self, prefix: str, count: int, timeout_s: float) -> list[dict[str, Any]]:
+        """Until ``count`` labels of the phase arrived; raises after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while len(self.phase(prefix)) < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"only {len(self.phase(prefix))}/{count} labels for {prefix} in {timeout_s:.0f} s"
+                )
+            await asyncio.sleep(0.2)
+        return self.phase(prefix)
+
+    async def stop(self) -> None:
+        """Stop reading."""
+        if self._task is not None:
+            self._task.cancel()
+        await self._consumer.stop()
+
+
+async def produce(
+    frames_file: Path,
+    topic: str,
+    bootstrap: str,
+    prefix: str,
+    *,
+    rate: float = 0.0,
+    seconds: float = 0.0,
+    count: int = 0,
+) -> dict[str, float]:
+    """Run bench.producer as a separate process."""
+    cmd = [
+        PY,
+        "-m",
+        "bench.producer",
+        "--frames",
+        str(frames_file),
+        "--topic",
+        topic,
+        "--bootstrap",
+        bootstrap,
+        "--prefix",
+        prefix,
+        "--rate",
+        str(rate),
+        "--seconds",
+        str(seconds),
+        "--count",
+        str(count),
+    ]
+    proc = await asyncio.create_subprocess_exec(*cmd, cwd=REPO, stdout=subprocess.PIPE)
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"producer failed ({proc.returncode})")
+    result: dict[str, float] = json.loads(out.decode().strip().splitlines()[-1])
+    return result
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    """p50/p95/p99/max of a list of latencies."""
+    if not values:
+        return {"p50": float("nan"), "p95": float("nan"), "p99": float("nan"), "max": float("nan"), "n": 0}
+    a = np.asarray(values)
+    return {
+        "p50": float(np.percentile(a, 50)),
+        "p95": float(np.percentile(a, 95)),
+        "p99": float(np.percentile(a, 99)),
+        "max": float(a.max()),
+        "n": len(values),
+    }
+
+
+async def create_topics(bootstrap: str, partitions: dict[str, int]) -> None:
+    """Create the run's own topics (name -> partitions)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, n, 1) for name, n in partitions.items()])
+    finally:
+        await admin.close()
+
+
+async def wait_topic(bootstrap: str, topic: str) -> None:
+    """Until ``topic`` exists (the worker creates its output topics), at most 30 s."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        for _ in range(60):
+            if topic in await admin.list_topics():
+                return
+            await asyncio.sleep(0.5)
+    finally:
+        await admin.close()
+
+
+def start_worker(
+    engine: Path, bootstrap: str, redis_url: str, topic: str, run: str, port: int, **extra: str
+) -> subprocess.Popen[bytes]:
+    """``stream-worker run`` as its own process on ``topic``, with the run's group and key prefix."""
+    topics = TopicSettings.named_after(topic, group=f"bench-{run}")
+    env = {
+        **os.environ,
+        "LOOKOUT_ENGINE": str(engine),
+        "LOOKOUT_METRICS_PORT": str(port),
+        "KAFKA_BOOTSTRAP": bootstrap,
+        "REDIS_URL": redis_url,
+        "LOOKOUT_FRAMES_TOPIC": topic,
+        "LOOKOUT_LABELS_TOPIC": topics.labels_topic,
+        "LOOKOUT_COUNTS_TOPIC": topics.counts_topic,
+        "LOOKOUT_REVIEW_TOPIC": topics.review_topic,
+        "LOOKOUT_GROUP": topics.group,
+        "LOOKOUT_KEY_PREFIX": f"bench-{run}",
+        "LOOKOUT_LOG_LEVEL": "WARNING",
+        **extra,
+    }
+    return subprocess.Popen([str(Path(PY).parent / "stream-worker"), "run"], cwd=REPO, env=env)
+
+
+def worker_ready(port: int) -> bool:
+    """Whether the worker with metrics on ``port`` answers ``/readyz`` with 200."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def stop_worker(worker: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (the worker drains), then SIGKILL if it has not exited within 60 s."""
+    worker.send_signal(signal.SIGTERM)
+    try:
+        worker.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+
+
+def drain_fps(labels: list[dict[str, Any]]) -> float:
+    """Frames/s from the first label to the last: the rate of a worker that never waited for frames."""
+    first = min(float(r["processed_at"]) for r in labels)
+    last = max(float(r["processed_at"]) for r in labels)
+    return (len(labels) - 1) / max(1e-3, (last - first) / 1000)
+
+
+async def end_to_end(
+    bootstrap: str, redis_url: str, engine: Path, *, size: str, quick: bool
+) -> dict[str, Any]:
+    """Max throughput, latency at 50%/80%, CPU split, soak; then the naive baseline on the same frames."""
+    n_max = 300 if quick else 2000
+    latency_s = 10.0 if quick else 30.0
+    soak_s = 20.0 if quick else 300.0
+    naive_n = 100 if quick else 400
+    frames = encoded_frames(size, 250, cache_dir())
+    frames_path = frames_file(size, 250, cache_dir())
+    run = uuid.uuid4().hex[:8]
+    topic = f"bench-{run}"
+    labels_topic = TopicSettings.named_after(topic).labels_topic
+    await create_topics(bootstrap, {topic: TOPIC_PARTITIONS, f"{topic}.naive-labels": 1})
+
+    log(
+        f"e2e: producing {n_max} frames ({size}, {np.mean([len(f) for f in frames]) / 1000:.0f} kB avg) "
+        f"to {topic}"
+    )
+    await produce(frames_path, topic, bootstrap, "max", count=n_max)
+
+    metrics_port = free_port()
+    worker = start_worker(engine, bootstrap, redis_url, topic, run, metrics_port)
+    labels = LabelReader(bootstrap, labels_topic)
+    result: dict[str, Any] = {
+        "frames": f"{SOURCE_NOTE}; {size}, quality 85",
+        "topic_partitions": TOPIC_PARTITIONS,
+    }
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while (
+            not Path(f"/proc/{worker.pid}").exists()
+            or worker.poll() is not None
+            or not worker_ready(metrics_port)
+        ):
+            if worker.poll() is not None:
+                raise RuntimeError(f"worker exited with {worker.returncode}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"worker not ready in {READY_TIMEOUT_S} s")
+            await asyncio.sleep(0.5)
+        await wait_topic(bootstrap, labels_topic)
+        await labels.start()
+        pids = {"worker": worker.pid, **service_pids()}
+        cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
+        t0 = time.monotonic()
+        got = await labels.wait_for("max", n_max, timeout_s=60 + n_max)
+        wall = time.monotonic() - t0
+        cpu1 = {k: cpu_seconds(p) for k, p in pids.items()}
+        e2e_fps = drain_fps(got)
+        result["max"] = {
+            "frames": len(got),
+            "e2e_fps": e2e_fps,
+            "wall_s": wall,
+            "cpu_s_per_frame": {k: (cpu1[k] - cpu0[k]) / len(got) for k in pids},
+        }
+        log(f"e2e: max sustained {e2e_fps:.1f} frames/s")
+
+        for load in (0.5, 0.8):
+            rate = load * e2e_fps
+            prefix = f"load{int(load * 100)}"
+            sent = await produce(frames_path, topic, bootstrap, prefix, rate=rate, seconds=latency_s)
+            got = await labels.wait_for(prefix, int(sent["sent"]), timeout_s=120)
+            latencies = [r["processed_at"] - r["captured_at"] for r in got]
+            result[prefix] = {"rate": rate, "sent": sent["sent"], "latency_ms": percentiles(latencies)}
+            log(f"e2e: {load:.0%} load ({rate:.1f}/s): p99 {result[prefix]['latency_ms']['p99']:.0f} ms")
+
+        # Soak at 80%: RSS after warm-up (first fifth) vs at the end.
+        log(f"soak: {soak_s:.0f} s at 80% load")
+        samples: list[tuple[float, float]] = []
+        soak = asyncio.create_task(
+            produce(frames_path, topic, bootstrap, "soak", rate=0.8 * e2e_fps, seconds=soak_s)
+        )
+        start = time.monotonic()
+        while not soak.done():
+            samples.append((time.monotonic() - start, rss_mb(worker.pid)))
+            await asyncio.sleep(1.0)
+        sent = await soak
+        await labels.wait_for("soak", int(sent["sent"]), timeout_s=120)
+        warm = [m for t, m in samples if t >= soak_s / 5]
+        base = warm[0] if warm else samples[0][1]
+        result["soak"] = {
+            "seconds": soak_s,
+            "rss_mb_after_warmup": base,
+            "rss_mb_end": samples[-1][1],
+            "rss_growth_pct": 100 * (samples[-1][1] - base) / base,
+            "samples": samples[::5],
+        }
+        result["peak_rss_mb"] = rss_mb(worker.pid, "VmHWM")
+    finally:
+        await labels.stop()
+        stop_worker(worker)
+    log(f"naive: {naive_n} frames one at a time")
+    result["naive"] = await naive(bootstrap, topic, f"{topic}.naive-labels", naive_n, engine)
+    log(f"naive: {result['naive']['fps']:.1f} frames/s")
+    return result
+
+
+async def naive(bootstrap: str, topic: str, out_topic: str, count: int, engine: Path) -> dict[str, Any]:
+    """Run bench.naive (one message at a time) over the first ``count`` frames of ``topic``."""
+    proc = await asyncio.create_subprocess_exec(
+        PY,
+        "-m",
+        "bench.naive",
+        "--topic",
+        topic,
+        "--out-topic",
+        out_topic,
+        "--bootstrap",
+        bootstrap,
+        "--count",
+        str(count),
+        "--engine",
+        str(engine),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+    )
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError("naive consumer failed")
+    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    return result
+
+
+async def scaling(
+    bootstrap: str, redis_url: str, engine: Path, frames_count: int, size: str
+) -> dict[str, Any]:
+    """Drain throughput of one worker process vs two in one group, on a 4-partition topic."""
+    frames_path = frames_file(size, 250, cache_dir())
+    out: dict[str, Any] = {}
+    for workers in (1, 2):
+        run = uuid.uuid4().hex[:8]
+        topic = f"bench-scale-{run}"
+        labels_topic = TopicSettings.named_after(topic).labels_topic
+        await create_topics(bootstrap, {topic: TOPIC_PARTITIONS})
+        procs = []
+        ports = []
+        for i in range(workers):
+            ports.append(free_port())
+            procs.append(
+                start_worker(
+                    engine, bootstrap, redis_url, topic, run, ports[-1], LOOKOUT_CLIENT_ID=f"bench-{i}"
+                )
+            )
+        labels = LabelReader(bootstrap, labels_topic)
+        try:
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while not all(worker_ready(p) for p in ports):
+                if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
+                    raise RuntimeError("a scaling worker did not start")
+                await asyncio.sleep(0.5)
+            await asyncio.sleep(8)  # let the group settle: every worker owns partitions
+            await wait_topic(bootstrap, labels_topic)
+            await labels.start()
+            await produce(frames_path, topic, bootstrap, "scale", count=frames_count)
+            got = await labels.wait_for("scale", frames_count, timeout_s=60 + frames_count)
+            out[f"{workers}_workers_fps"] = drain_fps(got)
+            log(f"scaling: {workers} worker(s): {out[f'{workers}_workers_fps']:.1f} frames/s")
+        finally:
+            await labels.stop()
+            for p in procs:
+                p.send_signal(signal.SIGTERM)
+            for p in procs:
+                try:
+                    p.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+    return out

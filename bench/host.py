@@ -1,0 +1,82 @@
+"""The machine the benchmark runs on: its services, processes, ports and cache folder.
+
+Everything the benchmark reads of the host (``/proc``, ``scripts/services``, a free port) is
+here, once. The test harnesses import :func:`free_port` from this module: ``bench`` imports
+nothing from ``tests``, so the one copy lives on this side.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from stream_worker.settings import load_settings
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+SERVICES = REPO / "scripts" / "services"
+
+
+def log(message: str) -> None:
+    """Progress on stderr."""
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+@functools.cache
+def cache_dir() -> Path:
+    """Where engines and encoded frames are kept between runs: ``bench/`` in the worker's cache dir."""
+    return Path(load_settings().engine.cache_dir) / "bench"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_services() -> None:
+    """Start (or reuse) Kafka and Redis through ``scripts/services``."""
+    subprocess.run([str(SERVICES), "up"], check=True)
+
+
+def service_endpoints() -> tuple[str, str]:
+    """The Kafka bootstrap and Redis URL that ``scripts/services`` reports."""
+    lines = subprocess.run(
+        [str(SERVICES), "env"], check=True, capture_output=True, text=True
+    ).stdout.splitlines()
+    env = dict(line.removeprefix("export ").split("=", 1) for line in lines)
+    return env["KAFKA_BOOTSTRAP"], env["REDIS_URL"]
+
+
+def service_pids() -> dict[str, int]:
+    """Pids of the broker and Redis started by scripts/services (for the CPU split)."""
+    state = Path(os.environ.get("LOOKOUT_STATE_DIR", REPO / ".state"))
+    pids = {}
+    for name, pidfile in (
+        ("broker", state / "kafka" / "kafka.pid"),
+        ("redis", state / "redis" / "redis.pid"),
+    ):
+        try:
+            pids[name] = int(pidfile.read_text())
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (and its finished children are not counted)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """A memory figure of a process from /proc, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0

@@ -1,0 +1,182 @@
+"""One benchmark run: every section in order, the results assembled, written and plotted.
+
+The sections live in :mod:`bench.ceilings` (decode and inference alone) and :mod:`bench.e2e`
+(worker processes on the real broker and Redis); ``python -m bench`` is the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.ceilings import decode_ceiling, gpu_section, inference_ceiling
+from bench.e2e import TOPIC_PARTITIONS, end_to_end, scaling
+from bench.frames import encoded_frames
+from bench.host import REPO, cache_dir, log, service_endpoints, start_services
+from engine_build.cpu import build_cpu_engine
+from engine_build.default import default_onnx_path
+from stream_worker.backends.base import EngineInfo
+from stream_worker.backends.registry import verify_engine
+from stream_worker.errors import EngineError
+from stream_worker.settings import load_settings
+
+RESULTS = REPO / "bench" / "results"
+# The figures a run reports, in the order the summary prints them.
+HEADLINE = (
+    "e2e_fps",
+    "naive_fps",
+    "ceiling_fps",
+    "p99_ms_at_50pct",
+    "p99_ms_at_80pct",
+    "int8_speedup",
+    "decode_reduced_speedup",
+    "peak_rss_mb",
+    "rss_growth_pct",
+)
+
+
+def cpu_engines() -> dict[str, Path]:
+    """The fp32 and int8 CPU engines in the cache dir, (re)built when missing or stale."""
+    engines = {}
+    for precision in ("fp32", "int8"):
+        path = cache_dir() / f"engine-{precision}.onnx"
+        try:
+            verify_engine(path)
+        except EngineError:  # stale or missing: rebuild
+            log(f"building the {precision} CPU engine")
+            build_cpu_engine(default_onnx_path(), path, precision=precision, progress=False)
+        engines[precision] = path
+    return engines
+
+
+async def run(*, quick: bool, size: str, with_scaling: bool, services_up: bool) -> dict[str, Any]:
+    """Run every section and assemble the results.
+
+    ``services_up``: Kafka and Redis already run (otherwise scripts/services starts them).
+    """
+    if not services_up:
+        start_services()
+    bootstrap, redis_url = service_endpoints()
+    # The batching the benchmark's workers run with: they inherit this process's environment.
+    batch = load_settings().batch
+
+    engines = cpu_engines()
+    spec = EngineInfo.from_sidecar(engines["fp32"], verify_engine(engines["fp32"])).spec
+
+    log("decode ceiling")
+    n_decode = 16 if quick else 64
+    decode = {
+        frame_size: decode_ceiling(encoded_frames(frame_size, n_decode, cache_dir()), spec, 1 if quick else 3)
+        for frame_size in ("1080p", "720p")
+    }
+    log("inference ceiling")
+    inference = inference_ceiling(engines, 1.0 if quick else 4.0, batch.max_batch)
+    log("GPU section (TensorRT)")
+    gpu = gpu_section(1.0 if quick else 4.0, batch.max_batch)
+    if "skipped" in gpu:
+        log(f"GPU section skipped: {gpu['skipped']}")
+    e2e = await end_to_end(bootstrap, redis_url, engines["fp32"], size=size, quick=quick)
+    scale = await scaling(bootstrap, redis_url, engines["fp32"], 600, size) if with_scaling else {}
+
+    def row(precision: str, batch_size: int) -> dict[str, Any]:
+        return next(r for r in inference if r["precision"] == precision and r["batch"] == batch_size)
+
+    cores = os.cpu_count() or 1
+    decode_ms = decode[size]["reduced"]["cpu_ms_per_frame"]
+    fp32, int8 = row("fp32", batch.max_batch), row("int8", batch.max_batch)
+    per_frame_cpu_s = (decode_ms + fp32["cpu_ms_per_image"]) / 1000
+    ceiling = cores / per_frame_cpu_s
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "quick": quick,
+        "machine": {
+            "cores": cores,
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+            "note": "broker, Redis, producer and worker share the cores",
+        },
+        "settings": {
+            "engine": "onnxruntime fp32 (default)",
+            "max_batch": batch.max_batch,
+            "max_wait_ms": batch.max_wait_ms,
+            "frames_partitions": TOPIC_PARTITIONS,
+            "frames": size,
+        },
+        "e2e_fps": e2e["max"]["e2e_fps"],
+        "naive_fps": e2e["naive"]["fps"],
+        "ceiling_fps": ceiling,
+        "p99_ms_at_50pct": e2e["load50"]["latency_ms"]["p99"],
+        "p99_ms_at_80pct": e2e["load80"]["latency_ms"]["p99"],
+        "int8_speedup": int8["images_per_s"] / fp32["images_per_s"],
+        "decode_reduced_speedup": decode["1080p"]["reduced"]["fps"] / decode["1080p"]["full"]["fps"],
+        "peak_rss_mb": e2e["peak_rss_mb"],
+        "rss_growth_pct": e2e["soak"]["rss_growth_pct"],
+        "ratios": {
+            "e2e_vs_naive": e2e["max"]["e2e_fps"] / e2e["naive"]["fps"],
+            "e2e_vs_ceiling": e2e["max"]["e2e_fps"] / ceiling,
+        },
+        "decode": decode,
+        "inference": inference,
+        "gpu": gpu,
+        "scaling": scale,
+        "end_to_end": e2e,
+    }
+
+
+def save(result: dict[str, Any], out: Path, *, size: str, quick: bool) -> Path:
+    """Write ``<date>-<machine>[-1080p][-quick].json`` and the PNG plot beside it; the JSON's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = ("" if size == "720p" else f"-{size}") + ("-quick" if quick else "")
+    stem = f"{datetime.now(UTC):%Y-%m-%d}-{platform.node() or 'machine'}{suffix}"
+    path = out / f"{stem}.json"
+    path.write_text(json.dumps(result, indent=2))
+    plot(result, out / f"{stem}.png")
+    return path
+
+
+def summary(result: dict[str, Any]) -> str:
+    """The headline figures and ratios as a small table."""
+    lines = [f"  {key:<24} {result[key]:10.2f}" for key in HEADLINE]
+    lines.append(f"  {'e2e / naive':<24} {result['ratios']['e2e_vs_naive']:10.2f}")
+    lines.append(f"  {'e2e / CPU ceiling':<24} {result['ratios']['e2e_vs_ceiling']:10.2f}")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Throughput and latency against offered load, and RSS over the soak."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    e2e = result["end_to_end"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax = axes[0]
+    names = ["naive", "lookout e2e", "CPU ceiling"]
+    values = [result["naive_fps"], result["e2e_fps"], result["ceiling_fps"]]
+    ax.bar(names, values, color=["#999999", "#2b7bb9", "#c7e0f4"])
+    ax.set_ylabel("frames/s")
+    machine = ", 2-core machine" if os.cpu_count() == 2 else ""
+    ax.set_title(f"Throughput ({result['settings']['frames']} frames{machine})")
+    loads = [50, 80]
+    ax = axes[1]
+    for key, style in (("p50", "o-"), ("p95", "s-"), ("p99", "^-")):
+        ax.plot(loads, [e2e[f"load{x}"]["latency_ms"][key] for x in loads], style, label=key)
+    ax.set_xlabel("offered load, % of max throughput")
+    ax.set_ylabel("captured-at to label, ms")
+    ax.set_title("End-to-end latency vs load")
+    ax.legend()
+    ax = axes[2]
+    samples = e2e["soak"]["samples"]
+    ax.plot([s[0] for s in samples], [s[1] for s in samples])
+    ax.set_xlabel("soak time, s")
+    ax.set_ylabel("worker RSS, MiB")
+    ax.set_ylim(0, max(s[1] for s in samples) * 1.15)  # from zero: growth is read against the whole
+    ax.set_title("Memory at 80% load")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

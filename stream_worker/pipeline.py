@@ -1,0 +1,333 @@
+"""record -> slot -> batch -> engine -> taxonomy -> results: the engine side of lookout.
+
+It knows nothing of Kafka clients or Redis: it takes records (anything shaped like a consumed
+Kafka record: the worker's aiokafka records, the Faust agent's events) and leaves on each
+:class:`Batch` what the sinks publish. The worker and the Faust agent both drive it.
+
+* :meth:`Pipeline.add` parses one record (header guards) into a batch: a dead letter, or a frame
+  whose decode + preprocess runs on the decode pool straight into a slot of the batch's
+  preallocated buffer. A slot points back to its frame (``Batch.slot_frames``), so one frame may
+  one day fill several slots (per-camera zones) without the batch changing shape.
+* :meth:`Pipeline.classify` waits for the decodes, runs the engine on the one inference thread
+  that owns it, applies the taxonomy the engine's own class names bind, and derives the
+  counted-frame records per partition and the drift snapshot per source.
+
+Buffers come from a small pool (one filling, one in inference, one spare); :meth:`can_take`
+tells the caller whether another record can go into a batch now, so the caller never waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from stream_worker import codec, counting
+from stream_worker.backends.base import Backend, EngineInfo
+from stream_worker.counting import CountedFrame, DriftSnapshot, WindowCounts
+from stream_worker.decode import DecodeLimits, decode_into
+from stream_worker.errors import BadFrame, LookoutError
+from stream_worker.frames import Frame, FrameLabels, Prediction, SourceKind
+from stream_worker.observability import Metrics
+from stream_worker.settings import Settings
+from stream_worker.taxonomy import Taxonomy
+
+BUFFER_POOL_SIZE = 3  # one filling, one in inference, one spare
+
+PartitionKey = tuple[str, int]
+"""(topic, partition); equal to, and hashed like, aiokafka's ``TopicPartition``."""
+
+FloatArray = npt.NDArray[np.float32]
+
+
+class Record(Protocol):
+    """What the pipeline reads of a consumed record."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def timestamp(self) -> int | None: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes]]: ...
+
+
+@dataclass(slots=True)
+class DeadFrame:
+    """A record that will never be classified, on its way to the dead-letter topic."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...]
+    error: BadFrame
+
+    @classmethod
+    def of_record(cls, record: Record, error: BadFrame) -> DeadFrame:
+        """A record refused before decoding (its headers), kept byte for byte."""
+        headers = tuple(record.headers or ())
+        return cls(record.topic, record.partition, record.offset, record.key, record.value, headers, error)
+
+    @classmethod
+    def of_frame(cls, frame: Frame, error: BadFrame) -> DeadFrame:
+        """A frame whose image could not be decoded."""
+        return cls(
+            frame.topic,
+            frame.partition,
+            frame.offset,
+            frame.source_id.encode(),
+            frame.data,
+            frame.headers,
+            error,
+        )
+
+
+@dataclass(slots=True)
+class Batch:
+    """One micro-batch: its records, and what classification left on it for the sinks."""
+
+    opened_at: float
+    buffer: FloatArray | None = None
+    frames: list[Frame] = field(default_factory=list)
+    slot_frames: list[int] = field(default_factory=list)  # the frame (index) each buffer slot holds
+    decodes: list[asyncio.Future[Any]] = field(default_factory=list)  # one per slot
+    dead: list[DeadFrame] = field(default_factory=list)
+    predictions: list[Prediction] = field(default_factory=list)
+    offsets: dict[PartitionKey, int] = field(default_factory=dict)  # last offset seen per partition
+    records: int = 0
+    counted: dict[PartitionKey, list[CountedFrame]] = field(default_factory=dict)
+    drift: dict[str, DriftSnapshot] = field(default_factory=dict)  # per source, after classification
+    windows: dict[PartitionKey, tuple[WindowCounts, ...]] = field(default_factory=dict)  # by the counts sink
+
+    @property
+    def slots(self) -> int:
+        """Buffer slots in use."""
+        return len(self.slot_frames)
+
+
+class Pipeline:
+    """Fills batches from records and classifies them on the engine's own thread."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        backend_factory: Callable[[], Backend],
+        *,
+        metrics: Metrics,
+        wrap_backend: Callable[[Backend], Backend] = lambda backend: backend,
+        clock_ms: Callable[[], int] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._backend_factory = backend_factory
+        self._wrap_backend = wrap_backend
+        self._metrics = metrics
+        self._clock_ms = clock_ms or (lambda: int(time.time() * 1000))
+        b = settings.batch
+        self._limits = DecodeLimits(max_frame_bytes=b.max_frame_bytes, max_pixels=b.max_pixels)
+        # The pool is the parallelism; OpenCV's own threads would only fight it for the cores.
+        cv2.setNumThreads(1)
+        self.decode_pool = ThreadPoolExecutor(b.decode_threads, thread_name_prefix="lookout-decode")
+        self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="lookout-infer")
+        self._drift = counting.DriftTracker(
+            settings.counts.drift_window_frames, settings.counts.review_threshold
+        )
+        self._backend: Backend | None = None
+        self._taxonomy: Taxonomy | None = None
+        self._buffers: list[FloatArray] = []
+        self.max_batch = b.max_batch
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def open(self) -> EngineInfo:
+        """Load the engine on the inference thread, bind the taxonomy to it, allocate the buffers."""
+        loop = asyncio.get_running_loop()
+        # The backend is created on the inference thread: it owns the engine (and a CUDA context).
+        backend = self._wrap_backend(await loop.run_in_executor(self._infer_pool, self._backend_factory))
+        self._backend = backend
+        info = backend.info
+        self._taxonomy = Taxonomy.for_engine(info)
+        self.max_batch = max(1, min(self._settings.batch.max_batch, info.max_batch))
+        shape = (self.max_batch, 3, info.spec.height, info.spec.width)
+        self._buffers = [np.zeros(shape, dtype=np.float32) for _ in range(BUFFER_POOL_SIZE)]
+        return info
+
+    async def close(self) -> None:
+        """Release the engine (on its thread) and the thread pools."""
+        backend, self._backend = self._backend, None
+        if backend is not None:
+            await asyncio.get_running_loop().run_in_executor(self._infer_pool, backend.close)
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        self._infer_pool.shutdown(wait=False)
+
+    @property
+    def info(self) -> EngineInfo:
+        """The opened engine's description."""
+        if self._backend is None:
+            raise LookoutError("the pipeline is not open")
+        return self._backend.info
+
+    @property
+    def taxonomy(self) -> Taxonomy:
+        """The taxonomy bound to the opened engine's class names."""
+        if self._taxonomy is None:
+            raise LookoutError("the pipeline is not open")
+        return self._taxonomy
+
+    @property
+    def model(self) -> dict[str, str]:
+        """The ``model`` object of every label record."""
+        info = self.info
+        return {
+            "name": info.model_name,
+            "version": info.model_version,
+            "backend": info.backend,
+            "precision": info.precision,
+        }
+
+    # ----------------------------------------------------------------- filling
+
+    def can_take(self, batch: Batch | None) -> bool:
+        """Whether one more record can go into ``batch`` (or a new batch) without waiting."""
+        return (batch is not None and batch.buffer is not None) or bool(self._buffers)
+
+    def full(self, batch: Batch) -> bool:
+        """Whether every slot of the batch is taken."""
+        return batch.slots >= self.max_batch
+
+    def add(self, batch: Batch, record: Record) -> None:
+        """Parse one record into ``batch``: a dead letter, or a frame whose decode is under way.
+
+        Synchronous on purpose: a rebalance callback can never see a half-added record. The
+        caller makes sure :meth:`can_take` holds.
+        """
+        key = (record.topic, record.partition)
+        batch.records += 1
+        batch.offsets[key] = record.offset
+        try:
+            frame = codec.frame_from_record(
+                record.topic,
+                record.partition,
+                record.offset,
+                record.timestamp,
+                record.key,
+                record.value,
+                list(record.headers or ()),
+            )
+        except BadFrame as exc:
+            batch.dead.append(DeadFrame.of_record(record, exc))
+            return
+        if batch.buffer is None:
+            batch.buffer = self._buffers.pop()
+            batch.opened_at = time.monotonic()
+        slot = batch.buffer[batch.slots]
+        batch.slot_frames.append(len(batch.frames))
+        batch.frames.append(frame)
+        batch.decodes.append(
+            asyncio.get_running_loop().run_in_executor(
+                self.decode_pool,
+                decode_into,
+                frame.data,
+                frame.content_type,
+                slot,
+                self.info.spec,
+                self._limits,
+            )
+        )
+
+    # ----------------------------------------------------------------- classifying
+
+    async def classify(self, batch: Batch) -> None:
+        """Wait for the batch's decodes, run the engine and the taxonomy; the buffer goes back."""
+        if batch.buffer is None:
+            return
+        started = time.monotonic()
+        results = await asyncio.gather(*batch.decodes, return_exceptions=True)
+        self._metrics.decoded(time.monotonic() - started)
+        good: list[int] = []
+        for slot, result in enumerate(results):
+            frame = batch.frames[batch.slot_frames[slot]]
+            if isinstance(result, BadFrame):
+                batch.dead.append(DeadFrame.of_frame(frame, result))
+            elif isinstance(result, BaseException):
+                # An unexpected decoder exception is still about this frame's bytes.
+                error = BadFrame("decode", "decoder_error", f"{result.__class__.__name__}: {result}")
+                batch.dead.append(DeadFrame.of_frame(frame, error))
+            else:
+                good.append(slot)
+        buffer = batch.buffer
+        try:
+            if good:
+                started = time.monotonic()
+                labels = await asyncio.get_running_loop().run_in_executor(
+                    self._infer_pool, self._infer, buffer, batch.slots, good
+                )
+                self._metrics.classified(time.monotonic() - started, len(good))
+                now_ms = self._clock_ms()
+                for slot, frame_labels in zip(good, labels, strict=True):
+                    frame = batch.frames[batch.slot_frames[slot]]
+                    latency_ms = float(now_ms - frame.captured_at_ms)
+                    batch.predictions.append(Prediction(frame, frame_labels, now_ms, latency_ms))
+        finally:
+            batch.buffer = None
+            batch.decodes = []
+            self._buffers.append(buffer)
+        self._summarise(batch)
+
+    def _infer(self, buffer: FloatArray, slots: int, good: list[int]) -> list[FrameLabels]:
+        """Runs on the inference thread: engine, then taxonomy (both CPU-bound)."""
+        backend = self._backend
+        if backend is None:
+            raise LookoutError("the pipeline is closed")
+        probs = backend.infer(buffer[:slots])
+        if len(good) != slots:
+            probs = probs[good]
+        lab = self._settings.labels
+        return self.taxonomy.classify(
+            probs,
+            mode=lab.label_mode,  # type: ignore[arg-type]
+            rollup_threshold=lab.rollup_threshold,
+            thresholds=lab.label_thresholds or None,
+            default_threshold=lab.default_label_threshold,
+            top_k=lab.top_k,
+        )
+
+    def _summarise(self, batch: Batch) -> None:
+        """The counted-frame records per partition and the drift snapshot per source."""
+        parents = self.taxonomy.parent_labels
+        for p in batch.predictions:
+            frame = p.frame
+            events: tuple[str, ...] | None = None
+            if frame.source_kind is SourceKind.WILDLIFE:
+                events = tuple(sorted(counting.species_of(p.result.labels, parents)))
+            batch.counted.setdefault((frame.topic, frame.partition), []).append(
+                CountedFrame(
+                    frame.offset,
+                    frame.source_id,
+                    frame.captured_at_ms,
+                    tuple(sorted(counting.counted_labels(p.result.labels))),
+                    events,
+                )
+            )
+            top = p.result.labels[0].label if p.result.labels else "unknown"
+            self._drift.observe(frame.source_id, top, p.result.best_score)
+        for source in {p.frame.source_id for p in batch.predictions}:
+            batch.drift[source] = self._drift.snapshot(source)
+
+
+__all__ = ["Batch", "DeadFrame", "PartitionKey", "Pipeline", "Record"]

@@ -1,0 +1,116 @@
+"""The dashboard's live view: per-source statistics, the latest label record and a thumbnail.
+
+Best effort by design: it is a view, not a record, so it is written after the commit, never
+retried, and a Redis error only skips one update. Thumbnails are made at most once a second
+per source, on the decode pool (keys: ``stream_worker/live_keys.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
+from typing import Any
+
+import cv2
+import numpy as np
+import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
+
+from stream_worker import codec
+from stream_worker.frames import Prediction
+from stream_worker.live_keys import LiveKeys
+from stream_worker.pipeline import Batch
+from stream_worker.settings import Settings
+
+log = logging.getLogger("lookout.live")
+
+THUMBNAIL_WIDTH = 240
+THUMBNAIL_EVERY_S = 1.0
+
+
+class LiveViewSink:
+    """Writes the live view of each batch in one Redis round trip."""
+
+    name = "live"
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        settings: Settings,
+        *,
+        model: Callable[[], Mapping[str, str]],
+        executor: Executor,
+    ) -> None:
+        self._client: Any = client
+        self._keys = LiveKeys(settings.redis.key_prefix)
+        self._stats_ttl_s = settings.redis.counts_ttl_s
+        self._thumbnail_ttl_s = settings.counts.thumbnail_ttl_s
+        self._model = model
+        self._executor = executor
+        self._last_thumbnail: dict[str, float] = {}
+
+    async def write(self, batch: Batch) -> None:
+        """Update the live view; never raises for Redis trouble."""
+        if not batch.predictions and not batch.dead:
+            return
+        keys, now = self._keys, time.monotonic()
+        latest: dict[str, Prediction] = {}
+        per_source: dict[str, int] = {}
+        for p in batch.predictions:
+            latest[p.frame.source_id] = p
+            per_source[p.frame.source_id] = per_source.get(p.frame.source_id, 0) + 1
+        due = [p for s, p in latest.items() if now - self._last_thumbnail.get(s, 0.0) >= THUMBNAIL_EVERY_S]
+        thumbs = (
+            await asyncio.get_running_loop().run_in_executor(self._executor, thumbnails, due) if due else {}
+        )
+        model = self._model()
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for source, n in per_source.items():
+                    key = keys.stats(source)
+                    snapshot = batch.drift[source]
+                    p = latest[source]
+                    pipe.hincrby(key, "frames", n)
+                    pipe.hset(
+                        key,
+                        mapping={
+                            "kind": p.frame.source_kind.value,
+                            "latency_ms": f"{p.latency_ms:.1f}",
+                            "low_confidence_share": f"{snapshot.low_confidence_share:.4f}",
+                            "label_share": json.dumps(snapshot.label_share),
+                            "updated_ms": str(p.processed_at_ms),
+                        },
+                    )
+                    pipe.expire(key, self._stats_ttl_s)
+                    pipe.sadd(keys.sources, source)
+                for d in batch.dead:
+                    source = d.key.decode(errors="replace") if d.key else "unknown"
+                    pipe.hincrby(keys.stats(source), "dead", 1)
+                for p in due:
+                    source = p.frame.source_id
+                    self._last_thumbnail[source] = now
+                    pipe.set(keys.frame(source), codec.label_record(p, model), ex=self._thumbnail_ttl_s)
+                    if source in thumbs:
+                        pipe.set(keys.thumb(source), thumbs[source], ex=self._thumbnail_ttl_s)
+                await pipe.execute()
+        except redis_errors.RedisError as exc:
+            log.debug("live view not updated: %s", exc)
+
+
+def thumbnails(predictions: list[Prediction]) -> dict[str, bytes]:
+    """Small JPEG thumbnails of each source's latest frame (runs on the decode pool)."""
+    out: dict[str, bytes] = {}
+    for p in predictions:
+        image = cv2.imdecode(np.frombuffer(p.frame.data, np.uint8), cv2.IMREAD_REDUCED_COLOR_2)
+        if image is None:
+            continue
+        height = max(1, round(image.shape[0] * THUMBNAIL_WIDTH / image.shape[1]))
+        small = cv2.resize(image, (THUMBNAIL_WIDTH, height), interpolation=cv2.INTER_AREA)
+        ok, data = cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, 75])
+        if ok:
+            out[p.frame.source_id] = data.tobytes()
+    return out

@@ -1,0 +1,140 @@
+"""Kafka topic outputs: labels, review samples and dead letters per frame, window counts per batch.
+
+Both sinks write through the worker's one idempotent, acks=all producer: every record of a
+write is sent, then every acknowledgement awaited (one flush per batch, never per frame). A
+retried write sends the same records again; the label records carry the frame id, so a consumer
+sees at most a repeat, never a loss, and the compacted counts topic holds absolute values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from stream_worker import codec
+from stream_worker.counting import WindowCounts
+from stream_worker.kafka import kafka_failure
+from stream_worker.observability import Metrics
+from stream_worker.pipeline import Batch, PartitionKey
+from stream_worker.settings import Settings
+from stream_worker.sinks.counts import CountsWriter
+
+OutRecord = tuple[str, bytes | None, bytes, Sequence[tuple[str, bytes]]]
+"""(topic, key, value, headers)."""
+
+
+async def send_all(producer: AIOKafkaProducer, records: Sequence[OutRecord], what: str) -> None:
+    """Send every record, then wait for every acknowledgement (one flush per batch)."""
+    try:
+        futures = [
+            await producer.send(topic, value, key=key, headers=list(headers) or None)
+            for topic, key, value, headers in records
+        ]
+        await asyncio.gather(*futures)
+    except KafkaError as exc:
+        raise kafka_failure(exc, what) from exc
+
+
+class FrameTopicsSink:
+    """One record per frame: its labels, a review sample when it is sampled, or its dead letter.
+
+    Review samples are chosen by a hash of the frame id among frames under the review threshold,
+    so a replayed frame is sampled the same way. A dead letter keeps the record's key, value and
+    headers and adds Connect-style error headers.
+    """
+
+    name = "labels"
+
+    def __init__(
+        self,
+        producer: AIOKafkaProducer,
+        settings: Settings,
+        *,
+        model: Callable[[], Mapping[str, str]],
+        metrics: Metrics,
+        ensure_topics: Callable[[set[str]], Awaitable[None]],
+    ) -> None:
+        self._producer = producer
+        self._topics = settings.topics
+        self._review_threshold = settings.counts.review_threshold
+        self._review_cutoff = int(settings.counts.review_sample_rate * 10_000)
+        self._max_frame_bytes = settings.batch.max_frame_bytes
+        self._model = model
+        self._metrics = metrics
+        self._ensure_topics = ensure_topics
+
+    async def write(self, batch: Batch) -> None:
+        """Publish the batch's label, review and dead-letter records."""
+        if batch.dead:
+            await self._ensure_topics({self._topics.dlq_topic.format(topic=d.topic) for d in batch.dead})
+        records, review = self.records(batch)
+        await send_all(self._producer, records, "publishing labels")
+        self._metrics.published(batch, review=review)
+
+    def records(self, batch: Batch) -> tuple[list[OutRecord], int]:
+        """The batch's records, and how many of them are review samples."""
+        topics, model = self._topics, self._model()
+        out: list[OutRecord] = []
+        review = 0
+        for p in batch.predictions:
+            value = codec.label_record(p, model)
+            key = p.frame.source_id.encode()
+            out.append((topics.labels_topic, key, value, []))
+            low = p.result.best_score < self._review_threshold
+            if low and zlib.crc32(p.frame.frame_id.encode()) % 10_000 < self._review_cutoff:
+                out.append(
+                    (topics.review_topic, key, p.frame.data, [*p.frame.headers, ("lookout-labels", value)])
+                )
+                review += 1
+        for d in batch.dead:
+            keep = d.value if d.value is not None and len(d.value) <= self._max_frame_bytes else b""
+            headers = codec.dead_letter_headers(
+                d.topic, d.partition, d.offset, d.error.stage, d.error.reason, d.error, d.headers
+            )
+            out.append((topics.dlq_topic.format(topic=d.topic), d.key, keep, headers))
+        return out, review
+
+
+class WindowCountsSink:
+    """The absolute counts of every window a batch changed, to the compacted counts topic.
+
+    Reads what the counts sink left on ``batch.windows``; once the records are acknowledged the
+    windows' dirty marks in Redis are cleared, so a window whose publication was cut short by a
+    crash is published again when its partition is next assigned (:meth:`publish`).
+    """
+
+    name = "windows"
+
+    def __init__(self, producer: AIOKafkaProducer, counts_topic: str, writer: CountsWriter) -> None:
+        self._producer = producer
+        self._counts_topic = counts_topic
+        self._writer = writer
+
+    async def write(self, batch: Batch) -> None:
+        """Publish the windows the batch changed."""
+        await self.publish(batch.windows)
+
+    async def publish(self, windows: Mapping[PartitionKey, Sequence[WindowCounts]]) -> None:
+        """Publish ``windows`` (per partition), then clear their dirty marks."""
+        records: list[OutRecord] = []
+        for (topic, partition), group in windows.items():
+            shard = f"{topic}:{partition}"
+            for w in group:
+                key, value = codec.count_record(
+                    w.source_id, w.window, w.start_ms, {"_frames": w.frames, **w.labels}, shard=shard
+                )
+                records.append((self._counts_topic, key, value, []))
+                if w.events:
+                    key, value = codec.count_record(
+                        w.source_id, w.window, w.start_ms, w.events, "events", shard=shard
+                    )
+                    records.append((self._counts_topic, key, value, []))
+        if not records:
+            return
+        await send_all(self._producer, records, "publishing counts")
+        for (topic, partition), group in windows.items():
+            await self._writer.mark_published(topic, partition, group)

@@ -1,0 +1,204 @@
+"""The pipeline without Kafka or Redis: records in, labelled frames, dead letters and counted frames out.
+
+The engine is a stand-in that answers with a fixed ImageNet class per batch row, so the test
+sees what the pipeline does around it: header guards, decoding into slots, the taxonomy bound
+to the engine's class names, counted frames per partition, drift per source. Sinks are
+list-backed fakes, and delivery is checked to retry only the sink that failed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from stream_worker.backends.base import EngineInfo
+from stream_worker.codec import frame_headers
+from stream_worker.errors import LookoutError, ServiceUnavailable
+from stream_worker.frames import SourceKind
+from stream_worker.observability import Metrics
+from stream_worker.pipeline import Batch, Pipeline
+from stream_worker.preprocess import PreprocessSpec
+from stream_worker.settings import Settings
+from stream_worker.sinks import Retrier, deliver
+from stream_worker.taxonomy import load_class_names
+from tests.unit import images
+
+CLASSES = load_class_names()
+SPORTS_CAR, TABBY = CLASSES.index("sports car"), CLASSES.index("tabby")
+T0 = 1_700_000_000_000
+
+
+@dataclass
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int | None
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+
+
+def frame_record(
+    offset: int, source: str, *, partition: int = 0, kind: SourceKind = SourceKind.TRAFFIC
+) -> Record:
+    headers = frame_headers(source, kind, f"{source}/{offset}", T0 + offset, "image/jpeg")
+    return Record("frames", partition, offset, T0, source.encode(), JPEG, headers)
+
+
+JPEG = images.jpeg(images.bikes_frame())
+
+
+class StandInEngine:
+    """Answers every row with the class of its position in ``answers`` (cycled)."""
+
+    def __init__(
+        self, answers: list[int], class_names: tuple[str, ...] = CLASSES, max_batch: int = 8
+    ) -> None:
+        self.answers = answers
+        self.calls: list[int] = []
+        self.info = EngineInfo(
+            path=Path("stand-in.onnx"),
+            backend="onnxruntime",
+            precision="fp32",
+            model_name="stand-in",
+            model_version="1",
+            max_batch=max_batch,
+            opt_batch=max_batch,
+            input_name="input",
+            output_name="probs",
+            spec=PreprocessSpec(height=32, width=32),
+            class_names=class_names,
+            onnx_sha256="0" * 64,
+            taxonomy_version="1.0.0",
+        )
+
+    def infer(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        self.calls.append(len(batch))
+        probs = np.zeros((len(batch), len(self.info.class_names)), np.float32)
+        for row in range(len(batch)):
+            probs[row, self.answers[row % len(self.answers)]] = 1.0
+        return probs
+
+    def close(self) -> None:
+        pass
+
+
+async def opened(engine: StandInEngine) -> Pipeline:
+    pipeline = Pipeline(Settings(), lambda: engine, metrics=Metrics())
+    await pipeline.open()
+    return pipeline
+
+
+async def test_records_become_labelled_frames_counted_per_partition() -> None:
+    engine = StandInEngine([SPORTS_CAR, TABBY])
+    pipeline = await opened(engine)
+    batch = Batch(opened_at=0.0)
+    records = [frame_record(0, "cam-1"), frame_record(7, "trap-1", partition=1, kind=SourceKind.WILDLIFE)]
+    for record in records:
+        pipeline.add(batch, record)
+    await pipeline.classify(batch)
+    await pipeline.close()
+
+    assert engine.calls == [2]
+    assert [p.result.labels[0].label for p in batch.predictions] == ["car", "cat"]
+    assert batch.offsets == {("frames", 0): 0, ("frames", 1): 7}
+    car, cat = batch.counted[("frames", 0)][0], batch.counted[("frames", 1)][0]
+    assert (car.offset, car.source_id, car.labels, car.event_labels) == (0, "cam-1", ("car", "vehicle"), None)
+    assert cat.event_labels == ("cat",)  # a wildlife source's species open camera-trap events
+    assert set(batch.drift) == {"cam-1", "trap-1"}
+    assert batch.buffer is None and pipeline.can_take(None)  # the buffer went back to the pool
+
+
+async def test_bad_headers_and_undecodable_images_become_dead_letters_and_the_rest_is_labelled() -> None:
+    engine = StandInEngine([SPORTS_CAR])
+    pipeline = await opened(engine)
+    batch = Batch(opened_at=0.0)
+    no_headers = Record("frames", 0, 1, T0, b"raw-key", JPEG, [])
+    truncated = frame_record(2, "cam-1")
+    truncated.value = JPEG[: len(JPEG) // 3]
+    for record in (frame_record(0, "cam-1"), no_headers, truncated, frame_record(3, "cam-1")):
+        pipeline.add(batch, record)
+    await pipeline.classify(batch)
+    await pipeline.close()
+
+    assert [(d.offset, d.error.stage) for d in batch.dead] == [(1, "headers"), (2, "decode")]
+    assert batch.dead[0].key == b"raw-key" and batch.dead[0].value == JPEG  # kept byte for byte
+    assert [p.frame.offset for p in batch.predictions] == [0, 3]
+    assert engine.calls == [3]  # the slot of the undecodable frame is dropped after inference
+    assert [f.offset for f in batch.counted[("frames", 0)]] == [0, 3]
+    assert batch.records == 4 and batch.offsets == {("frames", 0): 3}
+
+
+async def test_the_taxonomy_follows_the_engines_class_order() -> None:
+    # An engine whose output classes are reversed: row j is class CLASSES[-1 - j].
+    reversed_names = tuple(reversed(CLASSES))
+    engine = StandInEngine([reversed_names.index("tabby")], class_names=reversed_names)
+    pipeline = await opened(engine)
+    batch = Batch(opened_at=0.0)
+    pipeline.add(batch, frame_record(0, "cam-1"))
+    await pipeline.classify(batch)
+    await pipeline.close()
+    assert batch.predictions[0].result.labels[0].label == "cat"
+
+
+async def test_a_batch_holds_at_most_the_engines_profile_and_buffers_are_bounded() -> None:
+    engine = StandInEngine([SPORTS_CAR], max_batch=2)
+    pipeline = await opened(engine)
+    batches = []
+    while pipeline.can_take(None):
+        batch = Batch(opened_at=0.0)
+        while pipeline.can_take(batch) and not pipeline.full(batch):
+            pipeline.add(batch, frame_record(len(batches) * 2 + batch.slots, "cam-1"))
+        batches.append(batch)
+    assert [b.slots for b in batches] == [2, 2, 2]  # the pool holds three buffers, no more
+    for batch in batches:
+        await pipeline.classify(batch)
+    assert pipeline.can_take(None)
+    await pipeline.close()
+
+
+@dataclass
+class ListSink:
+    """A list-backed sink that fails its first ``failures`` writes."""
+
+    name: str
+    failures: int = 0
+    written: list[int] = field(default_factory=list)
+    attempts: int = 0
+
+    async def write(self, batch: Batch) -> None:
+        self.attempts += 1
+        if self.attempts <= self.failures:
+            raise ServiceUnavailable(f"{self.name} is down")
+        self.written.append(batch.records)
+
+
+@dataclass
+class StandInOutputs:
+    before_commit: list[ListSink]
+
+
+async def test_delivery_retries_only_the_sink_that_failed() -> None:
+    labels, counts, windows = ListSink("labels"), ListSink("counts", failures=2), ListSink("windows")
+    retrier = Retrier(retry_max_s=0.01, metrics=Metrics())
+    batch = Batch(opened_at=0.0, records=5)
+    await deliver(batch, StandInOutputs([labels, counts, windows]), retrier)  # type: ignore[arg-type]
+    assert (labels.attempts, counts.attempts, windows.attempts) == (1, 3, 1)
+    assert labels.written == counts.written == windows.written == [5]
+
+
+async def test_a_failure_that_cannot_be_retried_stops_delivery() -> None:
+    class Refused(ListSink):
+        async def write(self, batch: Batch) -> None:
+            raise LookoutError("refused")
+
+    after = ListSink("windows")
+    retrier = Retrier(retry_max_s=0.01, metrics=Metrics())
+    with pytest.raises(LookoutError, match="refused"):
+        await deliver(Batch(opened_at=0.0), StandInOutputs([Refused("labels"), after]), retrier)  # type: ignore[arg-type]
+    assert after.attempts == 0

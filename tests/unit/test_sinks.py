@@ -1,0 +1,141 @@
+"""The sinks on their own, with a list-backed producer and counts writer (the real ones are tested
+against the real broker and Redis in tests/integration and tests/faults)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from stream_worker.codec import parse_label_record
+from stream_worker.counting import CountedFrame, WindowCounts
+from stream_worker.errors import BadFrame
+from stream_worker.frames import ClassScore, Frame, FrameLabels, LabelScore, Prediction, SourceKind
+from stream_worker.observability import Metrics
+from stream_worker.pipeline import Batch, DeadFrame
+from stream_worker.settings import CountSettings, Settings, TopicSettings
+from stream_worker.sinks.counts import ApplyResult, CountsSink
+from stream_worker.sinks.topics import FrameTopicsSink, WindowCountsSink
+
+MODEL = {"name": "m", "version": "1", "backend": "onnxruntime", "precision": "fp32"}
+
+
+class ListProducer:
+    """Keeps what was sent; every send is acknowledged at once."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes | None, bytes, list[tuple[str, bytes]] | None]] = []
+
+    async def send(
+        self, topic: str, value: bytes, *, key: bytes | None, headers: Any
+    ) -> asyncio.Future[None]:
+        self.sent.append((topic, key, value, headers))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+def prediction(offset: int, source: str, label: str, score: float) -> Prediction:
+    frame = Frame(
+        "cams", 0, offset, source, SourceKind.TRAFFIC, f"{source}/{offset}", 1_000, "image/jpeg", b"jpeg"
+    )
+    labels = FrameLabels((LabelScore(label, score, (label,)),), (ClassScore(1, "x", score),), score)
+    return Prediction(frame, labels, 2_000, 1_000.0)
+
+
+def settings(**counts: Any) -> Settings:
+    return dataclasses.replace(
+        Settings(),
+        topics=TopicSettings.named_after("cams"),
+        counts=dataclasses.replace(CountSettings(), **counts),
+    )
+
+
+async def test_labels_review_samples_and_dead_letters_go_to_their_topics() -> None:
+    producer = ListProducer()
+    made: list[set[str]] = []
+
+    async def ensure(topics: set[str]) -> None:
+        made.append(topics)
+
+    sink = FrameTopicsSink(
+        producer,  # type: ignore[arg-type]
+        settings(review_threshold=0.5, review_sample_rate=1.0),
+        model=lambda: MODEL,
+        metrics=Metrics(),
+        ensure_topics=ensure,
+    )
+    batch = Batch(opened_at=0.0)
+    batch.predictions = [prediction(0, "cam-1", "car", 0.9), prediction(1, "cam-1", "unknown", 0.2)]
+    error = BadFrame("guard", "not_an_image", "no image magic")
+    batch.dead = [DeadFrame("cams", 0, 2, b"cam-1", b"junk", (("source-id", b"cam-1"),), error)]
+    await sink.write(batch)
+
+    topics = [topic for topic, *_ in producer.sent]
+    assert topics == ["cams.labels", "cams.labels", "cams.review", "cams.dlq"]
+    assert made == [{"cams.dlq"}]  # the dead-letter topic is made sure of before writing to it
+    first = parse_label_record(producer.sent[0][2])
+    assert (first["frame_id"], first["labels"][0]["label"]) == ("cam-1/0", "car")
+    _, key, value, headers = producer.sent[3]
+    assert (key, value) == (b"cam-1", b"junk")
+    assert dict(headers or [])["lookout.errors.reason"] == b"not_an_image"
+
+
+class ListCountsWriter:
+    """Applies each offset once, like the Lua script; remembers the windows not yet published."""
+
+    def __init__(self) -> None:
+        self.watermark: dict[tuple[str, int], int] = {}
+        self.dirty_windows: dict[tuple[str, int], list[WindowCounts]] = {}
+        self.published: list[str] = []
+
+    async def apply(self, topic: str, partition: int, frames: Sequence[CountedFrame]) -> ApplyResult:
+        wm = self.watermark.get((topic, partition), -1)
+        new = [f for f in frames if f.offset > wm]
+        if new:
+            self.watermark[(topic, partition)] = new[-1].offset
+        windows = tuple(WindowCounts(f.source_id, "1m", 0, 1, key=f"k{f.offset}") for f in new)
+        self.dirty_windows.setdefault((topic, partition), []).extend(windows)
+        return ApplyResult(applied=len(new), windows=windows)
+
+    async def dirty(self, topic: str, partition: int) -> list[WindowCounts]:
+        return list(self.dirty_windows.get((topic, partition), []))
+
+    async def mark_published(self, topic: str, partition: int, windows: Sequence[WindowCounts]) -> None:
+        self.published += [w.key for w in windows]
+        keys = {w.key for w in windows}
+        self.dirty_windows[(topic, partition)] = [
+            w for w in self.dirty_windows.get((topic, partition), []) if w.key not in keys
+        ]
+
+
+def counted_batch(*offsets: int) -> Batch:
+    batch = Batch(opened_at=0.0)
+    batch.counted = {("cams", 0): [CountedFrame(o, "cam-1", 1_000, ("car",), None) for o in offsets]}
+    return batch
+
+
+async def test_a_counts_write_run_twice_counts_once_and_still_hands_on_its_windows() -> None:
+    writer, skipped = ListCountsWriter(), []
+    sink = CountsSink(writer, skipped=skipped.append)  # type: ignore[arg-type]
+    batch = counted_batch(0, 1)
+    await sink.write(batch)
+    first = batch.windows[("cams", 0)]
+    # A retry (or a replay after a crash) applies nothing, but the windows are not lost: the
+    # ones not yet on the counts topic are taken from the dirty set.
+    await sink.write(batch)
+    assert skipped == [2]
+    assert batch.windows[("cams", 0)] == first
+    assert writer.watermark[("cams", 0)] == 1
+
+
+async def test_window_counts_are_published_then_marked_clean() -> None:
+    producer, writer = ListProducer(), ListCountsWriter()
+    counts = CountsSink(writer)  # type: ignore[arg-type]
+    windows = WindowCountsSink(producer, "cams.counts", writer)  # type: ignore[arg-type]
+    batch = counted_batch(0)
+    await counts.write(batch)
+    await windows.write(batch)
+    assert [topic for topic, *_ in producer.sent] == ["cams.counts"]
+    assert writer.published == ["k0"] and writer.dirty_windows[("cams", 0)] == []
