@@ -6,12 +6,11 @@ Every check here turns a user mistake into one actionable line before any frame 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
+from stream_worker.aio import unless_set
 from stream_worker.backends.base import Backend
 from stream_worker.backends.registry import default_engine_provider, open_backend
 from stream_worker.errors import ConfigError, LookoutError
@@ -84,7 +83,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event, *, create_topics: 
     consumed yet, so that is a clean stop, not a failure.
     """
     check_engine(settings)
-    if not await _unless_stopped(stop, _preflight(settings, create_topics=create_topics)):
+    if not await unless_set(stop, _preflight(settings, create_topics=create_topics)):
         log.info("stopped during start-up")
         return 0
     metrics = Metrics()
@@ -118,23 +117,6 @@ async def _preflight(settings: Settings, *, create_topics: bool) -> None:
     await check_frames_topics(settings)
     if create_topics:
         await prepare_topics(settings)
-
-
-async def _unless_stopped(stop: asyncio.Event, step: Awaitable[None]) -> bool:
-    """Run ``step`` unless ``stop`` is set first (then cancel it); whether it finished."""
-    task = asyncio.ensure_future(step)
-    stopped = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopped.cancel()
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        return False
-    task.result()
-    return True
 
 
 async def read_counts(settings: Settings, source_id: str, window: str) -> dict[str, Any]:

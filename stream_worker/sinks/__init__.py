@@ -25,6 +25,7 @@ from typing import Protocol
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from stream_worker.aio import unless_set
 from stream_worker.errors import LookoutError
 from stream_worker.faults import Faults
 from stream_worker.kafka import ensure_topics, make_producer
@@ -138,7 +139,8 @@ class Retrier:
         delay = 0.2
         while True:
             try:
-                await self._unless_abandoned(step)
+                if not await unless_set(self._abandon, step()):
+                    raise self._abandoned()
                 return
             except LookoutError as exc:
                 if not exc.retriable:
@@ -150,20 +152,6 @@ class Retrier:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._abandon.wait(), timeout=delay)
                 delay = min(delay * 2, self._retry_max_s)
-
-    async def _unless_abandoned(self, step: Callable[[], Awaitable[None]]) -> None:
-        attempt = asyncio.ensure_future(step())
-        abandoned = asyncio.ensure_future(self._abandon.wait())
-        try:
-            await asyncio.wait({attempt, abandoned}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            abandoned.cancel()
-        if not attempt.done():
-            attempt.cancel()
-            with contextlib.suppress(asyncio.CancelledError, LookoutError):
-                await attempt
-            raise self._abandoned()
-        attempt.result()
 
     def _abandoned(self) -> LookoutError:
         return LookoutError(
