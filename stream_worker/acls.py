@@ -26,6 +26,7 @@ import re
 import shlex
 from dataclasses import dataclass
 
+from stream_worker.errors import ConfigError
 from stream_worker.settings import Settings
 
 
@@ -110,9 +111,21 @@ def acl_commands(
 
 
 def default_principal(settings: Settings) -> str:
-    """The principal the broker will most likely see: the SASL user, else a placeholder to edit."""
+    """The principal the broker will see: the SASL user; without one, a one-line refusal.
+
+    Never ``User:ANONYMOUS``: pasted as printed, those grants would give every unauthenticated
+    client read on the frames and write on the outputs. A client certificate's principal depends
+    on the broker's ``ssl.principal.mapping.rules``, which only the administrator knows.
+    """
     if settings.kafka.sasl_username:
         return f"User:{settings.kafka.sasl_username}"
     if settings.kafka.ssl_certfile:
-        return "User:<the principal of the client certificate, by ssl.principal.mapping.rules>"
-    return "User:ANONYMOUS"
+        raise ConfigError(
+            "acls: name the principal your broker maps the worker's client certificate to "
+            "(by its ssl.principal.mapping.rules): pass --principal, e.g. --principal User:lookout"
+        )
+    raise ConfigError(
+        "acls: the worker has no SASL user, so its principal is unknown: pass --principal "
+        "(e.g. User:lookout) or --sasl-username; grants for User:ANONYMOUS would open the "
+        "topics to every unauthenticated client"
+    )

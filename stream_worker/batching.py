@@ -45,20 +45,26 @@ class BatchPolicy:
 
 
 class InFlight:
-    """Counts frames between fetch and commit; ``full`` tells the worker to pause its partitions.
+    """Counts frames, and their bytes, between fetch and commit; ``full`` tells the worker to pause.
 
-    ``acquire`` never refuses: records already fetched when the limit is reached must still
-    be held, so the count may overshoot ``limit`` by one fetch. Releasing more than was
-    acquired is a bug in the caller and raises.
+    Two budgets, because frames differ in size by three orders of magnitude: ``limit`` records
+    keep the commit latency bounded, ``byte_limit`` bytes keep memory bounded (256 in-flight
+    frames of up to 20 MB each would be 5 GB). ``acquire`` never refuses: records already
+    fetched when a budget is reached must still be held, so either may overshoot by one fetch.
+    Releasing more than was acquired is a bug in the caller and raises.
     """
 
-    __slots__ = ("_count", "limit")
+    __slots__ = ("_bytes", "_count", "byte_limit", "limit")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, byte_limit: int | None = None) -> None:
         if limit < 1:
             raise ConfigError(f"the in-flight limit must be at least 1, got {limit}")
+        if byte_limit is not None and byte_limit < 1:
+            raise ConfigError(f"the in-flight byte limit must be at least 1, got {byte_limit}")
         self.limit = limit
+        self.byte_limit = byte_limit
         self._count = 0
+        self._bytes = 0
 
     @property
     def count(self) -> int:
@@ -66,23 +72,33 @@ class InFlight:
         return self._count
 
     @property
+    def bytes(self) -> int:
+        """Bytes of the frames currently held (their record values)."""
+        return self._bytes
+
+    @property
     def full(self) -> bool:
-        """Whether the limit is reached: stop fetching until some frames are released."""
-        return self._count >= self.limit
+        """Whether a budget is reached: stop fetching until some frames are released."""
+        return self._count >= self.limit or (self.byte_limit is not None and self._bytes >= self.byte_limit)
 
     @property
     def room(self) -> int:
-        """How many more frames may be fetched before the limit (0 when full)."""
-        return max(0, self.limit - self._count)
+        """How many more frames may be fetched before the record limit (0 when full)."""
+        return 0 if self.full else self.limit - self._count
 
-    def acquire(self, n: int = 1) -> None:
-        """Count ``n`` frames as fetched."""
-        if n < 0:
-            raise ValueError(f"cannot acquire {n} frames")
+    def acquire(self, n: int = 1, nbytes: int = 0) -> None:
+        """Count ``n`` frames of ``nbytes`` bytes in all as fetched."""
+        if n < 0 or nbytes < 0:
+            raise ValueError(f"cannot acquire {n} frames of {nbytes} bytes")
         self._count += n
+        self._bytes += nbytes
 
-    def release(self, n: int = 1) -> None:
-        """Count ``n`` frames as finished (committed or dead-lettered)."""
-        if n < 0 or n > self._count:
-            raise ValueError(f"cannot release {n} frames, {self._count} are in flight")
+    def release(self, n: int = 1, nbytes: int = 0) -> None:
+        """Count ``n`` frames of ``nbytes`` bytes in all as finished (committed or dead-lettered)."""
+        if n < 0 or n > self._count or nbytes < 0 or nbytes > self._bytes:
+            raise ValueError(
+                f"cannot release {n} frames of {nbytes} bytes, "
+                f"{self._count} ({self._bytes} bytes) are in flight"
+            )
         self._count -= n
+        self._bytes -= nbytes

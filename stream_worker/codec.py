@@ -78,12 +78,18 @@ def frame_from_record(
     headers: RawHeaders,
     *,
     default_kind: SourceKind | None = None,
+    max_skew_ms: int | None = None,
 ) -> Frame:
     """Build a :class:`Frame` from a consumed record; raise ``BadFrame(stage="headers")`` when it cannot be.
 
     Reasons: ``not_utf8``, ``missing_source_id``, ``bad_source_id``, ``missing_source_kind``,
-    ``bad_source_kind``, ``bad_frame_id``, ``bad_captured_at``, ``missing_captured_at``,
-    ``missing_content_type``, ``bad_site``, ``bad_location``, ``control_characters``.
+    ``bad_source_kind``, ``bad_frame_id``, ``bad_captured_at``, ``captured_at_in_future``,
+    ``missing_captured_at``, ``missing_content_type``, ``bad_site``, ``bad_location``,
+    ``control_characters``.
+
+    ``max_skew_ms`` bounds how far ``captured-at`` may run ahead of the record's own timestamp
+    (the producer's clock): one frame dated in the future would otherwise become every
+    window's newest, trim the window index and make later camera-trap frames "late".
     """
     by_name: dict[str, bytes | None] = {name.lower(): raw for name, raw in headers}
     data = value or b""
@@ -130,6 +136,15 @@ def frame_from_record(
                 "headers", "bad_captured_at", f"captured-at {captured_text[:40]!r} is not epoch milliseconds"
             )
         captured_at_ms = int(captured_text.strip())
+        if max_skew_ms is not None and timestamp_ms is not None and timestamp_ms >= 0:
+            ahead_ms = captured_at_ms - timestamp_ms
+            if ahead_ms > max_skew_ms:
+                raise BadFrame(
+                    "headers",
+                    "captured_at_in_future",
+                    f"captured-at is {ahead_ms / 1000:.0f} s after the record's timestamp "
+                    f"(at most {max_skew_ms / 1000:.0f} s allowed): check the camera's clock",
+                )
     elif timestamp_ms is not None and timestamp_ms >= 0:
         captured_at_ms = timestamp_ms
     else:
@@ -174,6 +189,7 @@ def frame_from_record(
         lat=lat,
         lon=lon,
         headers=tuple((name, raw if raw is not None else b"") for name, raw in headers),
+        key=key,
     )
 
 

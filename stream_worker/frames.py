@@ -31,6 +31,8 @@ class Frame:
     lat: float | None = None
     lon: float | None = None
     headers: tuple[tuple[str, bytes], ...] = field(default=())
+    key: bytes | None = None
+    """The record's own key, kept so a dead letter carries it unchanged."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,6 +68,9 @@ class Metrics:
         self.in_flight = Gauge(
             "lookout_frames_in_flight", "Frames consumed but not yet committed", registry=r
         )
+        self.in_flight_bytes = Gauge(
+            "lookout_frame_bytes_in_flight", "Bytes of the frames consumed but not yet committed", registry=r
+        )
         self.lag = Gauge(
             "lookout_consumer_lag",
             "Records behind the partition's high watermark",
@@ -134,9 +137,10 @@ class Metrics:
         for p in batch.predictions:
             self.e2e_seconds.observe(max(0.0, (now_ms - p.frame.captured_at_ms) / 1000))
 
-    def backpressure(self, *, in_flight: int, paused: bool | None = None) -> None:
-        """Frames in flight, and whether the partitions are paused (when that changed)."""
+    def backpressure(self, *, in_flight: int, in_flight_bytes: int, paused: bool | None = None) -> None:
+        """Frames and bytes in flight, and whether the partitions are paused (when the caller knows)."""
         self.in_flight.set(in_flight)
+        self.in_flight_bytes.set(in_flight_bytes)
         if paused is not None:
             self.paused.set(int(paused))
 

@@ -86,16 +86,8 @@ class DeadFrame:
 
     @classmethod
     def of_frame(cls, frame: Frame, error: BadFrame) -> DeadFrame:
-        """A frame whose image could not be decoded."""
-        return cls(
-            frame.topic,
-            frame.partition,
-            frame.offset,
-            frame.source_id.encode(),
-            frame.data,
-            frame.headers,
-            error,
-        )
+        """A frame whose image could not be decoded, with its record's own key and headers."""
+        return cls(frame.topic, frame.partition, frame.offset, frame.key, frame.data, frame.headers, error)
 
 
 @dataclass(slots=True)
@@ -111,6 +103,7 @@ class Batch:
     predictions: list[Prediction] = field(default_factory=list)
     offsets: dict[PartitionKey, int] = field(default_factory=dict)  # last offset seen per partition
     records: int = 0
+    bytes: int = 0  # of the records' values: what the in-flight byte budget holds
     counted: dict[PartitionKey, list[CountedFrame]] = field(default_factory=dict)
     drift: dict[str, DriftSnapshot] = field(default_factory=dict)  # per source, after classification
     windows: dict[PartitionKey, tuple[WindowCounts, ...]] = field(default_factory=dict)  # by the counts sink
@@ -140,6 +133,7 @@ class Pipeline:
         self._clock_ms = clock_ms or (lambda: int(time.time() * 1000))
         b = settings.batch
         self._limits = DecodeLimits(max_frame_bytes=b.max_frame_bytes, max_pixels=b.max_pixels)
+        self._max_skew_ms = int(b.max_clock_skew_s * 1000)
         # The pool is the parallelism; OpenCV's own threads would only fight it for the cores.
         cv2.setNumThreads(1)
         self.decode_pool = ThreadPoolExecutor(b.decode_threads, thread_name_prefix="lookout-decode")
@@ -218,6 +212,7 @@ class Pipeline:
         """
         key = (record.topic, record.partition)
         batch.records += 1
+        batch.bytes += len(record.value or b"")
         batch.offsets[key] = record.offset
         try:
             frame = codec.frame_from_record(
@@ -228,6 +223,7 @@ class Pipeline:
                 record.key,
                 record.value,
                 list(record.headers or ()),
+                max_skew_ms=self._max_skew_ms,
             )
         except BadFrame as exc:
             batch.dead.append(DeadFrame.of_record(record, exc))

@@ -4,6 +4,7 @@ the preflight that turns a Redis mistake into one line.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -12,6 +13,8 @@ from redis import exceptions as redis_errors
 from stream_worker.errors import ConfigError, LookoutError, ServiceUnavailable
 from stream_worker.kafka import speaks_tls
 from stream_worker.settings import RedisSettings, Settings, read_secret, redact_url
+
+log = logging.getLogger("lookout.redis")
 
 
 def redis_failure(exc: Exception) -> LookoutError:
@@ -68,8 +71,41 @@ async def check_redis(settings: Settings) -> None:
         ) from exc
     except redis_errors.RedisError as exc:
         raise await _redis_connection_problem(settings, where, exc) from exc
+    try:
+        await _check_persistence(client, where)
     finally:
         await client.aclose()
+
+
+async def _check_persistence(client: aioredis.Redis, where: str) -> None:
+    """Refuse a Redis that may evict keys; warn when an acknowledged write may not survive a crash.
+
+    Exactly-once counting keeps each partition's offset watermark in Redis: an evicted watermark
+    (or count) silently changes the numbers, and ``volatile-*`` policies evict exactly the count
+    keys, which have a TTL. A Redis whose ``CONFIG`` is not ours to read (managed services rename
+    or forbid it) is trusted, with a warning.
+    """
+    try:
+        config = await client.config_get("maxmemory-policy", "appendonly", "appendfsync")
+    except redis_errors.RedisError as exc:
+        log.warning("%s: cannot read its CONFIG (%s); make sure maxmemory-policy is noeviction", where, exc)
+        return
+    policy = str(config.get("maxmemory-policy", "noeviction"))
+    if policy != "noeviction":
+        raise ConfigError(
+            f"{where} has maxmemory-policy {policy}: it may evict lookout's offset watermarks and "
+            "counts, which breaks exactly-once counting: set maxmemory-policy noeviction "
+            "(CONFIG SET maxmemory-policy noeviction, or in redis.conf)"
+        )
+    if config.get("appendonly") != "yes" or config.get("appendfsync") != "always":
+        log.warning(
+            "%s runs appendonly %s, appendfsync %s: a Redis crash may lose the last second of "
+            "acknowledged counts (they are then replayed only up to the committed offsets); "
+            "use appendonly yes and appendfsync always where counts must survive a crash",
+            where,
+            config.get("appendonly"),
+            config.get("appendfsync"),
+        )
 
 
 async def _redis_connection_problem(settings: Settings, where: str, exc: BaseException) -> ConfigError:

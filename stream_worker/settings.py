@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import os
 import re
+import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ from stream_worker.counting import WindowSpec
 from stream_worker.errors import ConfigError
 
 REDACTED = "***"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 FAULT_STAGES = ("inference", "labels", "counts", "commit")
 
 
@@ -141,11 +144,22 @@ class BatchSettings:
     max_in_flight: int = opt(
         256, "LOOKOUT_MAX_IN_FLIGHT", "frames consumed but not yet committed; partitions pause above it"
     )
+    max_in_flight_bytes: int = opt(
+        256 * 1024 * 1024,
+        "LOOKOUT_MAX_IN_FLIGHT_BYTES",
+        "bytes of frames consumed but not yet committed; partitions pause above it",
+    )
     decode_threads: int = opt(2, "LOOKOUT_DECODE_THREADS", "threads decoding and preprocessing frames")
     max_frame_bytes: int = opt(
         20_000_000, "LOOKOUT_MAX_FRAME_BYTES", "frames larger than this go to the dead-letter topic"
     )
     max_pixels: int = opt(50_000_000, "LOOKOUT_MAX_PIXELS", "width x height cap, read from the image header")
+    max_clock_skew_s: float = opt(
+        3600.0,
+        "LOOKOUT_MAX_CLOCK_SKEW_S",
+        "frames whose captured-at is further than this ahead of their record's timestamp go to the "
+        "dead-letter topic (one future-dated frame would otherwise move every window)",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,8 +418,15 @@ def validate(settings: Settings) -> None:
         raise ConfigError("--max-wait-ms must not be negative")
     if b.max_in_flight < b.max_batch:
         raise ConfigError("--max-in-flight must be at least --max-batch")
+    if b.max_in_flight_bytes < b.max_frame_bytes:
+        raise ConfigError(
+            f"--max-in-flight-bytes ({b.max_in_flight_bytes}) must be at least --max-frame-bytes "
+            f"({b.max_frame_bytes}): one frame of the largest allowed size must fit"
+        )
     if b.decode_threads < 1:
         raise ConfigError("--decode-threads must be at least 1")
+    if b.max_clock_skew_s <= 0:
+        raise ConfigError("--max-clock-skew-s must be positive (LOOKOUT_MAX_CLOCK_SKEW_S)")
     if settings.labels.label_mode not in ("single", "multi"):
         raise ConfigError("--label-mode must be 'single' or 'multi'")
     if not 0.0 <= settings.counts.review_sample_rate <= 1.0:
@@ -430,6 +451,33 @@ def validate(settings: Settings) -> None:
             )
     if settings.ops.log_format not in ("text", "json"):
         raise ConfigError("--log-format must be 'text' or 'json'")
+    if settings.ops.log_level.upper() not in LOG_LEVELS:
+        raise ConfigError(
+            f"--log-level {settings.ops.log_level!r} is not a log level: use one of "
+            f"{', '.join(LOG_LEVELS)} (LOOKOUT_LOG_LEVEL)"
+        )
+    if url_has_password(settings.redis.redis_url):
+        raise ConfigError(
+            f"--redis-url / REDIS_URL carries a password ({redact_url(settings.redis.redis_url)}): "
+            "lookout reads secrets only from files: put the password in a file and pass "
+            "--redis-password-file / REDIS_PASSWORD_FILE (and the user as --redis-username)"
+        )
+    _check_dead_letter_template(settings.topics.dlq_topic)
+
+
+def _check_dead_letter_template(template: str) -> None:
+    """``--dlq-topic`` may name ``{topic}`` and nothing else in braces, and must give a topic name."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+        example = template.format(topic="frames")
+    except (ValueError, KeyError, IndexError) as exc:
+        fields, example = ["?"], f"({exc})"
+    if any(name != "topic" for name in fields) or not _TOPIC_NAME.fullmatch(example):
+        raise ConfigError(
+            f"--dlq-topic {template!r} is not a dead-letter topic template: use a topic name in which "
+            "{topic} (the frame's topic) is the only field in braces, e.g. {topic}.dlq "
+            "(LOOKOUT_DLQ_TOPIC)"
+        )
 
 
 def read_secret(path: str, what: str) -> str:
@@ -443,9 +491,14 @@ def read_secret(path: str, what: str) -> str:
 
 
 def as_dict(settings: Settings, *, redact: bool = True) -> dict[str, dict[str, Any]]:
-    """The effective settings as plain data, secrets (and URL passwords) redacted."""
+    """The effective settings as plain data, secrets (and URL passwords) redacted.
+
+    The test-only fault-injection section is left out: it is not a setting an operator has.
+    """
     out: dict[str, dict[str, Any]] = {}
     for section_name in SECTIONS:
+        if section_name == "faults":
+            continue
         section = getattr(settings, section_name)
         values: dict[str, Any] = {}
         for f in dataclasses.fields(section):
@@ -459,11 +512,39 @@ def as_dict(settings: Settings, *, redact: bool = True) -> dict[str, dict[str, A
     return out
 
 
-def redact_url(url: str) -> str:
-    """Hide the password in ``scheme://user:password@host``."""
+_PASSWORD_PARAMS = frozenset({"password", "pass", "passwd", "pwd"})
+
+
+def _url_parts(url: str) -> tuple[str, str, str, str]:
+    """(scheme://, userinfo, host and path, query) of a URL; parts absent are empty."""
     scheme, sep, rest = url.partition("://")
-    if "@" not in rest:
+    if not sep:
+        return "", "", url, ""
+    head, _, query = rest.partition("?")
+    userinfo, at, host = head.rpartition("@")
+    return f"{scheme}://", userinfo if at else "", host, query
+
+
+def _password_params(query: str) -> list[str]:
+    return [
+        p for p in query.split("&") if p.partition("=")[0].lower() in _PASSWORD_PARAMS and p.partition("=")[2]
+    ]
+
+
+def url_has_password(url: str) -> bool:
+    """Whether a URL carries a password, as ``user:password@`` or a ``password=`` parameter."""
+    _, userinfo, _, query = _url_parts(url)
+    return bool(userinfo.partition(":")[2]) or bool(_password_params(query))
+
+
+def redact_url(url: str) -> str:
+    """Hide the password of a URL, in ``user:password@`` and in a ``password=`` parameter."""
+    scheme, userinfo, host, query = _url_parts(url)
+    if not url_has_password(url):
         return url
-    userinfo, _, host = rest.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    return f"{scheme}{sep}{user}:{REDACTED}@{host}" if ":" in userinfo else url
+    user, _, password = userinfo.partition(":")
+    auth = f"{user}:{REDACTED}@" if password else (f"{userinfo}@" if userinfo else "")
+    params = [
+        f"{p.partition('=')[0]}={REDACTED}" if p in _password_params(query) else p for p in query.split("&")
+    ]
+    return f"{scheme}{auth}{host}" + (f"?{'&'.join(params)}" if query else "")

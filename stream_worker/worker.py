@@ -6,8 +6,9 @@ one and publishing of the last:
 * **poll**: ``getmany`` from the frames topics; each record goes into a batch
   (:meth:`Pipeline.add`: header guards, decode submitted to the decode pool); a batch closes at
   ``max_batch`` slots or ``max_wait_ms`` after its first frame. It never waits: while
-  ``max_in_flight`` frames are uncommitted, or fetched records wait for a free batch buffer, it
-  pauses every partition and keeps polling, and resumes when there is room.
+  ``max_in_flight`` frames or ``max_in_flight_bytes`` bytes are uncommitted, or fetched records
+  wait for a free batch buffer, it pauses every partition and keeps polling, and resumes when
+  there is room.
 * **infer**: :meth:`Pipeline.classify` (decodes, engine on its own thread, taxonomy).
 * **sink**: every sink of :class:`Outputs` in order (labels/review/dead letters, Redis counts,
   window counts), each retried on its own while its failure is retriable, then, only then, the
@@ -83,7 +84,7 @@ class Worker:
         self._infer_q: asyncio.Queue[Batch | None] = asyncio.Queue()
         self._sink_q: asyncio.Queue[Batch | None] = asyncio.Queue()
         self._open: Batch | None = None
-        self._in_flight = InFlight(settings.batch.max_in_flight)
+        self._in_flight = InFlight(settings.batch.max_in_flight, settings.batch.max_in_flight_bytes)
         self._drained = asyncio.Event()
         self._drained.set()
         self._paused = False
@@ -269,7 +270,7 @@ class Worker:
         if self._open is None:
             self._open = Batch(opened_at=time.monotonic())
         batch = self._open
-        self._in_flight.acquire()
+        self._in_flight.acquire(1, len(record.value or b""))
         self._drained.clear()
         self._pipeline.add(batch, record)
         if self._pipeline.full(batch):
@@ -288,14 +289,15 @@ class Worker:
         full = self._in_flight.full or bool(self._backlog)
         if full and not self._paused:
             consumer.pause(*consumer.assignment())
-            self._paused = True
-            self.metrics.backpressure(in_flight=self._in_flight.count, paused=True)
         elif not full and self._paused:
             consumer.resume(*consumer.paused())
-            self._paused = False
-            self.metrics.backpressure(in_flight=self._in_flight.count, paused=False)
-        else:
-            self.metrics.backpressure(in_flight=self._in_flight.count)
+        self._paused = full
+        self._report_in_flight(paused=full)
+
+    def _report_in_flight(self, paused: bool | None = None) -> None:
+        self.metrics.backpressure(
+            in_flight=self._in_flight.count, in_flight_bytes=self._in_flight.bytes, paused=paused
+        )
 
     # ----------------------------------------------------------------- infer and sink stages
 
@@ -316,8 +318,8 @@ class Worker:
                 batch, sink_seconds=time.monotonic() - started, now_ms=int(time.time() * 1000)
             )
             await outputs.live.write(batch)
-            self._in_flight.release(batch.records)
-            self.metrics.backpressure(in_flight=self._in_flight.count)
+            self._in_flight.release(batch.records, batch.bytes)
+            self._report_in_flight()
             if self._in_flight.count == 0:
                 self._drained.set()
 

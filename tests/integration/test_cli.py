@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import redis
 
 from tests.conftest import REPO, Services
 
@@ -68,20 +69,43 @@ def test_a_missing_engine(tmp_path: Path, services: Services) -> None:
     )
 
 
+def test_a_bad_log_level() -> None:
+    assert_one_line(run("run", "--log-level", "LOUD"), "--log-level 'LOUD'", "DEBUG, INFO")
+
+
+def test_config_hides_the_test_only_fault_settings() -> None:
+    result = run("config", "--json")
+    assert result.returncode == 0, result.stderr
+    assert "faults" not in result.stdout and "fault_kill_at" not in result.stdout
+
+
 def test_config_prints_effective_settings() -> None:
     result = run("config", "--max-batch", "4", "--max-in-flight", "8", "--json")
     assert result.returncode == 0, result.stderr
     assert '"max_batch": 4' in result.stdout
 
 
+def run_on_missing_topic(services: Services) -> subprocess.CompletedProcess[str]:
+    """``run`` against the real services, for a frames topic that does not exist."""
+    return run(
+        "run", "--bootstrap", services.bootstrap, "--redis-url", services.redis_url,
+        "--frames-topic", "no-such-topic-4f1c",
+    )  # fmt: skip
+
+
 def test_a_missing_frames_topic(services: Services) -> None:
-    result = run(
-        "run",
-        "--bootstrap",
-        services.bootstrap,
-        "--redis-url",
-        services.redis_url,
-        "--frames-topic",
-        "no-such-topic-4f1c",
-    )
-    assert_one_line(result, "'no-such-topic-4f1c' does not exist", "--frames-topic")
+    assert_one_line(run_on_missing_topic(services), "'no-such-topic-4f1c' does not exist", "--frames-topic")
+
+
+def test_a_redis_that_may_evict_watermarks_is_refused(services: Services) -> None:
+    # volatile-* policies evict exactly the count keys (they have a TTL), allkeys-* the
+    # watermarks too: either silently breaks exactly-once counting.
+    client = redis.Redis.from_url(services.redis_url)
+    before = client.config_get("maxmemory-policy")["maxmemory-policy"]
+    client.config_set("maxmemory-policy", "volatile-lru")
+    try:
+        result = run_on_missing_topic(services)
+    finally:
+        client.config_set("maxmemory-policy", before)
+        client.close()
+    assert_one_line(result, "maxmemory-policy volatile-lru", "noeviction")

@@ -312,3 +312,37 @@ async def test_a_frames_pattern_labels_every_match_and_never_reads_the_workers_o
     assert [dict(r.headers)["frame-id"].decode() for r in dead_b] == [ids_b[4]]
     # No dead letters of dead letters, no records of the worker's own outputs taken as frames.
     assert topics == {a, b, f"{a}.dlq", f"{b}.dlq", *(f"{prefix}{t}" for t in ("labels", "counts", "review"))}
+
+
+async def test_a_byte_budget_bounds_large_frames_in_flight_and_every_frame_is_labelled(
+    services: Services, make_topic: TopicFactory, key_prefix: str
+) -> None:
+    # PNG frames of 240-470 kB under a 1 MB budget: the record budget (256) never binds,
+    # the byte budget does, and the worker pauses and resumes on it without losing a frame.
+    topic = await make_topic("frames", partitions=2)
+    photos = [photo_png(name) for name in ("chelsea.png", "coffee.png", "rocket.jpg")]
+    frames = [(f"cam-{i % 3}", photos[i % 3]) for i in range(30)]
+    largest = max(len(data) for _, data in frames)
+    budget = 1_000_000
+    assert 2 * largest < budget < 30 * largest
+    ids = await produce_frames(services.bootstrap, topic, frames, content_type="image/png")
+    settings = worker_settings(
+        services.bootstrap,
+        services.redis_url,
+        topic,
+        key_prefix,
+        max_in_flight_bytes=budget,
+        max_frame_bytes=budget,
+        max_batch=4,
+        max_in_flight=256,
+    )
+    peak = 0.0
+    async with running_worker(settings) as worker:
+        reading = asyncio.create_task(read_topic(services.bootstrap, settings.topics.labels_topic, len(ids)))
+        while not reading.done():
+            peak = max(peak, worker.metrics.in_flight_bytes._value.get())
+            await asyncio.sleep(0.01)
+        labels = reading.result()
+    assert sorted(codec.parse_label_record(r.value)["frame_id"] for r in labels) == sorted(ids)
+    # At most the budget plus what one fetch brought in after it was reached.
+    assert 0 < peak <= budget + 4 * 4 * largest

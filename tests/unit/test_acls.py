@@ -6,10 +6,13 @@ authorizer in tests/integration/test_security.py; here, that they name the right
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from stream_worker.acls import acl_commands, required_acls
 from stream_worker.settings import load_settings
@@ -89,6 +92,18 @@ def test_cli_prints_runnable_kafka_acls_commands_for_the_sasl_user() -> None:
             "admin.properties",
         ]
         assert args[5:8] == ["--add", "--allow-principal", "User:lookout"]
+
+
+@pytest.mark.parametrize("flags", [[], ["--ssl-certfile", "client.pem"]])
+def test_cli_refuses_to_guess_a_principal(flags: list[str]) -> None:
+    # Grants for User:ANONYMOUS, pasted as printed, would open the topics to everyone.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "LOOKOUT_"))}
+    result = subprocess.run(
+        [str(STREAM_WORKER), "acls", *flags], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--principal" in lines[0] and "Traceback" not in result.stderr
 
 
 def test_cli_refuses_a_principal_without_its_type() -> None:

@@ -66,6 +66,16 @@ def test_in_flight_may_overshoot_by_a_fetch_but_stays_full_until_released() -> N
     assert not in_flight.full
 
 
+def test_a_few_large_frames_fill_the_byte_budget_long_before_the_record_budget() -> None:
+    in_flight = InFlight(limit=256, byte_limit=50_000_000)
+    in_flight.acquire(2, 40_000_000)  # two 20 MB frames
+    assert not in_flight.full and in_flight.room == 254
+    in_flight.acquire(1, 20_000_000)
+    assert in_flight.full and in_flight.room == 0 and in_flight.bytes == 60_000_000
+    in_flight.release(2, 40_000_000)
+    assert not in_flight.full and (in_flight.count, in_flight.bytes) == (1, 20_000_000)
+
+
 def test_releasing_more_than_acquired_raises() -> None:
     in_flight = InFlight(limit=4)
     in_flight.acquire(1)

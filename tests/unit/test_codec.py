@@ -65,6 +65,7 @@ def test_replay_headers_round_trip_into_a_frame() -> None:
         lat=51.5,
         lon=-0.12,
         headers=tuple(FULL),
+        key=b"cam-key",
     )
 
 
@@ -333,3 +334,16 @@ def test_dead_lettering_twice_replaces_the_old_error_headers() -> None:
 def test_dead_letter_message_is_utf8() -> None:
     headers = dict(dead_letter_headers("f", 0, 0, "decode", "decode_failed", RuntimeError("Bild kaputt: ü")))
     assert headers["__connect.errors.exception.message"].decode() == "Bild kaputt: ü"
+
+
+def test_a_captured_at_far_ahead_of_the_record_timestamp_is_refused() -> None:
+    hour = 3_600_000
+    ahead = frame_headers("cam-1", SourceKind.TRAFFIC, "cam-1/1", TS + 2 * hour, "image/jpeg")
+    with pytest.raises(BadFrame) as caught:
+        frame_from_record("frames", 0, 1, TS, None, JPEG_BYTES, ahead, max_skew_ms=hour)
+    assert (caught.value.stage, caught.value.reason) == ("headers", "captured_at_in_future")
+    # Within the bound, behind the producer's clock (a backfill), or with no record timestamp: kept.
+    for captured, timestamp in ((TS + hour // 2, TS), (TS - 30 * 24 * hour, TS), (TS + 2 * hour, None)):
+        headers = frame_headers("cam-1", SourceKind.TRAFFIC, "cam-1/1", captured, "image/jpeg")
+        frame = frame_from_record("frames", 0, 1, timestamp, None, JPEG_BYTES, headers, max_skew_ms=hour)
+        assert frame.captured_at_ms == captured

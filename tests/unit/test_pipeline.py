@@ -8,6 +8,7 @@ list-backed fakes, and delivery is checked to retry only the sink that failed.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pytest
 from stream_worker.backends.base import EngineInfo
 from stream_worker.codec import frame_headers
 from stream_worker.errors import LookoutError, ServiceUnavailable
+from stream_worker.faust_agent import EventRecord
 from stream_worker.frames import SourceKind
 from stream_worker.observability import Metrics
 from stream_worker.pipeline import Batch, Pipeline
@@ -32,22 +34,11 @@ SPORTS_CAR, TABBY = CLASSES.index("sports car"), CLASSES.index("tabby")
 T0 = 1_700_000_000_000
 
 
-@dataclass
-class Record:
-    topic: str
-    partition: int
-    offset: int
-    timestamp: int | None
-    key: bytes | None
-    value: bytes | None
-    headers: list[tuple[str, bytes]]
-
-
 def frame_record(
     offset: int, source: str, *, partition: int = 0, kind: SourceKind = SourceKind.TRAFFIC
-) -> Record:
+) -> EventRecord:
     headers = frame_headers(source, kind, f"{source}/{offset}", T0 + offset, "image/jpeg")
-    return Record("frames", partition, offset, T0, source.encode(), JPEG, headers)
+    return EventRecord("frames", partition, offset, T0, source.encode(), JPEG, headers)
 
 
 JPEG = images.jpeg(images.bikes_frame())
@@ -118,9 +109,9 @@ async def test_bad_headers_and_undecodable_images_become_dead_letters_and_the_re
     engine = StandInEngine([SPORTS_CAR])
     pipeline = await opened(engine)
     batch = Batch(opened_at=0.0)
-    no_headers = Record("frames", 0, 1, T0, b"raw-key", JPEG, [])
-    truncated = frame_record(2, "cam-1")
-    truncated.value = JPEG[: len(JPEG) // 3]
+    no_headers = EventRecord("frames", 0, 1, T0, b"raw-key", JPEG, [])
+    # Cut short, and keyed by something other than its source id.
+    truncated = dataclasses.replace(frame_record(2, "cam-1"), value=JPEG[: len(JPEG) // 3], key=b"gate-7")
     for record in (frame_record(0, "cam-1"), no_headers, truncated, frame_record(3, "cam-1")):
         pipeline.add(batch, record)
     await pipeline.classify(batch)
@@ -128,6 +119,7 @@ async def test_bad_headers_and_undecodable_images_become_dead_letters_and_the_re
 
     assert [(d.offset, d.error.stage) for d in batch.dead] == [(1, "headers"), (2, "decode")]
     assert batch.dead[0].key == b"raw-key" and batch.dead[0].value == JPEG  # kept byte for byte
+    assert batch.dead[1].key == b"gate-7"  # the record's own key, not its source id
     assert [p.frame.offset for p in batch.predictions] == [0, 3]
     assert engine.calls == [3]  # the slot of the undecodable frame is dropped after inference
     assert [f.offset for f in batch.counted[("frames", 0)]] == [0, 3]

@@ -67,8 +67,37 @@ def test_every_flag_shows_its_env_fallback_in_help() -> None:
         assert flag in help_text and f"env {env}" in help_text
 
 
-def test_printed_settings_hide_passwords_in_urls() -> None:
-    settings = load_settings(env={"REDIS_URL": "redis://lookout:s3cret@redis:6379/0"})
-    printed = str(as_dict(settings))
-    assert "s3cret" not in printed and "redis://lookout:***@redis:6379/0" in printed
-    assert redact_url("redis://redis:6379/0") == "redis://redis:6379/0"
+@pytest.mark.parametrize(
+    ("url", "redacted"),
+    [
+        ("redis://lookout:s3cret@redis:6379/0", "redis://lookout:***@redis:6379/0"),
+        ("redis://:s3cret@redis:6379/0", "redis://:***@redis:6379/0"),
+        ("redis://redis:6379/0?password=s3cret&db=1", "redis://redis:6379/0?password=***&db=1"),
+        ("rediss://lookout@redis/0?Password=s3cret", "rediss://lookout@redis/0?Password=***"),
+        ("redis://redis:6379/0", "redis://redis:6379/0"),
+    ],
+)
+def test_every_form_of_url_password_is_redacted(url: str, redacted: str) -> None:
+    assert redact_url(url) == redacted
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://lookout:s3cret@redis:6379/0", "redis://redis:6379/0?password=s3cret"]
+)
+def test_a_password_written_into_the_redis_url_is_refused_without_printing_it(url: str) -> None:
+    # redis-py would use it; lookout reads secrets only from files.
+    with pytest.raises(ConfigError) as refused:
+        load_settings(env={"REDIS_URL": url})
+    message = str(refused.value)
+    assert "s3cret" not in message and "--redis-password-file" in message
+
+
+def test_printed_settings_keep_the_url_without_a_password() -> None:
+    settings = load_settings(env={"REDIS_URL": "redis://lookout@redis:6379/0"})
+    assert as_dict(settings)["redis"]["redis_url"] == "redis://lookout@redis:6379/0"
+
+
+@pytest.mark.parametrize("template", ["{topic}.{partition}", "{0}.dlq", "{topic.dlq", "dead letters"])
+def test_a_dead_letter_template_with_other_fields_is_refused_at_start_up(template: str) -> None:
+    with pytest.raises(ConfigError, match="--dlq-topic"):
+        load_settings(env={"LOOKOUT_DLQ_TOPIC": template})
