@@ -17,7 +17,7 @@ from stream_worker.errors import ConfigError, LookoutError
 from stream_worker.kafka import check_kafka, ensure_topics, partitions_of
 from stream_worker.observability import HealthServer, Metrics
 from stream_worker.redis_client import check_redis, make_redis
-from stream_worker.settings import Settings
+from stream_worker.settings import Settings, frame_topic_config
 from stream_worker.sinks.counts import CountsReader
 from stream_worker.worker import Worker
 
@@ -46,7 +46,9 @@ async def prepare_topics(settings: Settings) -> None:
         t.labels_topic: (partitions, {}),
         t.counts_topic: (partitions, {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"}),
     }
-    wanted = {name: keyed_like_frames.get(name, (1, {})) for name in t.output_topics()}
+    # Dead letters and review samples carry whole frames: a stock broker's 1 MiB would refuse them.
+    carrying_frames = (1, frame_topic_config(settings))
+    wanted = {name: keyed_like_frames.get(name, carrying_frames) for name in t.output_topics()}
     created = await ensure_topics(settings.kafka, wanted, replication=t.topic_replication)
     if created:
         log.info("created topics %s", ", ".join(created))

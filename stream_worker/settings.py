@@ -25,6 +25,7 @@ from stream_worker.counting import WindowSpec
 from stream_worker.errors import ConfigError
 
 REDACTED = "***"
+HEADERS_ROOM_BYTES = 1_048_576
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 FAULT_STAGES = ("inference", "labels", "counts", "commit")
@@ -160,6 +161,15 @@ class BatchSettings:
         "frames whose captured-at is further than this ahead of their record's timestamp go to the "
         "dead-letter topic (one future-dated frame would otherwise move every window)",
     )
+
+    @property
+    def output_record_bytes(self) -> int:
+        """The largest record the worker writes: a kept frame plus 1 MiB for its headers.
+
+        Dead-letter and review topics are created with this ``max.message.bytes``, whatever the
+        broker's default (about 1 MiB on a stock broker).
+        """
+        return self.max_frame_bytes + HEADERS_ROOM_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -478,6 +488,11 @@ def _check_dead_letter_template(template: str) -> None:
             "{topic} (the frame's topic) is the only field in braces, e.g. {topic}.dlq "
             "(LOOKOUT_DLQ_TOPIC)"
         )
+
+
+def frame_topic_config(settings: Settings) -> dict[str, str]:
+    """Topic config of an output topic that carries whole frames (dead letters, review samples)."""
+    return {"max.message.bytes": str(settings.batch.output_record_bytes)}
 
 
 def read_secret(path: str, what: str) -> str:

@@ -32,7 +32,7 @@ from stream_worker.kafka import ensure_topics, make_producer
 from stream_worker.observability import Metrics
 from stream_worker.pipeline import Batch
 from stream_worker.redis_client import make_redis
-from stream_worker.settings import Settings
+from stream_worker.settings import Settings, frame_topic_config
 from stream_worker.sinks.counts import CountsSink, CountsWriter
 from stream_worker.sinks.live import LiveViewSink
 from stream_worker.sinks.topics import FrameTopicsSink, WindowCountsSink
@@ -107,7 +107,7 @@ class Outputs:
         if self._create_topics:
             await ensure_topics(
                 self._settings.kafka,
-                {name: (1, {}) for name in sorted(missing)},
+                {name: (1, frame_topic_config(self._settings)) for name in sorted(missing)},
                 replication=self._settings.topics.topic_replication,
                 running=True,
             )

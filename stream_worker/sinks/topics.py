@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
 
 from stream_worker import codec
 from stream_worker.counting import WindowCounts
@@ -23,20 +24,74 @@ from stream_worker.pipeline import Batch, PartitionKey
 from stream_worker.settings import Settings
 from stream_worker.sinks.counts import CountsWriter
 
-OutRecord = tuple[str, bytes | None, bytes, Sequence[tuple[str, bytes]]]
-"""(topic, key, value, headers)."""
+
+class OutRecord(NamedTuple):
+    """A record to produce; ``origin`` is the (topic, partition, offset) of the frame it carries."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: Sequence[tuple[str, bytes]]
+    origin: tuple[str, int, int] | None = None
 
 
-async def send_all(producer: AIOKafkaProducer, records: Sequence[OutRecord], what: str) -> None:
-    """Send every record, then wait for every acknowledgement (one flush per batch)."""
+TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
+
+
+async def send_all(
+    producer: AIOKafkaProducer, records: Sequence[OutRecord], what: str, *, drop_oversized: bool = False
+) -> None:
+    """Send every record, then wait for every acknowledgement (one flush per batch).
+
+    With ``drop_oversized``, a record carrying a frame (``origin`` set) that its topic, or the
+    producer, refuses as too large is written again without its payload
+    (:func:`without_payload`) instead of failing the batch: one oversized dead letter must not
+    stop the worker. A refusal fails the whole producer batch the record was in, so refused
+    records are first sent again one by one, whole; only those still refused lose their payload.
+    """
     try:
-        futures = [
-            await producer.send(topic, value, key=key, headers=list(headers) or None)
-            for topic, key, value, headers in records
-        ]
-        await asyncio.gather(*futures)
+        futures = [await _send(producer, record) for record in records]
+        results = await asyncio.gather(*futures, return_exceptions=True)
     except KafkaError as exc:
         raise kafka_failure(exc, what) from exc
+    refused = []
+    for record, result in zip(records, results, strict=True):
+        if drop_oversized and record.origin is not None and isinstance(result, TOO_LARGE):
+            refused.append(record)
+        elif isinstance(result, BaseException):
+            raise kafka_failure(result, what) from result
+    for record in refused:
+        try:
+            await (await _send(producer, record))
+        except TOO_LARGE:
+            await send_all(producer, [without_payload(record)], what)
+        except KafkaError as exc:
+            raise kafka_failure(exc, what) from exc
+
+
+async def _send(producer: AIOKafkaProducer, record: OutRecord) -> asyncio.Future[Any]:
+    """The acknowledgement of one record; a record over the producer's own size limit fails here."""
+    try:
+        acknowledged: asyncio.Future[Any] = await producer.send(
+            record.topic, record.value, key=record.key, headers=list(record.headers) or None
+        )
+        return acknowledged
+    except TOO_LARGE as exc:
+        refused: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        refused.set_exception(exc)
+        return refused
+
+
+def without_payload(record: OutRecord) -> OutRecord:
+    """``record`` with an empty value and headers that say what was dropped and where it came from."""
+    origin_topic, partition, offset = record.origin or ("", -1, -1)
+    dropped = [
+        ("lookout.payload.dropped-bytes", str(len(record.value)).encode()),
+        ("lookout.payload.topic", origin_topic.encode()),
+        ("lookout.payload.partition", str(partition).encode()),
+        ("lookout.payload.offset", str(offset).encode()),
+    ]
+    return record._replace(value=b"", headers=[*record.headers, *dropped], origin=None)
 
 
 class FrameTopicsSink:
@@ -72,7 +127,7 @@ class FrameTopicsSink:
         if batch.dead:
             await self._ensure_topics({self._topics.dlq_topic.format(topic=d.topic) for d in batch.dead})
         records, review = self.records(batch)
-        await send_all(self._producer, records, "publishing labels")
+        await send_all(self._producer, records, "publishing labels", drop_oversized=True)
         self._metrics.published(batch, review=review)
 
     def records(self, batch: Batch) -> tuple[list[OutRecord], int]:
@@ -83,19 +138,20 @@ class FrameTopicsSink:
         for p in batch.predictions:
             value = codec.label_record(p, model)
             key = p.frame.source_id.encode()
-            out.append((topics.labels_topic, key, value, []))
+            out.append(OutRecord(topics.labels_topic, key, value, []))
             low = p.result.best_score < self._review_threshold
             if low and zlib.crc32(p.frame.frame_id.encode()) % 10_000 < self._review_cutoff:
-                out.append(
-                    (topics.review_topic, key, p.frame.data, [*p.frame.headers, ("lookout-labels", value)])
-                )
+                headers = [*p.frame.headers, ("lookout-labels", value)]
+                origin = (p.frame.topic, p.frame.partition, p.frame.offset)
+                out.append(OutRecord(topics.review_topic, key, p.frame.data, headers, origin))
                 review += 1
         for d in batch.dead:
             keep = d.value if d.value is not None and len(d.value) <= self._max_frame_bytes else b""
             headers = codec.dead_letter_headers(
                 d.topic, d.partition, d.offset, d.error.stage, d.error.reason, d.error, d.headers
             )
-            out.append((topics.dlq_topic.format(topic=d.topic), d.key, keep, headers))
+            origin = (d.topic, d.partition, d.offset)
+            out.append(OutRecord(topics.dlq_topic.format(topic=d.topic), d.key, keep, headers, origin))
         return out, review
 
 
@@ -127,12 +183,12 @@ class WindowCountsSink:
                 key, value = codec.count_record(
                     w.source_id, w.window, w.start_ms, {"_frames": w.frames, **w.labels}, shard=shard
                 )
-                records.append((self._counts_topic, key, value, []))
+                records.append(OutRecord(self._counts_topic, key, value, []))
                 if w.events:
                     key, value = codec.count_record(
                         w.source_id, w.window, w.start_ms, w.events, "events", shard=shard
                     )
-                    records.append((self._counts_topic, key, value, []))
+                    records.append(OutRecord(self._counts_topic, key, value, []))
         if not records:
             return
         await send_all(self._producer, records, "publishing counts")
