@@ -38,13 +38,11 @@ class OutRecord(NamedTuple):
 TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
 
 
-async def send_all(
-    producer: AIOKafkaProducer, records: Sequence[OutRecord], what: str, *, drop_oversized: bool = False
-) -> None:
+async def send_all(producer: AIOKafkaProducer, records: Sequence[OutRecord], what: str) -> None:
     """Send every record, then wait for every acknowledgement (one flush per batch).
 
-    With ``drop_oversized``, a record carrying a frame (``origin`` set) that its topic, or the
-    producer, refuses as too large is written again without its payload
+    A record carrying a frame (``origin`` set: a dead letter, a review sample) that its topic,
+    or the producer, refuses as too large is written again without its payload
     (:func:`without_payload`) instead of failing the batch: one oversized dead letter must not
     stop the worker. A refusal fails the whole producer batch the record was in, so refused
     records are first sent again one by one, whole; only those still refused lose their payload.
@@ -56,7 +54,7 @@ async def send_all(
         raise kafka_failure(exc, what) from exc
     refused = []
     for record, result in zip(records, results, strict=True):
-        if drop_oversized and record.origin is not None and isinstance(result, TOO_LARGE):
+        if record.origin is not None and isinstance(result, TOO_LARGE):
             refused.append(record)
         elif isinstance(result, BaseException):
             raise kafka_failure(result, what) from result
@@ -127,7 +125,7 @@ class FrameTopicsSink:
         if batch.dead:
             await self._ensure_topics({self._topics.dlq_topic.format(topic=d.topic) for d in batch.dead})
         records, review = self.records(batch)
-        await send_all(self._producer, records, "publishing labels", drop_oversized=True)
+        await send_all(self._producer, records, "publishing labels")
         self._metrics.published(batch, review=review)
 
     def records(self, batch: Batch) -> tuple[list[OutRecord], int]:
