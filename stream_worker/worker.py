@@ -32,13 +32,14 @@ from aiokafka.structs import OffsetAndMetadata
 
 from stream_worker.backends.base import Backend, EngineInfo
 from stream_worker.batching import BatchPolicy, InFlight
-from stream_worker.errors import LookoutError
+from stream_worker.errors import ConfigError, LookoutError
 from stream_worker.faults import Faults
 from stream_worker.kafka import frames_subscription, kafka_failure, make_consumer
 from stream_worker.observability import Metrics
 from stream_worker.pipeline import Batch, Pipeline
 from stream_worker.settings import Settings
 from stream_worker.sinks import Outputs, Retrier, deliver
+from stream_worker.topic_ids import TopicIds
 
 log = logging.getLogger("lookout.worker")
 
@@ -104,6 +105,10 @@ class Worker:
             pending=lambda: self._in_flight.count,
         )
         self._resume_at: dict[TopicPartition, int] = {}
+        self._topic_ids = TopicIds(settings.kafka)
+        # A refusal found in a rebalance callback (aiokafka logs and swallows their errors):
+        # the poll stage raises it.
+        self._refused: ConfigError | None = None
         self.started = asyncio.Event()
 
     # ----------------------------------------------------------------- lifecycle
@@ -181,6 +186,7 @@ class Worker:
                 await self._consumer.stop()  # leaves the group
             except KafkaError as exc:
                 log.warning("consumer stop failed: %s", exc)
+        await self._topic_ids.close()
         if self._outputs is not None:
             await self._outputs.close()
         await self._pipeline.close()
@@ -218,6 +224,8 @@ class Worker:
             except KafkaError as exc:
                 raise kafka_failure(exc, "consuming frames") from exc
             self._last_poll = time.monotonic()
+            if self._refused is not None:
+                raise self._refused
             if self._rebalancing:
                 # aiokafka may hand out records while our assignment callback is still seeking
                 # to the Redis watermarks: hold them until it is done, then filter them.
@@ -371,7 +379,11 @@ class Worker:
         await self._drain(self.settings.ops.drain_deadline_s, "rebalance")
 
     async def on_assigned(self, assigned: list[TopicPartition]) -> None:
-        """Resume each partition after the committed offset or the Redis watermark, whichever is further."""
+        """Resume each partition after the committed offset or the Redis watermark, whichever is further.
+
+        The watermark counts only for the topic incarnation (Kafka topic ID) and the consumer
+        group that wrote it: a recreated topic starts again from its first offset.
+        """
         consumer, outputs = self._consumer, self._outputs
         assert consumer is not None and outputs is not None
         counts = outputs.counts
@@ -379,8 +391,18 @@ class Worker:
         # the committed offsets, so they will come back. Those fetched from now on are kept.
         self._held.clear()
         try:
+            counts.bind_topic_ids(await self._topic_ids.lookup(sorted({tp.topic for tp in assigned})))
             for tp in assigned:
-                watermark = await counts.watermark(tp.topic, tp.partition)
+                claim = await counts.claim(tp.topic, tp.partition)
+                if claim.reset_from >= 0:
+                    log.warning(
+                        "%s:%d was deleted and created again: its old Redis watermark %d no longer "
+                        "applies; counting it from its committed offset",
+                        tp.topic,
+                        tp.partition,
+                        claim.reset_from,
+                    )
+                watermark = claim.watermark
                 committed = await consumer.committed(tp)
                 if watermark >= 0 and (committed is None or watermark + 1 > committed):
                     log.info(
@@ -397,6 +419,8 @@ class Worker:
                 dirty = await counts.dirty(tp.topic, tp.partition)
                 if dirty:
                     await outputs.windows.publish({(tp.topic, tp.partition): dirty})
+        except ConfigError as exc:
+            self._refused = exc
         except LookoutError as exc:
             # Still safe: the watermark makes any replay a no-op for the counts.
             log.warning("could not check watermarks on assignment: %s", exc)

@@ -1,6 +1,8 @@
 -- Apply one partition-batch of classified frames to the counts, exactly once.
 --
--- KEYS[1]  <prefix>:{<topic>:<partition>}:wm   the partition's offset watermark
+-- KEYS[1]  <prefix>:{<topic>:<partition>}:wm     the partition's offset watermark
+-- KEYS[2]  <prefix>:{<topic>:<partition>}:owner  hash: the consumer group counting the partition
+--                                                and the topic ID the watermark belongs to
 -- ARGV[1]  <prefix>:{<topic>:<partition>}      the key stem; every key below shares its hash tag,
 --                                              so the script touches one Redis Cluster slot only
 -- ARGV[2]  TTL of count keys, seconds
@@ -9,14 +11,24 @@
 -- ARGV[5]  JSON array of frames in offset order:
 --          {"o": offset, "s": source, "t": captured_at_ms, "l": [labels], "e": [species] | null}
 --          "e" is null for non-wildlife sources; for wildlife ones it lists the frame's species.
+-- ARGV[6]  the consumer group of the caller
+-- ARGV[7]  the topic's ID (Kafka topic IDs, KIP-516), or '' when the broker gives none
+--
+-- The watermark belongs to one incarnation of the topic and one consumer group. A topic that was
+-- deleted and created again (a new ID) starts its offsets at 0: its old watermark would skip
+-- every new frame below it, so it is reset (the reply says from what). A partition counted by
+-- another group is refused with an error reply starting 'LOOKOUT_OWNER': two groups writing
+-- the same counts would count every frame twice, and a watermark of one group would make the
+-- other skip frames. An empty frame list only claims the partition and returns its watermark.
 --
 -- A frame whose offset is at or below the watermark was applied before (a replay after a crash,
 -- or a stale worker's late write): it changes nothing. The watermark advances in the same
 -- atomic step as the counts. Camera-trap events follow stream_worker.counting.event_updates
 -- exactly (same state, same windows): a sequence is anchored at its first frame, grows while
 -- frames come within the gap of its span, and counts each species once, in the windows of its
--- start. Returns {applied, watermark, key1, {field, value, ...}, key2, ...}: the absolute values
--- of every count hash the batch touched, for the counts topic.
+-- start. Returns {applied, watermark, reset_from, key1, {field, value, ...}, key2, ...}: the
+-- absolute values of every count hash the batch touched, for the counts topic; reset_from is the
+-- watermark dropped because the topic was recreated, or -1.
 
 local wm_key = KEYS[1]
 local stem = ARGV[1]
@@ -25,7 +37,24 @@ local gap_ms = tonumber(ARGV[3])
 local windows = cjson.decode(ARGV[4])
 local frames = cjson.decode(ARGV[5])
 
+local owner_key = KEYS[2]
+local group = ARGV[6]
+local topic_id = ARGV[7]
+
+local owner = redis.call('HMGET', owner_key, 'group', 'topic_id')
+if owner[1] and owner[1] ~= group then
+  return redis.error_reply('LOOKOUT_OWNER ' .. owner[1])
+end
 local wm = tonumber(redis.call('GET', wm_key) or '-1')
+local reset_from = -1
+if topic_id ~= '' and owner[2] and owner[2] ~= '' and owner[2] ~= topic_id then
+  reset_from = wm
+  wm = -1
+end
+if not owner[1] or (topic_id ~= '' and owner[2] ~= topic_id) then
+  -- A watermark without an owner was written before owners existed: it is adopted.
+  redis.call('HSET', owner_key, 'group', group, 'topic_id', topic_id)
+end
 local applied = 0
 local touched = {}
 local touched_order = {}
@@ -43,7 +72,17 @@ local function count_key(source, window, t)
     touched_order[#touched_order + 1] = key
     local index = stem .. ':cw:' .. source .. ':' .. window[1]
     redis.call('ZADD', index, start, fmt(start))
-    redis.call('ZREMRANGEBYSCORE', index, '-inf', '(' .. fmt(start - ttl * 1000))
+    -- Forget the windows whose count hash has expired. A count hash lives ttl seconds after its
+    -- last write, whatever its event time, so the index is trimmed by what exists, never by
+    -- event time: a backfill spanning more than the TTL keeps all its windows, and no single
+    -- frame far ahead can drop the real ones. The oldest two are checked on each new window,
+    -- which keeps the index as small as the windows that exist.
+    for _, member in ipairs(redis.call('ZRANGE', index, 0, 1)) do
+      if member ~= fmt(start)
+        and redis.call('EXISTS', stem .. ':c:' .. source .. ':' .. window[1] .. ':' .. member) == 0 then
+        redis.call('ZREM', index, member)
+      end
+    end
     redis.call('EXPIRE', index, ttl)
   end
   return key
@@ -95,7 +134,7 @@ for _, f in ipairs(frames) do
 end
 
 redis.call('SET', wm_key, fmt(wm))
-local out = {applied, wm}
+local out = {applied, wm, reset_from}
 for _, key in ipairs(touched_order) do
   redis.call('EXPIRE', key, ttl)
   redis.call('SADD', stem .. ':dirty', key)

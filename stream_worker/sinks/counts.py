@@ -5,6 +5,9 @@ topic and partition the frames came from; every key one script call touches shar
 
 ==============================================  =================================================
 ``P:{t:p}:wm``                                  last frame offset applied (the watermark)
+``P:{t:p}:owner``                               hash: ``group`` counting the partition and the
+                                                ``topic_id`` (Kafka topic ID) the watermark
+                                                belongs to
 ``P:{t:p}:c:<source>:<window>:<start_ms>``      hash: ``_frames``, one field per label, and
                                                 ``event:<species>`` for wildlife sources
 ``P:{t:p}:cw:<source>:<window>``                sorted set of the window starts that exist
@@ -29,6 +32,7 @@ import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
 from stream_worker.counting import CountedFrame, WindowCounts, merge
+from stream_worker.errors import ConfigError
 from stream_worker.redis_client import redis_failure
 from stream_worker.settings import Settings
 
@@ -44,6 +48,9 @@ class ApplyResult:
 
     applied: int
     windows: tuple[WindowCounts, ...]
+    watermark: int = -1
+    reset_from: int = -1
+    """The watermark dropped because the topic was deleted and created again, or -1."""
 
 
 class CountsReader:
@@ -133,8 +140,11 @@ class CountsWriter(CountsReader):
         ttl_s: int,
         event_gap_ms: int,
         windows: Sequence[tuple[str, int]] = (("1m", 60_000), ("15m", 900_000)),
+        group: str = "lookout",
     ) -> None:
         super().__init__(client, key_prefix=key_prefix)
+        self._group = group
+        self._topic_ids: dict[str, str] = {}
         self._windows = json.dumps([list(w) for w in windows])
         self._ttl_s = ttl_s
         self._event_gap_ms = event_gap_ms
@@ -149,7 +159,21 @@ class CountsWriter(CountsReader):
             ttl_s=settings.redis.counts_ttl_s,
             event_gap_ms=settings.counts.event_gap_ms,
             windows=[(w.name, w.size_ms) for w in settings.counts.window_specs],
+            group=settings.topics.group,
         )
+
+    def bind_topic_ids(self, topic_ids: dict[str, str]) -> None:
+        """The current Kafka topic ID of each frames topic (refreshed on every assignment)."""
+        self._topic_ids.update(topic_ids)
+
+    async def claim(self, topic: str, partition: int) -> ApplyResult:
+        """Take a partition for this group and topic incarnation; returns its watermark.
+
+        Raises ``ConfigError`` when another consumer group counts the partition under the same
+        key prefix. The reply's ``reset_from`` says the topic was recreated and its old
+        watermark dropped.
+        """
+        return await self.apply(topic, partition, ())
 
     async def apply(self, topic: str, partition: int, frames: Sequence[CountedFrame]) -> ApplyResult:
         """Apply a partition-batch atomically; frames at or below the watermark change nothing."""
@@ -179,12 +203,36 @@ class CountsWriter(CountsReader):
                     pipe.sadd(f"{self._prefix}:sources", *sources)
                 await pipe.execute()
             raw = await self._script(
-                keys=[f"{stem}:wm"], args=[stem, self._ttl_s, self._event_gap_ms, self._windows, payload]
+                keys=[f"{stem}:wm", f"{stem}:owner"],
+                args=[
+                    stem,
+                    self._ttl_s,
+                    self._event_gap_ms,
+                    self._windows,
+                    payload,
+                    self._group,
+                    self._topic_ids.get(topic, ""),
+                ],
             )
+        except redis_errors.ResponseError as exc:
+            owner = str(exc).partition("LOOKOUT_OWNER ")[2]
+            if owner:
+                raise self._owned_by(owner, topic, partition) from exc
+            raise redis_failure(exc) from exc
         except redis_errors.RedisError as exc:
             raise redis_failure(exc) from exc
-        windows = tuple(self._parse_hash(stem, raw[i], raw[i + 1]) for i in range(2, len(raw), 2))
-        return ApplyResult(applied=int(raw[0]), windows=windows)
+        windows = tuple(self._parse_hash(stem, raw[i], raw[i + 1]) for i in range(3, len(raw), 2))
+        return ApplyResult(
+            applied=int(raw[0]), windows=windows, watermark=int(raw[1]), reset_from=int(raw[2])
+        )
+
+    def _owned_by(self, owner: str, topic: str, partition: int) -> ConfigError:
+        return ConfigError(
+            f"Redis key prefix {self._prefix!r} holds the counts of {topic}:{partition} for consumer "
+            f"group {owner!r}; group {self._group!r} would count the same frames twice: give it its "
+            "own --key-prefix (LOOKOUT_KEY_PREFIX), or hand the counts over as docs/RELIABILITY.md "
+            "says ('Handing counts to another consumer group')"
+        )
 
     async def watermark(self, topic: str, partition: int) -> int:
         """The last applied offset of a partition, or -1 when none was applied."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import redis.asyncio as aioredis
 
 from stream_worker.counting import CountedFrame
+from stream_worker.errors import ConfigError
 from stream_worker.sinks.counts import CountsWriter
 
 MIN = 60_000
@@ -68,3 +70,64 @@ async def test_camera_trap_sequences_count_each_species_once(
     assert {w.key for w in result.windows} == {w.key for w in await counts.dirty("frames", 0)}
     await counts.mark_published("frames", 0, result.windows)
     assert await counts.dirty("frames", 0) == []
+
+
+async def test_the_watermark_belongs_to_one_topic_incarnation_and_one_group(
+    redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    def writer(group: str) -> CountsWriter:
+        return CountsWriter(
+            redis_client,
+            key_prefix=key_prefix,
+            ttl_s=3600,
+            event_gap_ms=30_000,
+            windows=[("1m", MIN)],
+            group=group,
+        )
+
+    counts = writer("g1")
+    # A watermark written before owners existed (an upgrade) is adopted, not dropped.
+    await redis_client.set(f"{counts.stem('frames', 0)}:wm", "41")
+    counts.bind_topic_ids({"frames": "id-1"})
+    assert (await counts.claim("frames", 0)).watermark == 41
+    replay = await counts.apply("frames", 0, [frame(41, "cam-1", 1_000, ("car",))])
+    assert replay.applied == 0
+
+    # The topic is deleted and created again: a new ID, offsets from 0 again.
+    counts.bind_topic_ids({"frames": "id-2"})
+    fresh = await counts.apply(
+        "frames", 0, [frame(0, "cam-1", 2_000, ("car",)), frame(1, "cam-1", 3_000, ("bus",))]
+    )
+    assert (fresh.applied, fresh.reset_from, fresh.watermark) == (2, 41, 1)
+    assert (await counts.claim("frames", 0)).reset_from == -1  # only once
+
+    # Another group under the same prefix would count every frame twice: refused, nothing applied.
+    other = writer("g2")
+    other.bind_topic_ids({"frames": "id-2"})
+    with pytest.raises(ConfigError, match=r"'g1'.*--key-prefix"):
+        await other.apply("frames", 0, [frame(2, "cam-1", 4_000, ("car",))])
+    assert await counts.watermark("frames", 0) == 1
+
+
+async def test_a_backfill_spanning_more_than_the_ttl_keeps_every_window(
+    redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    hour = 3_600_000
+    counts = CountsWriter(
+        redis_client, key_prefix=key_prefix, ttl_s=3600, event_gap_ms=30_000, windows=[("1m", MIN)]
+    )
+    now = 1_790_000_040_000  # on a minute
+    # An SD card read out hours later: one frame an hour over five hours, then a live frame.
+    backfill = [frame(i, "trap-1", now - (5 - i) * hour, ("deer",)) for i in range(5)]
+    await counts.apply("frames", 0, backfill)
+    await counts.apply("frames", 0, [frame(5, "trap-1", now, ("deer",))])
+    windows = await counts.read("trap-1", "1m")
+    assert [w.start_ms for w in windows] == [now - (5 - i) * hour for i in range(6)]
+    assert [w.frames for w in windows] == [1] * 6
+
+    # Windows whose hashes expired leave the index as new windows come.
+    stem = counts.stem("frames", 0)
+    for start in [now - 5 * hour, now - 4 * hour]:
+        await redis_client.delete(f"{stem}:c:trap-1:1m:{start}")
+    await counts.apply("frames", 0, [frame(6, "trap-1", now + MIN, ("deer",))])
+    assert len(await redis_client.zrange(f"{stem}:cw:trap-1:1m", 0, -1)) == 5

@@ -51,3 +51,27 @@ def test_a_frames_pattern_never_subscribes_to_the_workers_own_output_topics(dlq:
     for own in ("cams-labels", excluded, dlq.format(topic=excluded)):
         assert not pattern.match(own), own
     assert not pattern.match("other-cams")  # the user's pattern still decides the rest
+
+
+def test_topic_ids_are_read_from_a_metadata_v12_response() -> None:
+    from io import BytesIO
+
+    from stream_worker.topic_ids import MetadataResponse_v12, TopicIdsRequest, parse_topic_ids
+
+    request = TopicIdsRequest(["frames"]).build(TopicIdsRequest._CLASSES[0])
+    assert request.API_VERSION == 12 and request.FLEXIBLE_VERSION
+    assert request.encode()[:1] == b"\x02"  # one topic (compact array length + 1)
+    topic_id = "36919f67-c314-4a7b-907f-91b4495c579b"
+    partition = (0, 0, 1, 0, [1], [1], [], {})
+    wire = MetadataResponse_v12(
+        0,
+        [(1, "localhost", 9092, None, {})],
+        "cluster",
+        1,
+        [
+            (0, "frames", topic_id, False, [partition], 0, {}),
+            (3, "gone", "00000000-0000-0000-0000-000000000000", False, [], 0, {}),
+        ],
+        {},
+    ).encode()
+    assert parse_topic_ids(MetadataResponse_v12.decode(BytesIO(wire))) == {"frames": topic_id}
