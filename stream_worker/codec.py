@@ -20,6 +20,11 @@ Decisions:
 
 * Header names are matched case-insensitively; when a name repeats, the last one wins
   (Kafka's ``Headers.lastHeader``).
+* A header name that is not UTF-8 (read with ``surrogateescape`` by
+  :mod:`stream_worker.record_batches`) makes the record a ``header_name_not_utf8`` dead letter,
+  whatever header it is: it may be one of ours written in another encoding, and guessing which
+  would risk a frame counted with the wrong source or time. In dead letters such a name is
+  written with its bytes escaped (``cam\\xe9ra``), the only form a Kafka client can write.
 * A missing ``content-type`` is filled in only from JPEG or PNG magic bytes; anything else
   is a ``headers/missing_content_type`` dead letter, never a guess. A declared type is passed
   on as declared (lower-cased, parameters dropped) and the decode guard judges it, so a
@@ -82,16 +87,18 @@ def frame_from_record(
 ) -> Frame:
     """Build a :class:`Frame` from a consumed record; raise ``BadFrame(stage="headers")`` when it cannot be.
 
-    Reasons: ``not_utf8``, ``missing_source_id``, ``bad_source_id``, ``missing_source_kind``,
-    ``bad_source_kind``, ``bad_frame_id``, ``bad_captured_at``, ``captured_at_in_future``,
-    ``missing_captured_at``, ``missing_content_type``, ``bad_site``, ``bad_location``,
-    ``control_characters``.
+    Reasons: ``header_name_not_utf8``, ``not_utf8``, ``missing_source_id``, ``bad_source_id``,
+    ``missing_source_kind``, ``bad_source_kind``, ``bad_frame_id``, ``bad_captured_at``,
+    ``captured_at_in_future``, ``missing_captured_at``, ``missing_content_type``, ``bad_site``,
+    ``bad_location``, ``control_characters``.
 
     ``max_skew_ms`` bounds how far ``captured-at`` may run ahead of the record's own timestamp
     (the producer's clock): one frame dated in the future would otherwise become every
     window's newest, trim the window index and make later camera-trap frames "late".
     """
     by_name: dict[str, bytes | None] = {name.lower(): raw for name, raw in headers}
+    if not "".join(by_name).isascii():  # names are nearly always ASCII: one scan, the check otherwise
+        _check_header_names(headers)
     data = value or b""
 
     source_id = _text(by_name, SOURCE_ID)
@@ -320,7 +327,7 @@ def dead_letter_headers(
     Error headers already on the original (a frame dead-lettered twice) are replaced, not
     repeated, so that every name appears once.
     """
-    kept = [(name, raw) for name, raw in original_headers if not _is_error_header(name)]
+    kept = [(writable_header_name(name), raw) for name, raw in original_headers if not _is_error_header(name)]
     exc_type = type(exc)
     message = str(exc)[:_MAX_ERROR_MESSAGE_CHARS]
     return [
@@ -338,7 +345,32 @@ def dead_letter_headers(
     ]
 
 
+def writable_header_name(name: str) -> str:
+    """``name`` as a Kafka client can write it: a name that was not UTF-8 with its bytes escaped.
+
+    A name read from bytes that are not UTF-8 carries lone surrogates (``surrogateescape``), which
+    no client can encode: read from the bytes ``cam\\xe9ra`` (Latin-1), it is written as the ASCII
+    text ``cam\\xe9ra``. Every other name is returned as is.
+    """
+    if name.isascii():
+        return name
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 # --- helpers -------------------------------------------------------------------------------
+
+
+def _check_header_names(headers: RawHeaders) -> None:
+    for name, _ in headers:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadFrame(
+                "headers",
+                "header_name_not_utf8",
+                f'header name "{writable_header_name(name)[:80]}" is not valid UTF-8 '
+                "(Kafka header names are UTF-8 strings): fix the producer",
+            ) from None
 
 
 def _decode(raw: bytes, what: str) -> str:

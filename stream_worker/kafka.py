@@ -28,6 +28,7 @@ from aiokafka.errors import (
 )
 
 from stream_worker.errors import ConfigError, LookoutError, ServiceUnavailable
+from stream_worker.record_batches import tolerate_unreadable_header_names
 from stream_worker.settings import KafkaSettings, TopicSettings, read_secret
 
 
@@ -72,7 +73,12 @@ def make_producer(
 
 
 def make_consumer(kafka: KafkaSettings, group: str, **extra: Any) -> AIOKafkaConsumer:
-    """A consumer with manual commits: offsets move only after every sink has succeeded."""
+    """A consumer with manual commits: offsets move only after every sink has succeeded.
+
+    Like every consumer of lookout's, it reads a record whose header name is not UTF-8 instead
+    of dying on it (:mod:`stream_worker.record_batches`).
+    """
+    tolerate_unreadable_header_names()
     options: dict[str, Any] = {
         "client_id": f"{kafka.client_id}-consumer",
         "group_id": group,

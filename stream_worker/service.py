@@ -16,6 +16,7 @@ from stream_worker.backends.registry import default_engine_provider, open_backen
 from stream_worker.errors import ConfigError, LookoutError
 from stream_worker.kafka import check_kafka, ensure_topics, partitions_of
 from stream_worker.observability import HealthServer, Metrics
+from stream_worker.record_batches import tolerate_unreadable_header_names
 from stream_worker.redis_client import check_redis, make_redis
 from stream_worker.settings import Settings, frame_topic_config
 from stream_worker.sinks.counts import CountsReader
@@ -85,6 +86,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event, *, create_topics: 
     consumed yet, so that is a clean stop, not a failure.
     """
     check_engine(settings)
+    tolerate_unreadable_header_names()  # one line now if aiokafka's internals moved under it
     if not await unless_set(stop, _preflight(settings, create_topics=create_topics)):
         log.info("stopped during start-up")
         return 0

@@ -40,6 +40,7 @@ from stream_worker import codec, counting
 from stream_worker.errors import BadFrame, LookoutError, ServiceUnavailable
 from stream_worker.frames import LabelScore, SourceKind
 from stream_worker.kafka import client_kwargs, partitions_of, unreachable
+from stream_worker.record_batches import tolerate_unreadable_header_names
 from stream_worker.redis_client import make_redis
 from stream_worker.settings import Settings
 from stream_worker.sinks.counts import CountsReader
@@ -319,6 +320,7 @@ async def read_to_end(settings: Settings, topic: str, *, timeout_s: float = READ
     count = await partitions_of(settings.kafka, topic)
     if count == 0:
         return []
+    tolerate_unreadable_header_names()  # such a record is read (and found dead-lettered), not fatal
     consumer = AIOKafkaConsumer(
         **client_kwargs(settings.kafka),
         client_id=f"{settings.kafka.client_id}-verify",

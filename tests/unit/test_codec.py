@@ -14,6 +14,7 @@ from stream_worker.codec import (
     label_record,
     parse_count_record,
     parse_label_record,
+    writable_header_name,
 )
 from stream_worker.errors import BadFrame, LookoutError
 from stream_worker.frames import ClassScore, Frame, FrameLabels, LabelScore, Prediction, SourceKind
@@ -185,6 +186,22 @@ def test_malformed_headers_are_refused_with_their_reason(
     assert headers_refused(headers, **kwargs).reason == reason
 
 
+# "caméra-name" written in Latin-1, as aiokafka reads it with stream_worker.record_batches.
+UNREADABLE_NAME = b"cam\xe9ra-name".decode("utf-8", "surrogateescape")
+
+
+def test_a_header_name_that_is_not_utf8_is_refused_whatever_the_header() -> None:
+    # The name is none of ours, and the frame would otherwise be complete: still refused, since
+    # nothing tells which header it was meant to be.
+    refused = headers_refused([*FULL, (UNREADABLE_NAME, b"north gate")])
+    assert refused.reason == "header_name_not_utf8"
+    assert 'header name "cam\\xe9ra-name" is not valid UTF-8' in str(refused)
+
+
+def test_a_header_name_in_utf8_beyond_ascii_is_accepted() -> None:
+    assert record([*FULL, ("caméra", b"1")]).source_id == "cam-1"
+
+
 def test_null_header_value_counts_as_absent() -> None:
     frame = record([("source-kind", b"traffic"), ("source-id", None), ("content-type", b"image/jpeg")])
     assert frame.source_id == "cam-key"
@@ -329,6 +346,21 @@ def test_dead_lettering_twice_replaces_the_old_error_headers() -> None:
     assert as_dict["__connect.errors.topic"] == b"frames.dlq"
     assert as_dict["__connect.errors.exception.class.name"] == b"builtins.ValueError"
     assert len(as_dict["__connect.errors.exception.message"]) == 2000
+
+
+def test_a_dead_letter_writes_a_header_name_that_was_not_utf8_with_its_bytes_escaped() -> None:
+    error = BadFrame("headers", "header_name_not_utf8", "header name is not valid UTF-8")
+    original = [*FULL, (UNREADABLE_NAME, b"north gate")]
+    headers = dead_letter_headers("frames", 3, 42, error.stage, error.reason, error, original)
+    assert headers[: len(original)] == [*FULL, ("cam\\xe9ra-name", b"north gate")]
+    for name, _ in headers:
+        name.encode("utf-8")  # what every Kafka client must be able to do
+
+
+def test_writable_header_names_keep_every_readable_name_as_it_is() -> None:
+    assert writable_header_name("frame-id") == "frame-id"
+    assert writable_header_name("caméra") == "caméra"
+    assert writable_header_name(UNREADABLE_NAME) == "cam\\xe9ra-name"
 
 
 def test_dead_letter_message_is_utf8() -> None:

@@ -126,6 +126,26 @@ async def test_bad_headers_and_undecodable_images_become_dead_letters_and_the_re
     assert batch.records == 4 and batch.offsets == {("frames", 0): 3}
 
 
+async def test_a_header_name_that_is_not_utf8_makes_a_dead_letter_of_its_record_alone() -> None:
+    # As stream_worker.record_batches reads "caméra" written in Latin-1 by a C producer.
+    unreadable = b"cam\xe9ra".decode("utf-8", "surrogateescape")
+    engine = StandInEngine([SPORTS_CAR])
+    pipeline = await opened(engine)
+    batch = Batch(opened_at=0.0)
+    named = frame_record(1, "cam-1")
+    named = dataclasses.replace(named, headers=[*named.headers, (unreadable, b"north")], key=b"gate-7")
+    for record in (frame_record(0, "cam-1"), named, frame_record(2, "cam-1")):
+        pipeline.add(batch, record)
+    await pipeline.classify(batch)
+    await pipeline.close()
+
+    [dead] = batch.dead
+    assert (dead.offset, dead.error.stage, dead.error.reason) == (1, "headers", "header_name_not_utf8")
+    assert (dead.key, dead.value, dead.headers) == (b"gate-7", JPEG, tuple(named.headers))
+    assert [p.frame.offset for p in batch.predictions] == [0, 2]
+    assert batch.offsets == {("frames", 0): 2}
+
+
 async def test_the_taxonomy_follows_the_engines_class_order() -> None:
     # An engine whose output classes are reversed: row j is class CLASSES[-1 - j].
     reversed_names = tuple(reversed(CLASSES))
