@@ -357,6 +357,20 @@ def writable_header_name(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def source_id_of_key(key: bytes | None) -> str | None:
+    """The record key as a source id, when it is one a frame could carry (else ``None``).
+
+    A valid source id is at most 200 characters, so whatever is built from it stays bounded.
+    """
+    if not key or len(key) > 200:  # the alphabet is ASCII: 200 characters are 200 bytes
+        return None
+    try:
+        text = key.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text if _SOURCE_ID.fullmatch(text) else None
+
+
 # --- helpers -------------------------------------------------------------------------------
 
 

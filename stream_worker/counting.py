@@ -32,13 +32,14 @@ Camera-trap events (Camtrap DP event-level observations)
 from __future__ import annotations
 
 import re
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypedDict
 
 from stream_worker.errors import ConfigError
 from stream_worker.frames import LabelScore, SourceKind
+from stream_worker.sources import RecentSources, SourceLimits
 
 UNKNOWN = "unknown"
 ANIMAL = "animal"
@@ -237,49 +238,73 @@ class DriftSnapshot:
     label_share: dict[str, float]
 
 
+class _SourceDrift:
+    """One source's sliding window: ``label id * 2 + is_low`` per frame, oldest first (small ints,
+    not tuples: 8 bytes a frame), the label ids' counts and how many frames are low."""
+
+    __slots__ = ("labels", "low", "recent")
+
+    def __init__(self) -> None:
+        self.recent: deque[int] = deque()
+        self.labels: dict[int, int] = {}
+        self.low = 0
+
+
 class DriftTracker:
     """Per source, the last ``window`` frames' low-confidence share and label mix.
 
     A camera knocked out of alignment shows as a jump in the low-confidence share and a
-    label mix that no longer looks like its past. Each update is O(1).
+    label mix that no longer looks like its past. Each update is O(1). Sources are held in a
+    :class:`~stream_worker.sources.RecentSources`: the caller calls :meth:`forget` after each
+    batch, and a source idle or least recently seen beyond the limits starts a fresh window
+    when it comes back.
     """
 
-    def __init__(self, window: int = 500, low_confidence: float = 0.5) -> None:
+    def __init__(self, window: int, low_confidence: float, *, limits: SourceLimits) -> None:
         if window < 1:
             raise ConfigError(f"the drift window must hold at least one frame, got {window}")
         self.window = window
         self.low_confidence = low_confidence
-        self._recent: dict[str, deque[tuple[str, bool]]] = {}
-        self._labels: dict[str, Counter[str]] = {}
-        self._low: dict[str, int] = {}
+        self._sources: RecentSources[_SourceDrift] = RecentSources(limits)
+        # Labels come from the taxonomy, a few dozen names: one id each, shared by all sources.
+        self._label_ids: dict[str, int] = {}
+        self._label_names: list[str] = []
 
-    def observe(self, source_id: str, label: str, best_score: float) -> None:
-        """Record one frame's top label and best score."""
-        recent = self._recent.get(source_id)
-        if recent is None:
-            recent = self._recent[source_id] = deque()
-            self._labels[source_id] = Counter()
-            self._low[source_id] = 0
-        labels = self._labels[source_id]
-        if len(recent) == self.window:
-            old_label, old_low = recent.popleft()
-            labels[old_label] -= 1
-            if not labels[old_label]:
-                del labels[old_label]
-            self._low[source_id] -= old_low
-        is_low = best_score < self.low_confidence
-        recent.append((label, is_low))
-        labels[label] += 1
-        self._low[source_id] += is_low
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    def observe(self, source_id: str, label: str, best_score: float, *, now_ms: float) -> None:
+        """Record one frame's top label and best score, seen at ``now_ms`` (a monotonic clock)."""
+        state = self._sources.touch(source_id, now_ms, _SourceDrift)
+        label_id = self._label_ids.get(label)
+        if label_id is None:
+            label_id = self._label_ids[label] = len(self._label_names)
+            self._label_names.append(label)
+        if len(state.recent) == self.window:
+            old = state.recent.popleft()
+            left = state.labels[old >> 1] - 1
+            if left:
+                state.labels[old >> 1] = left
+            else:
+                del state.labels[old >> 1]
+            state.low -= old & 1
+        is_low = int(best_score < self.low_confidence)
+        state.recent.append(label_id << 1 | is_low)
+        state.labels[label_id] = state.labels.get(label_id, 0) + 1
+        state.low += is_low
 
     def snapshot(self, source_id: str) -> DriftSnapshot:
-        """The source's current window (zero frames when it was never seen)."""
-        recent = self._recent.get(source_id)
-        if not recent:
+        """The source's current window (zero frames when it is not held)."""
+        state = self._sources.get(source_id)
+        if state is None or not state.recent:
             return DriftSnapshot(0, 0.0, {})
-        n = len(recent)
-        shares = {label: count / n for label, count in sorted(self._labels[source_id].items())}
-        return DriftSnapshot(n, self._low[source_id] / n, shares)
+        n, names = len(state.recent), self._label_names
+        shares = {names[i]: count / n for i, count in state.labels.items()}
+        return DriftSnapshot(n, state.low / n, dict(sorted(shares.items())))
+
+    def forget(self, now_ms: float) -> list[str]:
+        """Forget sources idle or beyond the limit (the rule in ``stream_worker.sources``)."""
+        return [source for source, _ in self._sources.forget(now_ms)]
 
 
 def merge(a: WindowCounts, b: WindowCounts) -> WindowCounts:

@@ -92,7 +92,7 @@ def frames_agent(
         def backend_factory() -> Backend:
             return default_factory(settings)
 
-    metrics = metrics or Metrics()
+    metrics = metrics or Metrics.from_settings(settings)
     faults = Faults(settings.faults)
     pipeline = Pipeline(settings, backend_factory, metrics=metrics, wrap_backend=faults.backend)
     retrier = Retrier(retry_max_s=settings.ops.retry_max_s, metrics=metrics)

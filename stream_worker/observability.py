@@ -1,7 +1,14 @@
 """Prometheus metrics, /healthz and /readyz, and structured logging.
 
 The HTTP server is a few lines of asyncio on the worker's own loop, so a blocked loop shows up
-as a failing liveness probe, which is exactly what an operator wants to know.
+as a failing liveness probe, which is exactly what an operator wants to know. Rendering
+``/metrics`` is CPU work proportional to the number of series, so it runs on a thread of its
+own, never on the loop that polls Kafka and sends the group heartbeats.
+
+Per-source series (the drift gauges) are capped: the first ``max_sources`` sources get their
+own ``source`` label; a source beyond the cap is reported as :data:`OVERFLOW_SOURCE` (the
+latest such source's values) until a source idle for ``source_idle_s`` is forgotten, its
+series removed, and its place given to the next new source.
 """
 
 from __future__ import annotations
@@ -12,23 +19,47 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from stream_worker.sources import RecentSources, SourceLimits
+
 if TYPE_CHECKING:
     from stream_worker.pipeline import Batch
+    from stream_worker.settings import Settings
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+OVERFLOW_SOURCE = "_other"
+"""The ``source`` label of sources beyond the cap (a source id never starts with ``_``)."""
+
+
+def _monotonic_ms() -> float:
+    return time.monotonic() * 1000
 
 
 class Metrics:
     """Every metric the worker exports; one instance per worker, on its own registry."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        max_sources: int = 1_000,
+        source_idle_s: float = 86_400.0,
+        clock_ms: Callable[[], float] = _monotonic_ms,
+    ) -> None:
         self.registry = registry or CollectorRegistry()
+        # Per source with its own series: the labels of its label-share series (to remove them).
+        self._sources: RecentSources[set[str]] = RecentSources(
+            SourceLimits(max_sources, source_idle_s * 1000)
+        )
+        self._overflow_labels: set[str] = set()
+        self._overflow_seen_ms: float | None = None
+        self._clock_ms = clock_ms
         r = self.registry
         self.frames_in = Counter("lookout_frames_in", "Frames consumed", ["topic"], registry=r)
         self.frames_out = Counter(
@@ -99,6 +130,11 @@ class Metrics:
             registry=r,
         )
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Metrics:
+        """The worker's metrics: per-source series capped by ``--max-metric-sources``."""
+        return cls(max_sources=settings.ops.max_metric_sources, source_idle_s=settings.counts.source_idle_s)
+
     # One call per event of a batch's life: the pipeline, the sinks and the worker report
     # through these, never frame by frame.
 
@@ -126,10 +162,43 @@ class Metrics:
             self.frames_dead.labels(d.error.stage, d.error.reason).inc()
         if review:
             self.frames_review.inc(review)
+        if batch.drift:
+            self._drift(batch)
+
+    def _drift(self, batch: Batch) -> None:
+        """Remove the series of sources idle for ``source_idle_s`` (making room), then set the
+        drift gauges of the batch's sources.
+
+        A label that left a source's window is removed rather than left at its last share.
+        """
+        now_ms = self._clock_ms()
+        forgotten = self._sources.forget(now_ms)
+        idle_ms = self._sources.limits.idle_ms
+        if self._overflow_seen_ms is not None and now_ms - self._overflow_seen_ms >= idle_ms:
+            forgotten.append((OVERFLOW_SOURCE, self._overflow_labels))
+            self._overflow_seen_ms, self._overflow_labels = None, set()
+        for source, labels in forgotten:
+            self.low_confidence_share.remove(source)
+            for label in labels:
+                self.label_share.remove(source, label)
         for source, snapshot in batch.drift.items():
-            self.low_confidence_share.labels(source).set(snapshot.low_confidence_share)
+            shown = self._sources.admit(source, now_ms, set)
+            if shown is None:
+                self._overflow_seen_ms = now_ms
+            name = source if shown is not None else OVERFLOW_SOURCE
+            labels = shown if shown is not None else self._overflow_labels
+            self.low_confidence_share.labels(name).set(snapshot.low_confidence_share)
             for label, share in snapshot.label_share.items():
-                self.label_share.labels(source, label).set(share)
+                self.label_share.labels(name, label).set(share)
+            for label in labels - snapshot.label_share.keys():
+                self.label_share.remove(name, label)
+            labels.clear()
+            labels.update(snapshot.label_share)
+
+    @property
+    def sources_with_series(self) -> int:
+        """How many sources have series of their own (at most ``max_sources``)."""
+        return len(self._sources)
 
     def delivered(self, batch: Batch, *, sink_seconds: float, now_ms: int) -> None:
         """Every sink has the batch and its offsets are committed."""
@@ -150,7 +219,12 @@ class Metrics:
 
 
 class HealthServer:
-    """Serves /metrics, /healthz and /readyz on the worker's event loop."""
+    """Serves /metrics, /healthz and /readyz on the worker's event loop.
+
+    The probes answer on the loop (a blocked loop must fail them); ``/metrics`` is rendered on
+    one thread of its own, so a scrape never stalls polling and heartbeats, and concurrent
+    scrapes queue there instead of taking more cores.
+    """
 
     def __init__(
         self, metrics: Metrics, ready: Callable[[], tuple[bool, str]], live: Callable[[], tuple[bool, str]]
@@ -159,6 +233,7 @@ class HealthServer:
         self._ready = ready
         self._live = live
         self._server: asyncio.Server | None = None
+        self._render_pool = ThreadPoolExecutor(1, thread_name_prefix="lookout-metrics")
 
     async def start(self, host: str, port: int) -> int:
         """Start listening; returns the bound port (useful with port 0)."""
@@ -170,6 +245,7 @@ class HealthServer:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        self._render_pool.shutdown(wait=False, cancel_futures=True)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -179,7 +255,9 @@ class HealthServer:
             parts = request_line.decode("latin-1").split()
             path = parts[1].split("?", 1)[0] if len(parts) >= 2 else "/"
             if path == "/metrics":
-                status, ctype, body = 200, CONTENT_TYPE_LATEST, self._metrics.render()
+                loop = asyncio.get_running_loop()
+                body = await loop.run_in_executor(self._render_pool, self._metrics.render)
+                status, ctype = 200, CONTENT_TYPE_LATEST
             elif path in ("/healthz", "/readyz"):
                 ok, why = (self._live if path == "/healthz" else self._ready)()
                 status, ctype, body = (200 if ok else 503), "text/plain", (why + "\n").encode()

@@ -139,7 +139,9 @@ class Pipeline:
         self.decode_pool = ThreadPoolExecutor(b.decode_threads, thread_name_prefix="lookout-decode")
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="lookout-infer")
         self._drift = counting.DriftTracker(
-            settings.counts.drift_window_frames, settings.counts.review_threshold
+            settings.counts.drift_window_frames,
+            settings.counts.review_threshold,
+            limits=settings.counts.source_limits,
         )
         self._backend: Backend | None = None
         self._taxonomy: Taxonomy | None = None
@@ -306,6 +308,7 @@ class Pipeline:
     def _summarise(self, batch: Batch) -> None:
         """The counted-frame records per partition and the drift snapshot per source."""
         parents = self.taxonomy.parent_labels
+        now_ms = time.monotonic() * 1000
         for p in batch.predictions:
             frame = p.frame
             events: tuple[str, ...] | None = None
@@ -321,9 +324,11 @@ class Pipeline:
                 )
             )
             top = p.result.labels[0].label if p.result.labels else "unknown"
-            self._drift.observe(frame.source_id, top, p.result.best_score)
+            self._drift.observe(frame.source_id, top, p.result.best_score, now_ms=now_ms)
         for source in {p.frame.source_id for p in batch.predictions}:
             batch.drift[source] = self._drift.snapshot(source)
+        # After the snapshots: a batch's own sources are never forgotten before they are read.
+        self._drift.forget(now_ms)
 
 
 __all__ = ["Batch", "DeadFrame", "PartitionKey", "Pipeline", "Record"]

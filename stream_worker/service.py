@@ -90,7 +90,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event, *, create_topics: 
     if not await unless_set(stop, _preflight(settings, create_topics=create_topics)):
         log.info("stopped during start-up")
         return 0
-    metrics = Metrics()
+    metrics = Metrics.from_settings(settings)
     worker = Worker(
         settings,
         backend_factory=lambda: backend_factory(settings),

@@ -23,6 +23,7 @@ import yaml
 from stream_worker.backends.cache import default_cache_dir
 from stream_worker.counting import WindowSpec
 from stream_worker.errors import ConfigError
+from stream_worker.sources import SourceLimits
 
 REDACTED = "***"
 HEADERS_ROOM_BYTES = 1_048_576
@@ -209,6 +210,22 @@ class CountSettings:
     thumbnail_ttl_s: int = opt(
         300, "LOOKOUT_THUMBNAIL_TTL_S", "life of each source's latest-frame thumbnail in Redis"
     )
+    max_tracked_sources: int = opt(
+        10_000,
+        "LOOKOUT_MAX_TRACKED_SOURCES",
+        "sources whose drift window and thumbnail clock are held in memory; the least recently "
+        "seen beyond it are forgotten",
+    )
+    source_idle_s: float = opt(
+        86_400.0,
+        "LOOKOUT_SOURCE_IDLE_S",
+        "a source not seen for this long is forgotten: its drift window and its /metrics series",
+    )
+
+    @property
+    def source_limits(self) -> SourceLimits:
+        """The limits of the worker's in-memory per-source state (drift, thumbnail clock)."""
+        return SourceLimits(self.max_tracked_sources, self.source_idle_s * 1000)
 
     @property
     def window_specs(self) -> tuple[WindowSpec, ...]:
@@ -234,6 +251,12 @@ class OpsSettings:
     )
     retry_max_s: float = opt(
         30.0, "LOOKOUT_RETRY_MAX_S", "longest backoff between retries of a failed sink write"
+    )
+    max_metric_sources: int = opt(
+        1_000,
+        "LOOKOUT_MAX_METRIC_SOURCES",
+        "sources with their own per-source /metrics series; the rest share the source label "
+        "'_other' until a source idle for --source-idle-s makes room",
     )
 
 
@@ -437,6 +460,12 @@ def validate(settings: Settings) -> None:
         raise ConfigError("--decode-threads must be at least 1")
     if b.max_clock_skew_s <= 0:
         raise ConfigError("--max-clock-skew-s must be positive (LOOKOUT_MAX_CLOCK_SKEW_S)")
+    if settings.counts.max_tracked_sources < 1:
+        raise ConfigError("--max-tracked-sources must be at least 1 (LOOKOUT_MAX_TRACKED_SOURCES)")
+    if settings.counts.source_idle_s <= 0:
+        raise ConfigError("--source-idle-s must be positive (LOOKOUT_SOURCE_IDLE_S)")
+    if settings.ops.max_metric_sources < 1:
+        raise ConfigError("--max-metric-sources must be at least 1 (LOOKOUT_MAX_METRIC_SOURCES)")
     if settings.labels.label_mode not in ("single", "multi"):
         raise ConfigError("--label-mode must be 'single' or 'multi'")
     if not 0.0 <= settings.counts.review_sample_rate <= 1.0:

@@ -68,7 +68,7 @@ class Worker:
         create_topics: bool = True,
     ) -> None:
         self.settings = settings
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or Metrics.from_settings(settings)
         self._faults = Faults(settings.faults)
         self._pipeline = Pipeline(
             settings,

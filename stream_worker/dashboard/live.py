@@ -110,7 +110,6 @@ class LiveView:
     ) -> None:
         # redis-py's async typing is loose; replies used here are plain bytes.
         self._client: Any = client
-        self._prefix = key_prefix
         self._keys = LiveKeys(key_prefix)
         self.windows = tuple(windows)
         # The taxonomy's hierarchy: the page stacks leaves and shows what a group counted
@@ -133,12 +132,14 @@ class LiveView:
         """Every source with counts or a live view, sorted."""
         try:
             async with self._client.pipeline(transaction=False) as pipe:
-                pipe.smembers(self._keys.sources)
-                pipe.smembers(f"{self._prefix}:sources")
-                live, counted = await pipe.execute()
+                pipe.zrange(self._keys.sources, 0, -1)
+                pipe.smembers(self._keys.legacy_sources)
+                pipe.zrange(self._counts.directory, 0, -1)
+                pipe.smembers(self._counts.legacy_directory)
+                replies = await pipe.execute()
         except redis_errors.RedisError as exc:
             raise redis_failure(exc) from exc
-        return sorted({_text(s) for s in live} | {_text(s) for s in counted})
+        return sorted({_text(s) for reply in replies for s in reply})
 
     async def sources(self) -> dict[str, Any]:
         """``/api/sources``: the sources, their kind, and the count windows on offer."""

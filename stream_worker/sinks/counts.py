@@ -14,15 +14,25 @@ topic and partition the frames came from; every key one script call touches shar
 ``P:{t:p}:ev:<source>``                         camera-trap sequence state (last time, species)
 ``P:{t:p}:dirty``                               count hashes not yet published to the counts topic
 ``P:src:<source>``                              set of the ``t:p`` tags holding the source's counts
-``P:sources``                                   set of every source seen
+``P:sources:last-seen``                         sorted set of every source with counts, scored by
+                                                when a worker last wrote its counts (ms since
+                                                the epoch)
+``P:sources``                                   the set of sources written before the sorted set
+                                                (read too; it expires one TTL after a worker
+                                                first writes)
 ==============================================  =================================================
 
-Count keys expire after ``ttl_s``; the directory sets are refreshed on every write.
+Count keys expire ``ttl_s`` after their last write; ``P:src:<source>`` is refreshed with that TTL
+on every write. ``P:sources:last-seen`` is trimmed on every write of sources last written more
+than ``ttl_s`` ago: by then each of their count keys has expired, so a source leaves the directory
+only once it has no counts left to find (the workers' clocks are taken to agree within seconds,
+NTP; a clock ahead by a minute drops a source a minute before its last counts expire).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -66,12 +76,26 @@ class CountsReader:
         """Key stem of one partition: the hash tag keeps its keys in one cluster slot."""
         return f"{self._prefix}:{{{topic}:{partition}}}"
 
+    @property
+    def directory(self) -> str:
+        """The sorted set of sources with counts, scored by their last write."""
+        return f"{self._prefix}:sources:last-seen"
+
+    @property
+    def legacy_directory(self) -> str:
+        """The set of sources as workers before the sorted set wrote it (never trimmed)."""
+        return f"{self._prefix}:sources"
+
     async def sources(self) -> list[str]:
-        """Every source with counts."""
+        """Every source with counts (and, until their trim, a few whose counts just expired)."""
         try:
-            return sorted(s.decode() for s in await self._client.smembers(f"{self._prefix}:sources"))
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.zrange(self.directory, 0, -1)
+                pipe.smembers(self.legacy_directory)
+                recent, legacy = await pipe.execute()
         except redis_errors.RedisError as exc:
             raise redis_failure(exc) from exc
+        return sorted({s.decode() for s in recent} | {s.decode() for s in legacy})
 
     async def read(self, source_id: str, window: str, *, last: int | None = None) -> list[WindowCounts]:
         """The windows of one source, oldest first, summed over the partitions that hold them.
@@ -141,6 +165,7 @@ class CountsWriter(CountsReader):
         event_gap_ms: int,
         windows: Sequence[tuple[str, int]] = (("1m", 60_000), ("15m", 900_000)),
         group: str = "lookout",
+        wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
     ) -> None:
         super().__init__(client, key_prefix=key_prefix)
         self._group = group
@@ -149,6 +174,8 @@ class CountsWriter(CountsReader):
         self._ttl_s = ttl_s
         self._event_gap_ms = event_gap_ms
         self._script = client.register_script(LUA_SOURCE)
+        self._wall_ms = wall_ms
+        self._legacy_expiring = False
 
     @classmethod
     def from_settings(cls, client: aioredis.Redis, settings: Settings) -> CountsWriter:
@@ -200,8 +227,15 @@ class CountsWriter(CountsReader):
                     pipe.sadd(f"{self._prefix}:src:{source}", tag)
                     pipe.expire(f"{self._prefix}:src:{source}", self._ttl_s)
                 if sources:
-                    pipe.sadd(f"{self._prefix}:sources", *sources)
+                    now_ms = self._wall_ms()
+                    pipe.zadd(self.directory, dict.fromkeys(sources, now_ms))
+                    pipe.zremrangebyscore(self.directory, "-inf", now_ms - self._ttl_s * 1000)
+                    pipe.expire(self.directory, self._ttl_s)
+                if not self._legacy_expiring:
+                    # Nothing adds to the old set any more; one TTL from now its counts are gone.
+                    pipe.expire(self.legacy_directory, self._ttl_s)
                 await pipe.execute()
+                self._legacy_expiring = True
             raw = await self._script(
                 keys=[f"{stem}:wm", f"{stem}:owner"],
                 args=[

@@ -3,6 +3,12 @@
 Best effort by design: it is a view, not a record, so it is written after the commit, never
 retried, and a Redis error only skips one update. Thumbnails are made at most once a second
 per source, on the decode pool (keys: ``stream_worker/live_keys.py``).
+
+Bounded whatever the number of sources: the directory of sources is a sorted set scored by the
+time of the last write and trimmed to the stats' TTL on every write; every stats key has that
+TTL, dead frames' included, and a dead frame's key name is built from a bounded identity of its
+record key, never from the raw key; the clock of the last thumbnail per source is only kept for
+the second in which it matters.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from typing import Any
@@ -22,9 +29,10 @@ from redis import exceptions as redis_errors
 
 from stream_worker import codec
 from stream_worker.frames import Prediction
-from stream_worker.live_keys import LiveKeys
+from stream_worker.live_keys import LiveKeys, dead_frame_identity
 from stream_worker.pipeline import Batch
 from stream_worker.settings import Settings
+from stream_worker.sources import RecentSources, SourceLimits
 
 log = logging.getLogger("lookout.live")
 
@@ -44,6 +52,8 @@ class LiveViewSink:
         *,
         model: Callable[[], Mapping[str, str]],
         executor: Executor,
+        clock_ms: Callable[[], float] = lambda: time.monotonic() * 1000,
+        wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
     ) -> None:
         self._client: Any = client
         self._keys = LiveKeys(settings.redis.key_prefix)
@@ -51,25 +61,42 @@ class LiveViewSink:
         self._thumbnail_ttl_s = settings.counts.thumbnail_ttl_s
         self._model = model
         self._executor = executor
-        self._last_thumbnail: dict[str, float] = {}
+        self._clock_ms = clock_ms
+        self._wall_ms = wall_ms
+        # When each source's last thumbnail was made; forgotten once a new one is due anyway.
+        self._last_thumbnail: RecentSources[None] = RecentSources(
+            SourceLimits(settings.counts.max_tracked_sources, THUMBNAIL_EVERY_S * 1000)
+        )
+        self._legacy_expiring = False
 
     async def write(self, batch: Batch) -> None:
         """Update the live view; never raises for Redis trouble."""
         if not batch.predictions and not batch.dead:
             return
-        keys, now = self._keys, time.monotonic()
+        keys, now_ms = self._keys, self._clock_ms()
         latest: dict[str, Prediction] = {}
         per_source: dict[str, int] = {}
         for p in batch.predictions:
             latest[p.frame.source_id] = p
             per_source[p.frame.source_id] = per_source.get(p.frame.source_id, 0) + 1
-        due = [p for s, p in latest.items() if now - self._last_thumbnail.get(s, 0.0) >= THUMBNAIL_EVERY_S]
+        self._last_thumbnail.forget(now_ms)
+        due = [p for s, p in latest.items() if s not in self._last_thumbnail]
         thumbs = (
             await asyncio.get_running_loop().run_in_executor(self._executor, thumbnails, due) if due else {}
         )
         model = self._model()
+        dead = Counter(dead_frame_identity(d.key) for d in batch.dead)
         try:
             async with self._client.pipeline(transaction=False) as pipe:
+                if per_source:
+                    wall_ms = self._wall_ms()
+                    pipe.zadd(keys.sources, dict.fromkeys(per_source, wall_ms))
+                    pipe.zremrangebyscore(keys.sources, "-inf", wall_ms - self._stats_ttl_s * 1000)
+                    pipe.expire(keys.sources, self._stats_ttl_s)
+                if not self._legacy_expiring:
+                    # The unbounded set older workers wrote: nothing adds to it any more, and
+                    # after one TTL every stats hash it names has expired too.
+                    pipe.expire(keys.legacy_sources, self._stats_ttl_s)
                 for source, n in per_source.items():
                     key = keys.stats(source)
                     snapshot = batch.drift[source]
@@ -86,17 +113,17 @@ class LiveViewSink:
                         },
                     )
                     pipe.expire(key, self._stats_ttl_s)
-                    pipe.sadd(keys.sources, source)
-                for d in batch.dead:
-                    source = d.key.decode(errors="replace") if d.key else "unknown"
-                    pipe.hincrby(keys.stats(source), "dead", 1)
+                for identity, n in dead.items():
+                    pipe.hincrby(keys.stats(identity), "dead", n)
+                    pipe.expire(keys.stats(identity), self._stats_ttl_s)
                 for p in due:
                     source = p.frame.source_id
-                    self._last_thumbnail[source] = now
+                    self._last_thumbnail.touch(source, now_ms, lambda: None)
                     pipe.set(keys.frame(source), codec.label_record(p, model), ex=self._thumbnail_ttl_s)
                     if source in thumbs:
                         pipe.set(keys.thumb(source), thumbs[source], ex=self._thumbnail_ttl_s)
                 await pipe.execute()
+            self._legacy_expiring = True
         except redis_errors.RedisError as exc:
             log.debug("live view not updated: %s", exc)
 

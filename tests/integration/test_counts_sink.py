@@ -6,6 +6,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from stream_worker.counting import CountedFrame
+from stream_worker.dashboard.live import LiveView
 from stream_worker.errors import ConfigError
 from stream_worker.sinks.counts import CountsWriter
 
@@ -131,3 +132,43 @@ async def test_a_backfill_spanning_more_than_the_ttl_keeps_every_window(
         await redis_client.delete(f"{stem}:c:trap-1:1m:{start}")
     await counts.apply("frames", 0, [frame(6, "trap-1", now + MIN, ("deer",))])
     assert len(await redis_client.zrange(f"{stem}:cw:trap-1:1m", 0, -1)) == 5
+
+
+async def test_a_source_leaves_the_directory_only_once_its_counts_could_have_expired(
+    redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    now = [1_800_000_000_000]
+    counts = CountsWriter(
+        redis_client,
+        key_prefix=key_prefix,
+        ttl_s=3600,
+        event_gap_ms=30_000,
+        windows=[("1m", MIN)],
+        wall_ms=lambda: now[0],
+    )
+    await counts.apply("frames", 0, [frame(0, "cam-old", 1_000, ("car",))])
+    now[0] += 3_599_000  # one second before cam-old's counts may expire
+    await counts.apply("frames", 0, [frame(1, "cam-new", 1_000, ("car",))])
+    assert await counts.sources() == ["cam-new", "cam-old"]
+    now[0] += 1_000
+    await counts.apply("frames", 0, [frame(2, "cam-new", 2_000, ("car",))])
+    assert await counts.sources() == ["cam-new"]
+    assert 0 < await redis_client.ttl(counts.directory) <= 3600  # gone when no worker writes
+
+
+async def test_sources_listed_by_workers_before_the_sorted_directory_stay_listed_until_they_expire(
+    redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    legacy = f"{key_prefix}:sources"
+    await redis_client.sadd(legacy, "cam-before-upgrade")
+    counts = CountsWriter(
+        redis_client, key_prefix=key_prefix, ttl_s=3600, event_gap_ms=30_000, windows=[("1m", MIN)]
+    )
+    await counts.apply("frames", 0, [frame(0, "cam-new", 1_000, ("car",))])
+    assert await counts.sources() == ["cam-before-upgrade", "cam-new"]
+    assert await LiveView(redis_client, key_prefix=key_prefix, windows=["1m"]).source_ids() == [
+        "cam-before-upgrade",
+        "cam-new",
+    ]
+    # Nothing adds to the old set any more: it expires once its sources' counts have.
+    assert 0 < await redis_client.ttl(legacy) <= 3600

@@ -63,6 +63,8 @@ WORKER_REDIS_COMMANDS = (
     "zadd",
     "zrange",
     "zremrangebyscore",
+    "zrem",
+    "exists",
 )
 
 

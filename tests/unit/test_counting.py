@@ -9,6 +9,7 @@ import pytest
 from stream_worker.counting import (
     FRAMES_FIELD,
     Deltas,
+    DriftSnapshot,
     DriftTracker,
     Observation,
     SequenceState,
@@ -21,9 +22,11 @@ from stream_worker.counting import (
 )
 from stream_worker.errors import ConfigError
 from stream_worker.frames import LabelScore, SourceKind
+from stream_worker.sources import SourceLimits
 
 MINUTE = WindowSpec("1m", 60_000)
 QUARTER = WindowSpec("15m", 900_000)
+LIMITS = SourceLimits(max_sources=100, idle_ms=60_000)
 QUARTER_START = 1_700_000_100_000  # a multiple of 15 minutes since the epoch
 T0 = QUARTER_START + 60_000  # a whole minute, one minute into that quarter hour
 
@@ -239,15 +242,15 @@ def test_gap_must_be_positive() -> None:
 
 
 def test_drift_tracks_the_last_n_frames_per_source() -> None:
-    tracker = DriftTracker(window=4, low_confidence=0.5)
+    tracker = DriftTracker(window=4, low_confidence=0.5, limits=LIMITS)
     for label, score in [("car", 0.9), ("car", 0.8), ("bus", 0.3), ("car", 0.9)]:
-        tracker.observe("cam-1", label, score)
-    tracker.observe("cam-2", "deer", 0.2)
+        tracker.observe("cam-1", label, score, now_ms=0)
+    tracker.observe("cam-2", "deer", 0.2, now_ms=0)
     assert tracker.snapshot("cam-1").low_confidence_share == 0.25
     assert tracker.snapshot("cam-1").label_share == {"bus": 0.25, "car": 0.75}
     # The camera is knocked askew: everything after is unknown and low-confidence.
     for _ in range(3):
-        tracker.observe("cam-1", "unknown", 0.1)
+        tracker.observe("cam-1", "unknown", 0.1, now_ms=0)
     snapshot = tracker.snapshot("cam-1")
     assert snapshot.frames == 4
     assert snapshot.low_confidence_share == 0.75
@@ -256,9 +259,30 @@ def test_drift_tracks_the_last_n_frames_per_source() -> None:
 
 
 def test_drift_of_an_unseen_source_is_empty() -> None:
-    assert DriftTracker().snapshot("nobody").frames == 0
+    assert DriftTracker(500, 0.5, limits=LIMITS).snapshot("nobody").frames == 0
 
 
 def test_drift_window_must_hold_a_frame() -> None:
     with pytest.raises(ConfigError):
-        DriftTracker(window=0)
+        DriftTracker(window=0, low_confidence=0.5, limits=LIMITS)
+
+
+def test_drift_holds_at_most_the_limit_of_sources_and_forgets_idle_ones() -> None:
+    tracker = DriftTracker(500, 0.5, limits=SourceLimits(max_sources=50, idle_ms=60_000))
+    for i in range(5_000):
+        tracker.observe(f"cam-{i}", "car", 0.9, now_ms=i)
+        tracker.forget(now_ms=i)
+        assert len(tracker) <= 50
+    assert tracker.snapshot("cam-0").frames == 0  # the least recently seen went first
+    assert tracker.snapshot("cam-4999").frames == 1
+    assert len(tracker.forget(now_ms=4_999 + 60_000)) == 50  # a minute later, all idle
+    assert len(tracker) == 0
+
+
+def test_a_forgotten_source_that_comes_back_starts_a_fresh_window() -> None:
+    tracker = DriftTracker(4, 0.5, limits=SourceLimits(max_sources=10, idle_ms=1_000))
+    for _ in range(4):
+        tracker.observe("cam-1", "unknown", 0.1, now_ms=0)
+    assert tracker.forget(now_ms=1_000) == ["cam-1"]
+    tracker.observe("cam-1", "car", 0.9, now_ms=1_000)
+    assert tracker.snapshot("cam-1") == DriftSnapshot(1, 0.0, {"car": 1.0})

@@ -5,8 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
+import time
+from collections.abc import Mapping
 
-from stream_worker.observability import HealthServer, JsonFormatter, Metrics
+from prometheus_client import Gauge
+
+from stream_worker.counting import DriftSnapshot
+from stream_worker.observability import OVERFLOW_SOURCE, HealthServer, JsonFormatter, Metrics
+from stream_worker.pipeline import Batch
 
 
 async def http_get(port: int, path: str) -> tuple[int, str]:
@@ -17,6 +24,19 @@ async def http_get(port: int, path: str) -> tuple[int, str]:
     writer.close()
     head, _, body = data.decode().partition("\r\n\r\n")
     return int(head.split()[1]), body
+
+
+def drift_batch(shares: Mapping[str, Mapping[str, float]]) -> Batch:
+    """A batch whose classification left these label shares per source."""
+    return Batch(opened_at=0.0, drift={s: DriftSnapshot(10, 0.5, dict(m)) for s, m in shares.items()})
+
+
+def drift_series(page: str) -> dict[str, set[str]]:
+    """Per ``source`` label value on the /metrics page: the drift metrics it has series in."""
+    out: dict[str, set[str]] = {}
+    for name, source in re.findall(r'^(lookout_drift_\w+)\{[^}]*source="([^"]*)"', page, re.MULTILINE):
+        out.setdefault(source, set()).add(name)
+    return out
 
 
 async def test_metrics_and_probes_are_served() -> None:
@@ -48,3 +68,73 @@ def test_json_logs_are_one_object_per_line_with_extra_fields() -> None:
     payload = json.loads(line)
     assert payload["msg"] == "retry 2" and payload["level"] == "WARNING" and payload["partition"] == 3
     assert "\n" not in line
+
+
+def test_per_source_series_are_capped_and_sources_beyond_the_cap_are_reported_as_other() -> None:
+    metrics = Metrics(max_sources=50, source_idle_s=3600, clock_ms=lambda: 0.0)
+    for first in range(0, 500, 10):
+        metrics.published(drift_batch({f"cam-{i}": {"car": 1.0} for i in range(first, first + 10)}), review=0)
+    by_source = drift_series(metrics.render().decode())
+    assert len(by_source) == 51
+    assert set(by_source) == {f"cam-{i}" for i in range(50)} | {OVERFLOW_SOURCE}
+    assert by_source[OVERFLOW_SOURCE] == {"lookout_drift_low_confidence_share", "lookout_drift_label_share"}
+    assert metrics.sources_with_series == 50
+
+
+def test_idle_sources_lose_their_series_and_make_room_for_new_ones() -> None:
+    now = [0.0]
+    metrics = Metrics(max_sources=2, source_idle_s=60, clock_ms=lambda: now[0])
+    metrics.published(
+        drift_batch({"cam-a": {"car": 1.0}, "cam-b": {"bus": 1.0}, "cam-c": {"car": 1.0}}), review=0
+    )
+    assert set(drift_series(metrics.render().decode())) == {"cam-a", "cam-b", OVERFLOW_SOURCE}
+    now[0] = 30_000.0
+    metrics.published(drift_batch({"cam-a": {"car": 1.0}}), review=0)
+    now[0] = 60_000.0  # cam-b, cam-c (in _other) unseen for a minute, cam-a for 30 s
+    metrics.published(drift_batch({"cam-d": {"deer": 1.0}}), review=0)
+    page = metrics.render().decode()
+    assert set(drift_series(page)) == {"cam-a", "cam-d"}
+    assert 'label="bus"' not in page
+
+
+def test_a_label_that_left_the_window_has_no_stale_series() -> None:
+    metrics = Metrics()
+    metrics.published(drift_batch({"cam-1": {"car": 0.5, "bus": 0.5}}), review=0)
+    metrics.published(drift_batch({"cam-1": {"car": 1.0}}), review=0)
+    page = metrics.render().decode()
+    assert 'lookout_drift_label_share{label="car",source="cam-1"} 1.0' in page
+    assert 'label="bus"' not in page
+
+
+async def test_a_slow_metrics_page_renders_off_the_event_loop() -> None:
+    # A registry with 50,000 series takes about as long to render as 10,000 sources' drift
+    # series did; a loop heartbeat every 5 ms must keep beating while /metrics is served.
+    metrics = Metrics()
+    big = Gauge("lookout_test_many", "many series", ["n"], registry=metrics.registry)
+    for i in range(50_000):
+        big.labels(str(i)).set(i)
+    started = time.perf_counter()
+    metrics.render()
+    render_s = time.perf_counter() - started
+    assert render_s > 0.2, f"the registry rendered in {render_s:.3f} s: too fast to show anything"
+    server = HealthServer(metrics, ready=lambda: (True, "ready"), live=lambda: (True, "ok"))
+    port = await server.start("127.0.0.1", 0)
+    gaps: list[float] = []
+
+    async def heartbeat() -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.005)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    beating = asyncio.create_task(heartbeat())
+    try:
+        await asyncio.sleep(0.05)
+        status, body = await http_get(port, "/metrics")
+    finally:
+        beating.cancel()
+        await server.stop()
+    assert status == 200 and 'lookout_test_many{n="49999"} 49999.0' in body
+    assert max(gaps) < render_s / 3, f"the loop stalled {max(gaps):.3f} s (render {render_s:.3f} s)"

@@ -101,3 +101,31 @@ def test_printed_settings_keep_the_url_without_a_password() -> None:
 def test_a_dead_letter_template_with_other_fields_is_refused_at_start_up(template: str) -> None:
     with pytest.raises(ConfigError, match="--dlq-topic"):
         load_settings(env={"LOOKOUT_DLQ_TOPIC": template})
+
+
+def test_per_source_limits_have_bounded_defaults_and_come_from_flags_env_and_file(tmp_path: Path) -> None:
+    defaults = load_settings(env={})
+    assert defaults.counts.max_tracked_sources == 10_000
+    assert defaults.counts.source_idle_s == 86_400
+    assert defaults.ops.max_metric_sources == 1_000
+    assert defaults.counts.source_limits.idle_ms == 86_400_000
+    config = tmp_path / "lookout.yaml"
+    config.write_text("counts:\n  max_tracked_sources: 50\nops:\n  max_metric_sources: 20\n")
+    settings = load_settings(
+        flags={"source_idle_s": "90"}, env={"LOOKOUT_MAX_METRIC_SOURCES": "30"}, config_file=config
+    )
+    assert (settings.counts.max_tracked_sources, settings.counts.source_idle_s) == (50, 90.0)
+    assert settings.ops.max_metric_sources == 30
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"LOOKOUT_MAX_TRACKED_SOURCES": "0"}, "--max-tracked-sources must be at least 1"),
+        ({"LOOKOUT_SOURCE_IDLE_S": "0"}, "--source-idle-s must be positive"),
+        ({"LOOKOUT_MAX_METRIC_SOURCES": "-1"}, "--max-metric-sources must be at least 1"),
+    ],
+)
+def test_per_source_limits_that_would_hold_nothing_are_refused(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(env=env)
