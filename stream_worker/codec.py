@@ -88,7 +88,8 @@ def frame_from_record(
     """Build a :class:`Frame` from a consumed record; raise ``BadFrame(stage="headers")`` when it cannot be.
 
     Reasons: ``header_name_not_utf8``, ``not_utf8``, ``missing_source_id``, ``bad_source_id``,
-    ``missing_source_kind``, ``bad_source_kind``, ``bad_frame_id``, ``bad_captured_at``,
+    ``missing_source_kind``, ``bad_source_kind``, ``key_not_source_id`` (camera-trap frames
+    only), ``bad_frame_id``, ``bad_captured_at``,
     ``captured_at_in_future``, ``missing_captured_at``, ``missing_content_type``, ``bad_site``,
     ``bad_location``, ``control_characters``.
 
@@ -129,6 +130,16 @@ def frame_from_record(
                 "bad_source_kind",
                 f"source-kind {kind_text[:40]!r} is not traffic, wildlife or fleet",
             ) from None
+
+    if source_kind is SourceKind.WILDLIFE and key != source_id.encode():
+        # Camera-trap events follow a source's frames in order; Kafka orders them only within a
+        # partition, and only records keyed by the source id all land in one partition.
+        raise BadFrame(
+            "headers",
+            "key_not_source_id",
+            f"camera-trap frames must be keyed by their source id {source_id!r}: events need all of "
+            f"a source's frames in order on one partition (record key: {_key_text(key)})",
+        )
 
     frame_id = _text(by_name, FRAME_ID)
     if frame_id is None:
@@ -372,6 +383,12 @@ def source_id_of_key(key: bytes | None) -> str | None:
 
 
 # --- helpers -------------------------------------------------------------------------------
+
+
+def _key_text(key: bytes | None) -> str:
+    if key is None:
+        return "none"
+    return repr(key[:60].decode("utf-8", "backslashreplace")) + ("..." if len(key) > 60 else "")
 
 
 def _check_header_names(headers: RawHeaders) -> None:

@@ -11,8 +11,8 @@ The verifier reads, each up to the end offsets it finds when it starts (a bounde
 
 It recomputes the counts from the *distinct* labelled frames with the pure reference
 functions of :mod:`stream_worker.counting` (window counts from :func:`count_deltas`, camera-trap
-events from :func:`event_updates`, run per input partition in offset order, as the worker
-runs them) and reports:
+events from :func:`event_updates`, run per source in the order of its frames, whatever the
+worker's partition layout) and reports:
 
 * ``missing``: frames that went in and were neither labelled nor dead-lettered;
 * ``duplicates``: frame ids with more than one label record, and whether the copies are
@@ -54,6 +54,10 @@ READ_TIMEOUT_S = 120.0
 CountKey = tuple[str, str, int, str]  # (source id, window name, window start ms, "labels" | "events")
 
 
+Place = tuple[str, int, int]
+"""Where a frame was read from: topic, partition, offset. Unique, unlike frame ids."""
+
+
 @dataclass(frozen=True, slots=True)
 class InputFrame:
     """One record of a frames topic, as far as the verifier cares."""
@@ -63,6 +67,11 @@ class InputFrame:
     partition: int
     offset: int
 
+    @property
+    def place(self) -> Place:
+        """Topic, partition and offset."""
+        return (self.topic, self.partition, self.offset)
+
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
@@ -70,6 +79,8 @@ class DeadLetter:
 
     frame_id: str
     reason: str
+    place: Place | None = None
+    """Topic, partition and offset of the record it stands for (Connect-style headers)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,10 +193,12 @@ def expected_counts(
     """Reference counts of distinct labelled frames: ``(source, window, start, kind) -> counts``.
 
     ``labels`` entries hold ``_frames`` and one field per counted label; ``events`` entries hold
-    camera-trap events per species. Events are advanced per input partition in offset order,
-    which is the order the worker applies them in.
+    camera-trap events per species. Events are advanced per source, in the order of its frames
+    in their topic and partition: whatever the worker's partition layout, a source has one
+    sequence at a time (the worker keeps one per partition, so it agrees only while each source
+    is on one partition, as the keying contract says).
     """
-    by_partition: dict[tuple[str, int], list[tuple[int, counting.Observation]]] = {}
+    by_source: dict[str, list[tuple[tuple[str, int, int], counting.Observation]]] = {}
     for record in label_records:
         observation = counting.Observation(
             str(record["source_id"]),
@@ -196,10 +209,10 @@ def expected_counts(
                 for lab in record["labels"]
             ),
         )
-        place = (str(record.get("topic", "")), int(record.get("partition", 0)))
-        by_partition.setdefault(place, []).append((int(record.get("offset", 0)), observation))
+        place = (str(record.get("topic", "")), int(record.get("partition", 0)), int(record.get("offset", 0)))
+        by_source.setdefault(observation.source_id, []).append((place, observation))
     out: dict[CountKey, dict[str, int]] = {}
-    for frames in by_partition.values():
+    for frames in by_source.values():
         frames.sort(key=lambda item: item[0])
         observations = [obs for _, obs in frames]
         _add_deltas(out, counting.count_deltas(observations, windows), "labels")
@@ -222,32 +235,48 @@ def reconcile(
     parent_labels: frozenset[str] = counting.DEFAULT_PARENT_LABELS,
 ) -> VerifyReport:
     """Compare inputs with outputs; ``None`` for a count store skips its comparison."""
-    seen_inputs: dict[str, InputFrame] = {}
-    repeated: list[str] = []
+    # Frames are matched by where they were read from (topic, partition, offset), which label
+    # and dead-letter records carry, so a lost frame that shares its id with another is still
+    # found; by frame id only where an output record lacks its place.
+    ids: dict[str, list[InputFrame]] = {}
     for frame in inputs:
-        if frame.frame_id in seen_inputs:
-            repeated.append(frame.frame_id)
-        seen_inputs[frame.frame_id] = frame
+        ids.setdefault(frame.frame_id, []).append(frame)
+    repeated = [fid for fid, frames in ids.items() if len(frames) > 1]
 
-    by_frame: dict[str, list[Mapping[str, Any]]] = {}
+    def identity(frame_id: str, place: Place | None) -> Place | str:
+        return place if place is not None else frame_id
+
+    by_frame: dict[Place | str, list[Mapping[str, Any]]] = {}
     for record in label_records:
-        by_frame.setdefault(str(record["frame_id"]), []).append(record)
+        by_frame.setdefault(identity(str(record["frame_id"]), _place_of(record)), []).append(record)
     duplicates = [
-        Duplicate(frame_id, len(copies), _identical(copies))
-        for frame_id, copies in sorted(by_frame.items())
+        Duplicate(str(copies[0]["frame_id"]), len(copies), _identical(copies))
+        for copies in sorted(by_frame.values(), key=lambda c: str(c[0]["frame_id"]))
         if len(copies) > 1
     ]
     dead: dict[str, list[str]] = {}
     for letter in dead_letters:
         dead.setdefault(letter.reason, []).append(letter.frame_id)
-    dead_ids = {letter.frame_id for letter in dead_letters}
-    missing = sorted(fid for fid in seen_inputs if fid not in by_frame and fid not in dead_ids)
-    unexpected = sorted(fid for fid in by_frame if fid not in seen_inputs)
+    out_ids = {str(copies[0]["frame_id"]) for key, copies in by_frame.items() if isinstance(key, str)}
+    out_ids |= {letter.frame_id for letter in dead_letters if letter.place is None}
+    out_places = {key for key in by_frame if not isinstance(key, str)}
+    out_places |= {letter.place for letter in dead_letters if letter.place is not None}
+    missing = sorted(
+        frame.frame_id if len(ids[frame.frame_id]) == 1 else f"{frame.frame_id} ({_where(frame.place)})"
+        for frame in inputs
+        if frame.place not in out_places and frame.frame_id not in out_ids
+    )
+    in_places = {frame.place for frame in inputs}
+    unexpected = sorted(
+        str(copies[0]["frame_id"])
+        for key, copies in by_frame.items()
+        if (key not in in_places if not isinstance(key, str) else key not in ids)
+    )
 
     distinct = [copies[0] for copies in by_frame.values()]
     expected = expected_counts(distinct, windows, gap_ms=gap_ms, parent_labels=parent_labels)
     return VerifyReport(
-        frames_in=len(seen_inputs),
+        frames_in=len(inputs),
         labelled=len(by_frame),
         label_records=len(label_records),
         missing=missing,
@@ -374,13 +403,27 @@ def input_frame(record: Any) -> InputFrame:
 
 
 def dead_letter(record: Any) -> DeadLetter:
-    """Frame id and reason of a dead-letter record (its origin comes from the Connect headers)."""
+    """Frame id, reason and origin of a dead-letter record (the origin from the Connect headers)."""
     headers = {name.lower(): (raw or b"").decode("utf-8", errors="replace") for name, raw in record.headers}
-    frame_id = headers.get(codec.FRAME_ID)
-    if not frame_id:
-        origin = [headers.get(codec.ERROR_HEADER_PREFIX + name) for name in ("topic", "partition", "offset")]
-        frame_id = "/".join(str(part) for part in origin)
-    return DeadLetter(frame_id, headers.get(codec.REASON_HEADER.lower(), "unknown"))
+    origin = [headers.get(codec.ERROR_HEADER_PREFIX + name) for name in ("topic", "partition", "offset")]
+    frame_id = headers.get(codec.FRAME_ID) or "/".join(str(part) for part in origin)
+    place = _place_of({"topic": origin[0], "partition": origin[1], "offset": origin[2]})
+    return DeadLetter(frame_id, headers.get(codec.REASON_HEADER.lower(), "unknown"), place)
+
+
+def _place_of(record: Mapping[str, Any]) -> Place | None:
+    """A record's topic, partition and offset, when it names all three."""
+    topic, partition, offset = record.get("topic"), record.get("partition"), record.get("offset")
+    if not topic or partition is None or offset is None:
+        return None
+    try:
+        return (str(topic), int(partition), int(offset))
+    except (TypeError, ValueError):
+        return None
+
+
+def _where(place: Place) -> str:
+    return f"{place[0]}/{place[1]}/{place[2]}"
 
 
 async def read_redis_counts(

@@ -20,6 +20,7 @@ from stream_worker.verify import (
 )
 from tests.support.feeds import mixed_feed, produce_feed
 from tests.support.outputs import OutputWatcher
+from tests.support.pipeline import read_topic
 from tests.support.workers import WORKER_BIN, Harness, Pipeline
 
 WINDOWS = [counting.WindowSpec.parse("1m")]
@@ -62,6 +63,36 @@ def test_reference_counts_roll_up_labels_and_count_each_species_once_per_sequenc
         "mammal": 3,
     }
     assert expected[("trap", "1m", 0, "events")] == {"cat": 1, "dog": 1}
+
+
+def test_reference_events_follow_each_source_whatever_the_partitions() -> None:
+    # One camera trap's frames spread over two partitions (not keyed by source id) are still one
+    # sequence: the expectation must not copy the worker's per-partition event state, or verify
+    # could never see a worker that opened one sequence per partition.
+    records = [
+        {**label("c", "trap", 10_000, "cat", kind="wildlife", offset=0), "partition": 0},
+        {**label("d", "trap", 12_000, "cat", kind="wildlife", offset=0), "partition": 1},
+    ]
+    assert expected_counts(records, WINDOWS, gap_ms=30_000)[("trap", "1m", 0, "events")] == {"cat": 1}
+
+
+def test_a_lost_frame_that_shares_its_id_with_a_labelled_one_is_missing() -> None:
+    inputs = [
+        InputFrame("x", "frames", 0, 0),
+        InputFrame("x", "frames", 0, 1),
+        InputFrame("y", "frames", 0, 2),
+    ]
+    labelled = [label("x", "cam", 1_000, "car", offset=0)]
+    report = reconcile(
+        inputs,
+        labelled,
+        [DeadLetter("y", "truncated", ("frames", 0, 2))],
+        windows=WINDOWS,
+        gap_ms=30_000,
+        redis_counts=None,
+        topic_counts=None,
+    )
+    assert report.missing == ["x (frames/0/1)"] and report.repeated_inputs == ["x"] and not report.ok
 
 
 def test_reconcile_reports_missing_duplicates_dead_letters_and_wrong_counts() -> None:
@@ -151,7 +182,13 @@ async def test_verify_passes_a_clean_run_and_fails_on_a_lost_frame_and_a_corrupt
     producer = AIOKafkaProducer(bootstrap_servers=pipeline.bootstrap)
     await producer.start()
     try:
-        forged = label(feed[0].frame_id, feed[0].source_id, feed[0].captured_at_ms, "dog")
+        records = await read_topic(pipeline.bootstrap, pipeline.labels_topic, len(feed), settle_s=0)
+        (real,) = [
+            r
+            for r in map(codec.parse_label_record, (r.value for r in records))
+            if r["frame_id"] == feed[0].frame_id
+        ]
+        forged = {**real, "labels": label(feed[0].frame_id, feed[0].source_id, 0, "dog")["labels"]}
         await producer.send_and_wait(pipeline.labels_topic, json.dumps(forged).encode())
     finally:
         await producer.stop()

@@ -28,7 +28,7 @@ MODEL = {"name": "efficientnet_lite0", "version": "1", "backend": "onnxruntime",
 def record(
     headers: Sequence[tuple[str, bytes | None]] | Sequence[tuple[str, bytes]],
     *,
-    key: bytes | None = b"cam-key",
+    key: bytes | None = b"cam-1",
     value: bytes | None = JPEG_BYTES,
     timestamp_ms: int | None = TS,
 ) -> Frame:
@@ -66,13 +66,13 @@ def test_replay_headers_round_trip_into_a_frame() -> None:
         lat=51.5,
         lon=-0.12,
         headers=tuple(FULL),
-        key=b"cam-key",
+        key=b"cam-1",
     )
 
 
 def test_defaults_come_from_the_record() -> None:
     frame = record([("content-type", b"image/jpeg"), ("source-kind", b"traffic")])
-    assert (frame.source_id, frame.frame_id, frame.captured_at_ms) == ("cam-key", "frames/3/42", TS)
+    assert (frame.source_id, frame.frame_id, frame.captured_at_ms) == ("cam-1", "frames/3/42", TS)
     assert (frame.site, frame.lat, frame.lon) == (None, None, None)
 
 
@@ -204,7 +204,7 @@ def test_a_header_name_in_utf8_beyond_ascii_is_accepted() -> None:
 
 def test_null_header_value_counts_as_absent() -> None:
     frame = record([("source-kind", b"traffic"), ("source-id", None), ("content-type", b"image/jpeg")])
-    assert frame.source_id == "cam-key"
+    assert frame.source_id == "cam-1"
 
 
 def test_frame_headers_refuse_half_a_location() -> None:
@@ -379,3 +379,12 @@ def test_a_captured_at_far_ahead_of_the_record_timestamp_is_refused() -> None:
         headers = frame_headers("cam-1", SourceKind.TRAFFIC, "cam-1/1", captured, "image/jpeg")
         frame = frame_from_record("frames", 0, 1, timestamp, None, JPEG_BYTES, headers, max_skew_ms=hour)
         assert frame.captured_at_ms == captured
+
+
+@pytest.mark.parametrize("key", [b"cam-9", b"shot-17", None])
+def test_camera_trap_frames_must_be_keyed_by_their_source_id(key: bytes | None) -> None:
+    refused = headers_refused(list(FULL), key=key)
+    assert refused.reason == "key_not_source_id" and "'cam-1'" in str(refused)
+    # Window counts do not depend on order: other sources may be keyed as their producer likes.
+    traffic = [(n, SourceKind.TRAFFIC.value.encode() if n == "source-kind" else v) for n, v in FULL]
+    assert record(traffic, key=key).source_id == "cam-1"
