@@ -18,6 +18,7 @@ from aiokafka.conn import create_conn
 from aiokafka.errors import (
     ClusterAuthorizationFailedError,
     GroupAuthorizationFailedError,
+    IllegalStateError,
     KafkaConnectionError,
     KafkaError,
     SaslAuthenticationFailed,
@@ -26,6 +27,7 @@ from aiokafka.errors import (
     UnsupportedSaslMechanismError,
     for_code,
 )
+from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
 from stream_worker.errors import ConfigError, LookoutError, ServiceUnavailable
 from stream_worker.record_batches import tolerate_unreadable_header_names
@@ -87,12 +89,31 @@ def make_consumer(kafka: KafkaSettings, group: str, **extra: Any) -> AIOKafkaCon
         "session_timeout_ms": kafka.session_timeout_ms,
         "heartbeat_interval_ms": max(1000, kafka.session_timeout_ms // 10),
         "max_poll_interval_ms": kafka.max_poll_interval_ms,
+        "metadata_max_age_ms": kafka.metadata_max_age_ms,
         "max_partition_fetch_bytes": 26_214_400,
         "fetch_max_bytes": 52_428_800,
         "isolation_level": "read_committed",
     }
     options.update(extra)
     return AIOKafkaConsumer(**client_kwargs(kafka), **options)
+
+
+async def commit_revoked(
+    consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, OffsetAndMetadata]
+) -> None:
+    """Commit offsets of partitions being revoked that the consumer no longer lists as assigned.
+
+    ``AIOKafkaConsumer.commit`` refuses partitions outside the current assignment, and when a
+    pattern subscription matches a new topic aiokafka drops the assignment *before* calling
+    ``on_partitions_revoked``: the drain's commits would be refused (or, filtered, silently
+    skipped). The member is still in the old generation during that callback, so the group
+    coordinator accepts the commit; it is sent through the coordinator as ``commit`` itself does
+    (``GroupCoordinator.commit_offsets``, aiokafka 0.14; pinned in pyproject.toml).
+    """
+    coordinator = getattr(consumer, "_coordinator", None)
+    if coordinator is None or not hasattr(coordinator, "commit_offsets"):
+        raise IllegalStateError("this aiokafka cannot commit partitions that are being revoked")
+    await coordinator.commit_offsets(None, offsets)
 
 
 ACLS_HINT = "`stream-worker acls` prints every grant the worker needs"
@@ -187,6 +208,18 @@ async def ensure_topics(
     finally:
         await admin.close()
     return created
+
+
+async def missing_topics(kafka: KafkaSettings, names: set[str]) -> set[str]:
+    """Which of ``names`` do not exist (a running worker's check: failures are retriable)."""
+    admin = AIOKafkaAdminClient(**client_kwargs(kafka), client_id=f"{kafka.client_id}-admin")
+    try:
+        await admin.start()
+        return names - set(await admin.list_topics())
+    except KafkaError as exc:
+        raise kafka_failure(exc, "listing topics") from exc
+    finally:
+        await admin.close()
 
 
 def frames_subscription(topics: TopicSettings) -> str:

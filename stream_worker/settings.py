@@ -67,6 +67,12 @@ class KafkaSettings:
     max_poll_interval_ms: int = opt(
         300000, "LOOKOUT_MAX_POLL_INTERVAL_MS", "consumer max.poll.interval.ms", flag=False
     )
+    metadata_max_age_ms: int = opt(
+        300000,
+        "LOOKOUT_METADATA_MAX_AGE_MS",
+        "how often topic metadata is refreshed: how soon a new topic matching --frames-pattern is read",
+        flag=False,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -458,6 +464,8 @@ def validate(settings: Settings) -> None:
         )
     if b.decode_threads < 1:
         raise ConfigError("--decode-threads must be at least 1")
+    if settings.kafka.metadata_max_age_ms < 100:
+        raise ConfigError("LOOKOUT_METADATA_MAX_AGE_MS must be at least 100 (milliseconds)")
     if b.max_clock_skew_s <= 0:
         raise ConfigError("--max-clock-skew-s must be positive (LOOKOUT_MAX_CLOCK_SKEW_S)")
     if settings.counts.max_tracked_sources < 1:

@@ -34,7 +34,7 @@ from stream_worker.backends.base import Backend, EngineInfo
 from stream_worker.batching import BatchPolicy, InFlight
 from stream_worker.errors import ConfigError, LookoutError
 from stream_worker.faults import Faults
-from stream_worker.kafka import frames_subscription, kafka_failure, make_consumer
+from stream_worker.kafka import commit_revoked, frames_subscription, kafka_failure, make_consumer
 from stream_worker.observability import Metrics
 from stream_worker.pipeline import Batch, Pipeline
 from stream_worker.settings import Settings
@@ -105,6 +105,8 @@ class Worker:
             pending=lambda: self._in_flight.count,
         )
         self._resume_at: dict[TopicPartition, int] = {}
+        # Partitions being revoked: their in-flight batches are still committed during the drain.
+        self._revoking: frozenset[TopicPartition] = frozenset()
         self._topic_ids = TopicIds(settings.kafka)
         # A refusal found in a rebalance callback (aiokafka logs and swallows their errors):
         # the poll stage raises it.
@@ -203,6 +205,9 @@ class Worker:
             return False, "starting or stopping"
         if time.monotonic() - self._last_poll > 30:
             return False, "no poll for 30 s"
+        if self._retrier.failing is not None:
+            since, why = self._retrier.failing
+            return False, f"outputs failing for {time.monotonic() - since:.0f} s, retrying: {why}"
         return True, "ok"
 
     # ----------------------------------------------------------------- poll stage
@@ -338,13 +343,16 @@ class Worker:
         offsets = {
             TopicPartition(*key): OffsetAndMetadata(last + 1, "")
             for key, last in batch.offsets.items()
-            if key in owned
+            if key in owned or key in self._revoking
         }
         if not offsets:
             return
         self._faults.reached("commit")
         try:
-            await consumer.commit(offsets)
+            if offsets.keys() <= owned:
+                await consumer.commit(offsets)
+            else:
+                await commit_revoked(consumer, offsets)
         except (CommitFailedError, IllegalStateError) as exc:
             # The partitions moved to another worker; it resumes from the Redis watermark, so
             # the counts stay exact (labels may repeat, with the same frame ids).
@@ -376,7 +384,14 @@ class Worker:
         # the reassignment resets positions to the committed offsets) fetches them again.
         self._backlog.clear()
         self._close_open()
-        await self._drain(self.settings.ops.drain_deadline_s, "rebalance")
+        # A pattern subscription that matched a new topic has already dropped the assignment
+        # (aiokafka replaces the subscription before this callback): the drained batches are
+        # committed by partition name, still in the old generation.
+        self._revoking = frozenset(revoked)
+        try:
+            await self._drain(self.settings.ops.drain_deadline_s, "rebalance")
+        finally:
+            self._revoking = frozenset()
 
     async def on_assigned(self, assigned: list[TopicPartition]) -> None:
         """Resume each partition after the committed offset or the Redis watermark, whichever is further.

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
 from typing import Protocol
@@ -26,9 +27,9 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from stream_worker.aio import unless_set
-from stream_worker.errors import LookoutError
+from stream_worker.errors import LookoutError, ServiceUnavailable
 from stream_worker.faults import Faults
-from stream_worker.kafka import ensure_topics, make_producer
+from stream_worker.kafka import ensure_topics, make_producer, missing_topics
 from stream_worker.observability import Metrics
 from stream_worker.pipeline import Batch
 from stream_worker.redis_client import make_redis
@@ -111,6 +112,15 @@ class Outputs:
                 replication=self._settings.topics.topic_replication,
                 running=True,
             )
+        else:
+            absent = await missing_topics(self._settings.kafka, missing)
+            if absent:
+                # Retried (the operator may create it) and shown by /readyz meanwhile; before, the
+                # send waited for the topic's metadata forever in 30 s steps, and nothing said why.
+                raise ServiceUnavailable(
+                    f"dead-letter topic {', '.join(sorted(absent))} does not exist and topics are not "
+                    "created (--no-create-topics): create it, or let the worker create topics"
+                )
         self._dead_letter_topics |= missing
 
 
@@ -133,6 +143,8 @@ class Retrier:
         self._metrics = metrics
         self._abandon = abandon or asyncio.Event()
         self._pending = pending
+        self.failing: tuple[float, str] | None = None
+        """Since when (monotonic seconds) and why a sink is being retried; None while all is well."""
 
     async def run(self, step: Callable[[], Awaitable[None]]) -> None:
         """Run ``step`` until it succeeds."""
@@ -141,12 +153,15 @@ class Retrier:
             try:
                 if not await unless_set(self._abandon, step()):
                     raise self._abandoned()
+                self.failing = None
                 return
             except LookoutError as exc:
                 if not exc.retriable:
                     raise
                 if self._abandon.is_set():
                     raise self._abandoned() from exc
+                since = self.failing[0] if self.failing else time.monotonic()
+                self.failing = (since, str(exc))
                 self._metrics.retries.labels(exc.__class__.__name__).inc()
                 log.warning("sink write failed, retrying in %.1fs: %s", delay, exc)
                 with contextlib.suppress(TimeoutError):

@@ -17,6 +17,7 @@ from stream_worker import codec
 from stream_worker.errors import LookoutError
 from stream_worker.frames import SourceKind
 from stream_worker.sinks.counts import CountsReader
+from stream_worker.verify import verify
 from stream_worker.worker import Worker
 from tests.conftest import Services, TopicFactory
 from tests.support.media import photo_jpeg, photo_png, street_jpegs
@@ -346,3 +347,81 @@ async def test_a_byte_budget_bounds_large_frames_in_flight_and_every_frame_is_la
     assert sorted(codec.parse_label_record(r.value)["frame_id"] for r in labels) == sorted(ids)
     # At most the budget plus what one fetch brought in after it was reached.
     assert 0 < peak <= budget + 4 * 4 * largest
+
+
+async def test_a_new_topic_matching_the_pattern_mid_batch_still_commits_the_drained_batch(
+    services: Services, key_prefix: str
+) -> None:
+    # aiokafka drops the assignment of a pattern subscription that matched a new topic before it
+    # calls on_partitions_revoked: the batch drained there was labelled and counted, but its
+    # commit was skipped (filtered against the empty assignment), silently.
+    prefix = f"grow-{uuid.uuid4().hex[:8]}-"
+    a, b = f"{prefix}a", f"{prefix}b"
+    admin = AIOKafkaAdminClient(bootstrap_servers=services.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(a, 1, 1)])
+        ids_a = await produce_frames(services.bootstrap, a, [("cam-a", f) for f in street_jpegs(16)])
+        settings = worker_settings(
+            services.bootstrap,
+            services.redis_url,
+            a,
+            key_prefix,
+            frames_pattern=f"{prefix}[ab]$",
+            labels_topic=f"{prefix}labels",
+            counts_topic=f"{prefix}counts",
+            review_topic=f"{prefix}review",
+            max_batch=16,
+            fault_infer_delay_ms=4000,
+            metadata_max_age_ms=300,
+        )
+        async with running_worker(settings) as worker:
+            async with asyncio.timeout(60):  # the whole of topic a is one batch, in inference
+                while worker.metrics.in_flight._value.get() < len(ids_a):
+                    await asyncio.sleep(0.05)
+            await admin.create_topics([NewTopic(b, 1, 1)])
+            ids_b = await produce_frames(services.bootstrap, b, [("cam-b", f) for f in street_jpegs(2)])
+            labels = await read_topic(services.bootstrap, settings.topics.labels_topic, 18, settle_s=0)
+        check = AIOKafkaConsumer(bootstrap_servers=services.bootstrap, group_id=settings.topics.group)
+        await check.start()
+        try:
+            committed = await check.committed(TopicPartition(a, 0))
+        finally:
+            await check.stop()
+    finally:
+        await admin.delete_topics([t for t in await admin.list_topics() if t.startswith(prefix)])
+        await admin.close()
+    labelled = [codec.parse_label_record(r.value)["frame_id"] for r in labels]
+    assert sorted(labelled) == sorted(ids_a + ids_b)
+    assert committed == len(ids_a)
+
+
+async def test_camera_trap_frames_not_keyed_by_their_source_are_dead_lettered_with_the_reason(
+    services: Services, make_topic: TopicFactory, redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    # Keyed by something else, one trap's frames spread over the partitions, and the worker
+    # (whose event state is per partition) opened one sequence per partition: one animal was
+    # counted as several events, and verify, using the same rule, could not see it.
+    topic = await make_topic("frames", partitions=4)
+    cat = photo_jpeg("chelsea.png")
+    stray = await produce_frames(
+        services.bootstrap,
+        topic,
+        [("trap-9", cat)] * 6,
+        kind=SourceKind.WILDLIFE,
+        keys=[f"shot-{i}".encode() for i in range(5)] + [None],
+    )
+    keyed = await produce_frames(services.bootstrap, topic, [("trap-1", cat)] * 3, kind=SourceKind.WILDLIFE)
+    traffic = await produce_frames(services.bootstrap, topic, [("cam-1", street_jpegs(1)[0])], keys=[b"any"])
+    settings = worker_settings(services.bootstrap, services.redis_url, topic, key_prefix, event_gap_s=30)
+    async with running_worker(settings):
+        labels = await read_topic(services.bootstrap, settings.topics.labels_topic, len(keyed) + 1)
+        dead = await read_topic(services.bootstrap, settings.topics.dlq_topic.format(topic=topic), len(stray))
+
+    assert sorted(codec.parse_label_record(r.value)["frame_id"] for r in labels) == sorted([*keyed, *traffic])
+    assert sorted(dict(r.headers)[codec.FRAME_ID].decode() for r in dead) == sorted(stray)
+    assert {dict(r.headers)[codec.REASON_HEADER] for r in dead} == {b"key_not_source_id"}
+    events = [w.events for w in await CountsReader(redis_client, key_prefix=key_prefix).read("trap-1", "1m")]
+    assert sum(sum(e.values()) for e in events) == 1
+    report = await verify(settings)
+    assert report.ok, report.format()

@@ -72,21 +72,30 @@ async def produce_frames(
     step_ms: int = 1000,
     content_type: str = "image/jpeg",
     extra_headers: Sequence[tuple[str, bytes]] = (),
+    keys: Sequence[bytes | None] | None = None,
 ) -> list[str]:
-    """Produce (source_id, bytes) frames with lookout headers; returns their frame ids in order."""
+    """Produce (source_id, bytes) frames with lookout headers; returns their frame ids in order.
+
+    Records are keyed by their source id unless ``keys`` gives each one's key.
+    """
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, max_request_size=30_000_000, linger_ms=5)
     await producer.start()
     ids = []
     try:
         seq: dict[str, int] = {}
         futures = []
-        for source, data in frames:
+        for i, (source, data) in enumerate(frames):
             n = seq.get(source, 0)
             seq[source] = n + 1
             frame_id = f"{source}/{n}-{uuid.uuid4().hex[:6]}"
             headers = codec.frame_headers(source, kind, frame_id, start_ms + n * step_ms, content_type)
             futures.append(
-                await producer.send(topic, data, key=source.encode(), headers=[*headers, *extra_headers])
+                await producer.send(
+                    topic,
+                    data,
+                    key=source.encode() if keys is None else keys[i],
+                    headers=[*headers, *extra_headers],
+                )
             )
             ids.append(frame_id)
         await asyncio.gather(*futures)
