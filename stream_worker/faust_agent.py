@@ -30,6 +30,7 @@ from stream_worker.faults import Faults
 from stream_worker.kafka import frames_subscription
 from stream_worker.observability import Metrics
 from stream_worker.pipeline import Batch, Pipeline
+from stream_worker.record_batches import tolerate_unreadable_header_names
 from stream_worker.settings import Settings
 from stream_worker.sinks import Outputs, Retrier, deliver
 
@@ -77,8 +78,10 @@ def frames_agent(
     """Register lookout's agent on ``app`` for the settings' frames topics; returns the agent.
 
     The agent drives the same pipeline and sinks as ``stream-worker run``; Faust owns the
-    consumer, the group and the commits.
+    consumer, the group and the commits. Faust's consumer is aiokafka's too: a record whose
+    header name is not UTF-8 is read and dead-lettered, not fatal (:mod:`stream_worker.record_batches`).
     """
+    tolerate_unreadable_header_names()
 
     if settings.topics.frames_pattern:
         source = app.topic(

@@ -14,6 +14,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.conn import create_conn
 from aiokafka.errors import (
     ClusterAuthorizationFailedError,
@@ -220,6 +221,29 @@ async def missing_topics(kafka: KafkaSettings, names: set[str]) -> set[str]:
         raise kafka_failure(exc, "listing topics") from exc
     finally:
         await admin.close()
+
+
+async def message_limits(kafka: KafkaSettings, names: set[str]) -> dict[str, int]:
+    """Each existing topic's ``max.message.bytes`` (its own, or the broker's default it inherits)."""
+    if not names:
+        return {}
+    admin = AIOKafkaAdminClient(**client_kwargs(kafka), client_id=f"{kafka.client_id}-admin")
+    try:
+        await admin.start()
+        responses = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, name) for name in sorted(names)]
+        )
+    except KafkaError as exc:
+        raise kafka_failure(exc, "reading topic size limits") from exc
+    finally:
+        await admin.close()
+    limits: dict[str, int] = {}
+    for response in responses:
+        for error_code, _message, _type, name, entries in response.resources:
+            config = {entry[0]: entry[1] for entry in entries}
+            if not error_code and str(config.get("max.message.bytes", "")).isdigit():
+                limits[name] = int(config["max.message.bytes"])
+    return limits
 
 
 def frames_subscription(topics: TopicSettings) -> str:

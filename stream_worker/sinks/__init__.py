@@ -29,7 +29,7 @@ from aiokafka.errors import KafkaError
 from stream_worker.aio import unless_set
 from stream_worker.errors import LookoutError, ServiceUnavailable
 from stream_worker.faults import Faults
-from stream_worker.kafka import ensure_topics, make_producer, missing_topics
+from stream_worker.kafka import ensure_topics, make_producer, message_limits, missing_topics
 from stream_worker.observability import Metrics
 from stream_worker.pipeline import Batch
 from stream_worker.redis_client import make_redis
@@ -69,6 +69,10 @@ class Outputs:
         # Dead-letter topics known to exist: with --frames-pattern, a new frames topic's one is
         # made on its first bad frame (unless create_topics is off, as with --no-create-topics).
         self._dead_letter_topics: set[str] = set()
+        # max.message.bytes of the topics that carry frames (dead letters, review samples): a
+        # record over it is written without its payload up front. Letting the broker refuse it
+        # would break the idempotent producer's sequence for every batch in flight behind it.
+        self._record_limits: dict[str, int] = {}
         faults = faults or Faults(settings.faults)
         self.redis = make_redis(settings.redis)
         self.producer: AIOKafkaProducer = make_producer(settings.kafka, client_id_suffix="worker")
@@ -80,6 +84,7 @@ class Outputs:
             model=model,
             metrics=metrics,
             ensure_topics=self._ensure_dead_letter_topics,
+            record_limits=self._record_limits,
         )
         counts = CountsSink(self.counts, skipped=metrics.counts_skipped.inc)
         self.before_commit: list[Sink] = [
@@ -90,8 +95,11 @@ class Outputs:
         self.live = LiveViewSink(self.redis, settings, model=model, executor=executor)
 
     async def open(self) -> None:
-        """Connect the producer (Redis connects on first use)."""
+        """Connect the producer (Redis connects on first use); learn the review topic's size limit."""
         await self.producer.start()
+        self._record_limits.update(
+            await message_limits(self._settings.kafka, {self._settings.topics.review_topic})
+        )
 
     async def close(self) -> None:
         """Flush and close the producer, close the Redis client."""
@@ -121,6 +129,7 @@ class Outputs:
                     f"dead-letter topic {', '.join(sorted(absent))} does not exist and topics are not "
                     "created (--no-create-topics): create it, or let the worker create topics"
                 )
+        self._record_limits.update(await message_limits(self._settings.kafka, missing))
         self._dead_letter_topics |= missing
 
 

@@ -41,11 +41,14 @@ TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
 async def send_all(producer: AIOKafkaProducer, records: Sequence[OutRecord], what: str) -> None:
     """Send every record, then wait for every acknowledgement (one flush per batch).
 
-    A record carrying a frame (``origin`` set: a dead letter, a review sample) that its topic,
-    or the producer, refuses as too large is written again without its payload
-    (:func:`without_payload`) instead of failing the batch: one oversized dead letter must not
-    stop the worker. A refusal fails the whole producer batch the record was in, so refused
-    records are first sent again one by one, whole; only those still refused lose their payload.
+    Records carrying a frame (``origin`` set: dead letters, review samples) arrive here already
+    fitted to their topic's known size limit (:meth:`FrameTopicsSink.records`): a refusal by
+    the broker fails every batch the idempotent producer has in flight behind it on that
+    partition (``OutOfOrderSequenceNumber``). Should one still be refused as too large (a
+    limit lowered since it was read, or refused by the producer itself), it is written again
+    without its payload (:func:`without_payload`) instead of failing the batch. A refusal fails
+    the whole producer batch the record was in, so refused records are first sent again one by
+    one, whole; only those still refused lose their payload.
     """
     try:
         futures = [await _send(producer, record) for record in records]
@@ -80,6 +83,19 @@ async def _send(producer: AIOKafkaProducer, record: OutRecord) -> asyncio.Future
         return refused
 
 
+# A record batch's header (61 bytes) and the record's own varints, rounded up generously.
+_RECORD_OVERHEAD = 256
+
+
+def record_bytes(record: OutRecord) -> int:
+    """An upper bound of the bytes ``record`` takes alone in a record batch (what a topic limits)."""
+    headers = sum(
+        len(name.encode("utf-8", "surrogateescape")) + len(value or b"") + 10
+        for name, value in record.headers
+    )
+    return _RECORD_OVERHEAD + len(record.key or b"") + len(record.value) + headers
+
+
 def without_payload(record: OutRecord) -> OutRecord:
     """``record`` with an empty value and headers that say what was dropped and where it came from."""
     origin_topic, partition, offset = record.origin or ("", -1, -1)
@@ -110,8 +126,10 @@ class FrameTopicsSink:
         model: Callable[[], Mapping[str, str]],
         metrics: Metrics,
         ensure_topics: Callable[[set[str]], Awaitable[None]],
+        record_limits: Mapping[str, int] | None = None,
     ) -> None:
         self._producer = producer
+        self._record_limits = record_limits if record_limits is not None else {}
         self._topics = settings.topics
         self._review_threshold = settings.counts.review_threshold
         self._review_cutoff = int(settings.counts.review_sample_rate * 10_000)
@@ -141,7 +159,7 @@ class FrameTopicsSink:
             if low and zlib.crc32(p.frame.frame_id.encode()) % 10_000 < self._review_cutoff:
                 headers = [*p.frame.headers, ("lookout-labels", value)]
                 origin = (p.frame.topic, p.frame.partition, p.frame.offset)
-                out.append(OutRecord(topics.review_topic, key, p.frame.data, headers, origin))
+                out.append(self._fitted(OutRecord(topics.review_topic, key, p.frame.data, headers, origin)))
                 review += 1
         for d in batch.dead:
             keep = d.value if d.value is not None and len(d.value) <= self._max_frame_bytes else b""
@@ -149,8 +167,15 @@ class FrameTopicsSink:
                 d.topic, d.partition, d.offset, d.error.stage, d.error.reason, d.error, d.headers
             )
             origin = (d.topic, d.partition, d.offset)
-            out.append(OutRecord(topics.dlq_topic.format(topic=d.topic), d.key, keep, headers, origin))
+            out.append(
+                self._fitted(OutRecord(topics.dlq_topic.format(topic=d.topic), d.key, keep, headers, origin))
+            )
         return out, review
+
+    def _fitted(self, record: OutRecord) -> OutRecord:
+        """``record``, or without its payload when it would not fit its topic's size limit."""
+        limit = self._record_limits.get(record.topic)
+        return without_payload(record) if limit is not None and record_bytes(record) > limit else record
 
 
 class WindowCountsSink:

@@ -95,6 +95,45 @@ async def test_redis_stopped_for_30s_pauses_the_worker_and_commits_nothing_uncou
     )
 
 
+async def test_redis_sigkilled_right_after_commits_loses_no_count_and_counts_nothing_twice(
+    harness: Harness, private_redis: tuple[str, PrivateServices]
+) -> None:
+    # Redis runs as scripts/services runs it (appendonly, appendfsync always, noeviction): an
+    # acknowledged count and its offset watermark are on disk before the worker commits. Each
+    # kill lands while batches flow, so a commit has just followed the last acknowledged write.
+    redis_url, redis = private_redis
+    pipeline = await harness.pipeline(partitions=4, redis_url=redis_url)
+    feed = mixed_feed(scaled(500), seed=15)
+    feeding = asyncio.create_task(produce_feed(pipeline.bootstrap, pipeline.frames_topic, feed, pause_s=1.0))
+    worker = harness.worker(pipeline).start(LOOKOUT_RETRY_MAX_S="2")
+    kills = 3
+    recoveries = []
+    async with OutputWatcher(pipeline, [f.frame_id for f in feed]) as out:
+        for k in range(kills):
+            await out.wait_for(60 + k * 120, 180, workers=[worker])
+            before = await committed(pipeline)
+            await asyncio.to_thread(redis.run, "kill", "redis")
+            await asyncio.to_thread(redis.run, "up", "redis")
+            up_at = time.monotonic()
+            # Recovered once the group commits past where it stood at the kill.
+            async with asyncio.timeout(120):
+                while not _moved_past(before, await committed(pipeline)):
+                    await out.poll()
+                    assert worker.alive(), worker.tail()
+            recoveries.append(round(time.monotonic() - up_at, 1))
+        await feeding
+        await out.wait_all(300, workers=[worker])
+        assert await worker.stop() == 0, worker.tail()
+    assert worker.count_in_log("worker started") == 1
+    report = await pipeline.verify()
+    assert_exact(report, duplicates_allowed=False)
+    record_result("redis-sigkill-x3", report, kills=kills, recovery_after_redis_up_s=max(recoveries))
+
+
+def _moved_past(before: dict[int, int | None], now: dict[int, int | None]) -> bool:
+    return any((now.get(p) or 0) > (offset or 0) for p, offset in before.items())
+
+
 async def committed(pipeline: Pipeline) -> dict[int, int | None]:
     """The group's committed offset of every frames partition."""
     consumer = AIOKafkaConsumer(
