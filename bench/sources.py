@@ -34,7 +34,15 @@ from stream_worker.sinks.live import LiveViewSink
 
 BATCH = 16
 LABELS = ("car", "bus", "bicycle", "person", "unknown")
-MODEL = {"name": "bench", "version": "1", "backend": "none", "precision": "fp32"}
+MODEL = {
+    "name": "bench",
+    "version": "1",
+    "backend": "none",
+    "precision": "fp32",
+    "engine_sha256": "0" * 64,
+    "onnx_sha256": "1" * 64,
+    "taxonomy_version": "t1",
+}
 
 
 class NullPipeline:

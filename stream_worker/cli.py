@@ -103,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("--json", action="store_true", help="print one JSON object")
     add_flags(verify, ["kafka", "topics", "redis", "counts"])
+
+    schema = sub.add_parser(
+        "schema", help="print the JSON Schema of an output record or header contract (none: list them)"
+    )
+    schema.add_argument("name", nargs="?", help="label-record, window-counts-value, dead-letter-headers, ...")
     return parser
 
 
@@ -255,6 +260,13 @@ def _cmd_acls(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def _cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
+    from stream_worker.schemas import SCHEMAS, schema_text
+
+    print(schema_text(args.name) if args.name else "\n".join(SCHEMAS), end="" if args.name else "\n")
+    return EXIT_OK
+
+
 def _cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     from stream_worker.verify import report_json, verify
 
@@ -297,6 +309,7 @@ COMMANDS = {
     "dashboard": _cmd_dashboard,
     "verify": _cmd_verify,
     "acls": _cmd_acls,
+    "schema": _cmd_schema,
 }
 
 

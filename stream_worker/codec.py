@@ -61,7 +61,10 @@ LON = "lon"
 ERROR_HEADER_PREFIX = "__connect.errors."
 REASON_HEADER = "lookout.errors.reason"
 COUNT_KINDS = ("labels", "events")
-MODEL_FIELDS = ("name", "version", "backend", "precision")
+MODEL_FIELDS = ("name", "version", "backend", "precision", "engine_sha256", "onnx_sha256", "taxonomy_version")
+# The model fields every window-counts record and dead letter carries (the engine serving then).
+MODEL_IDENTITY = ("engine_sha256", "taxonomy_version")
+SCHEMA_VERSION_HEADER = "lookout.schema.version"
 
 _SOURCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+=-]{0,199}")
 _DIGITS = re.compile(r"[0-9]{1,15}")
@@ -242,7 +245,8 @@ def frame_headers(
 def label_record(prediction: Prediction, model: Mapping[str, str]) -> bytes:
     """The labels-topic value for one classified frame (JSON, ``schema_version`` 1).
 
-    ``model`` must name ``name``, ``version``, ``backend`` and ``precision``.
+    ``model`` must name every one of :data:`MODEL_FIELDS`. The schema is
+    ``stream_worker/schemas/label-record.schema.json``.
     """
     missing = [name for name in MODEL_FIELDS if name not in model]
     if missing:
@@ -299,11 +303,13 @@ def count_record(
     counts: Mapping[str, int],
     kind: str = "labels",
     shard: str | None = None,
+    model: Mapping[str, str] | None = None,
 ) -> tuple[bytes, bytes]:
     """Key and value of a counts-topic record, with the window's *absolute* counts.
 
     ``kind`` is ``labels`` (frames per label) or ``events`` (camera-trap events per species);
-    it is part of the key so that compaction keeps both.
+    it is part of the key so that compaction keeps both. ``model`` (the serving engine) puts
+    its :data:`MODEL_IDENTITY` in the record.
     """
     key = count_key(source_id, window_name, window_start_ms, kind, shard)
     value = {
@@ -316,6 +322,8 @@ def count_record(
         "shard": shard,
         "counts": {label: int(n) for label, n in sorted(counts.items())},
     }
+    if model is not None:
+        value["model"] = {name: model[name] for name in MODEL_IDENTITY}
     return key, _dumps(value)
 
 
@@ -332,11 +340,14 @@ def dead_letter_headers(
     reason: str,
     exc: BaseException,
     original_headers: Sequence[tuple[str, bytes]] = (),
+    model: Mapping[str, str] | None = None,
 ) -> list[tuple[str, bytes]]:
     """Headers of a dead-letter record, Kafka Connect style, after the frame's own headers.
 
     Error headers already on the original (a frame dead-lettered twice) are replaced, not
-    repeated, so that every name appears once.
+    repeated, so that every name appears once. With ``model`` (the serving engine), the
+    schema version, engine digest and taxonomy version follow
+    (``stream_worker/schemas/dead-letter-headers.schema.json``).
     """
     kept = [(writable_header_name(name), raw) for name, raw in original_headers if not _is_error_header(name)]
     exc_type = type(exc)
@@ -353,6 +364,21 @@ def dead_letter_headers(
         ),
         (f"{ERROR_HEADER_PREFIX}exception.message", message.encode(errors="replace")),
         (REASON_HEADER, reason.encode()),
+        *(model_headers(model) if model is not None else []),
+    ]
+
+
+_LOOKOUT_OUTPUT_HEADERS = frozenset(
+    {REASON_HEADER, SCHEMA_VERSION_HEADER, "lookout.engine.sha256", "lookout.taxonomy.version"}
+)
+
+
+def model_headers(model: Mapping[str, str]) -> list[tuple[str, bytes]]:
+    """The schema version and the serving engine's identity, as headers of an output record."""
+    return [
+        (SCHEMA_VERSION_HEADER, str(SCHEMA_VERSION).encode()),
+        ("lookout.engine.sha256", model["engine_sha256"].encode()),
+        ("lookout.taxonomy.version", model["taxonomy_version"].encode()),
     ]
 
 
@@ -435,7 +461,7 @@ def _degrees(by_name: Mapping[str, bytes | None], name: str, limit: float) -> fl
 
 
 def _is_error_header(name: str) -> bool:
-    return name.startswith(ERROR_HEADER_PREFIX) or name == REASON_HEADER
+    return name.startswith(ERROR_HEADER_PREFIX) or name in _LOOKOUT_OUTPUT_HEADERS
 
 
 def _score(score: float) -> float:

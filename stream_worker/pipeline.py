@@ -187,13 +187,16 @@ class Pipeline:
 
     @property
     def model(self) -> dict[str, str]:
-        """The ``model`` object of every label record."""
+        """The ``model`` object of every label record: the engine, its file's digest, the taxonomy applied."""
         info = self.info
         return {
             "name": info.model_name,
             "version": info.model_version,
             "backend": info.backend,
             "precision": info.precision,
+            "engine_sha256": info.engine_sha256,
+            "onnx_sha256": info.onnx_sha256,
+            "taxonomy_version": self.taxonomy.version,
         }
 
     # ----------------------------------------------------------------- filling

@@ -42,6 +42,8 @@ class EngineInfo:
     taxonomy_version: str
     taxonomy: dict[str, Any] | None = None
     """The model's own taxonomy document, when it carries one (see ``Sidecar.taxonomy``)."""
+    engine_sha256: str = ""
+    """SHA-256 of the engine file (checked against the file when it is opened)."""
 
     @classmethod
     def from_sidecar(cls, path: Path, sidecar: Sidecar) -> EngineInfo:
@@ -61,6 +63,7 @@ class EngineInfo:
             onnx_sha256=sidecar.onnx_sha256,
             taxonomy_version=sidecar.taxonomy_version,
             taxonomy=sidecar.taxonomy,
+            engine_sha256=sidecar.engine_sha256,
         )
 
     @property

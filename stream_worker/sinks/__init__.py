@@ -77,7 +77,7 @@ class Outputs:
         self.redis = make_redis(settings.redis)
         self.producer: AIOKafkaProducer = make_producer(settings.kafka, client_id_suffix="worker")
         self.counts = CountsWriter.from_settings(self.redis, settings)
-        self.windows = WindowCountsSink(self.producer, settings.topics.counts_topic, self.counts)
+        self.windows = WindowCountsSink(self.producer, settings.topics.counts_topic, self.counts, model=model)
         frames = FrameTopicsSink(
             self.producer,
             settings,

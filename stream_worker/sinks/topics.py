@@ -157,14 +157,14 @@ class FrameTopicsSink:
             out.append(OutRecord(topics.labels_topic, key, value, []))
             low = p.result.best_score < self._review_threshold
             if low and zlib.crc32(p.frame.frame_id.encode()) % 10_000 < self._review_cutoff:
-                headers = [*p.frame.headers, ("lookout-labels", value)]
+                headers = [*p.frame.headers, ("lookout-labels", value), *codec.model_headers(model)]
                 origin = (p.frame.topic, p.frame.partition, p.frame.offset)
                 out.append(self._fitted(OutRecord(topics.review_topic, key, p.frame.data, headers, origin)))
                 review += 1
         for d in batch.dead:
             keep = d.value if d.value is not None and len(d.value) <= self._max_frame_bytes else b""
             headers = codec.dead_letter_headers(
-                d.topic, d.partition, d.offset, d.error.stage, d.error.reason, d.error, d.headers
+                d.topic, d.partition, d.offset, d.error.stage, d.error.reason, d.error, d.headers, model
             )
             origin = (d.topic, d.partition, d.offset)
             out.append(
@@ -188,10 +188,18 @@ class WindowCountsSink:
 
     name = "windows"
 
-    def __init__(self, producer: AIOKafkaProducer, counts_topic: str, writer: CountsWriter) -> None:
+    def __init__(
+        self,
+        producer: AIOKafkaProducer,
+        counts_topic: str,
+        writer: CountsWriter,
+        *,
+        model: Callable[[], Mapping[str, str]] | None = None,
+    ) -> None:
         self._producer = producer
         self._counts_topic = counts_topic
         self._writer = writer
+        self._model = model
 
     async def write(self, batch: Batch) -> None:
         """Publish the windows the batch changed."""
@@ -200,16 +208,22 @@ class WindowCountsSink:
     async def publish(self, windows: Mapping[PartitionKey, Sequence[WindowCounts]]) -> None:
         """Publish ``windows`` (per partition), then clear their dirty marks."""
         records: list[OutRecord] = []
+        model = self._model() if self._model is not None else None
         for (topic, partition), group in windows.items():
             shard = f"{topic}:{partition}"
             for w in group:
                 key, value = codec.count_record(
-                    w.source_id, w.window, w.start_ms, {"_frames": w.frames, **w.labels}, shard=shard
+                    w.source_id,
+                    w.window,
+                    w.start_ms,
+                    {"_frames": w.frames, **w.labels},
+                    shard=shard,
+                    model=model,
                 )
                 records.append(OutRecord(self._counts_topic, key, value, []))
                 if w.events:
                     key, value = codec.count_record(
-                        w.source_id, w.window, w.start_ms, w.events, "events", shard=shard
+                        w.source_id, w.window, w.start_ms, w.events, "events", shard=shard, model=model
                     )
                     records.append(OutRecord(self._counts_topic, key, value, []))
         if not records:

@@ -16,7 +16,15 @@ from stream_worker.settings import RedisSettings, Settings
 from stream_worker.sinks.live import LiveViewSink
 from tests.unit import images
 
-MODEL = {"name": "m", "version": "1", "backend": "onnxruntime", "precision": "fp32"}
+MODEL = {
+    "name": "m",
+    "version": "1",
+    "backend": "onnxruntime",
+    "precision": "fp32",
+    "engine_sha256": "0" * 64,
+    "onnx_sha256": "1" * 64,
+    "taxonomy_version": "t1",
+}
 
 
 def prediction(offset: int, source: str) -> Prediction:

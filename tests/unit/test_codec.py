@@ -22,7 +22,15 @@ from stream_worker.frames import ClassScore, Frame, FrameLabels, LabelScore, Pre
 JPEG_BYTES = b"\xff\xd8\xff\xe0" + bytes(20)
 PNG_BYTES = b"\x89PNG\r\n\x1a\n" + bytes(20)
 TS = 1_700_000_000_123
-MODEL = {"name": "efficientnet_lite0", "version": "1", "backend": "onnxruntime", "precision": "int8"}
+MODEL = {
+    "name": "efficientnet_lite0",
+    "version": "1",
+    "backend": "onnxruntime",
+    "precision": "int8",
+    "engine_sha256": "0" * 64,
+    "onnx_sha256": "1" * 64,
+    "taxonomy_version": "t1",
+}
 
 
 def record(
