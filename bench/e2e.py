@@ -177,6 +177,7 @@ def start_worker(
         "LOOKOUT_LABELS_TOPIC": topics.labels_topic,
         "LOOKOUT_COUNTS_TOPIC": topics.counts_topic,
         "LOOKOUT_REVIEW_TOPIC": topics.review_topic,
+        "LOOKOUT_EVENTS_TOPIC": topics.events_topic,
         "LOOKOUT_GROUP": topics.group,
         "LOOKOUT_KEY_PREFIX": f"bench-{run}",
         "LOOKOUT_LOG_LEVEL": "WARNING",

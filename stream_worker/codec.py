@@ -42,7 +42,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from stream_worker.counting import parse_duration_ms
+from stream_worker.counting import SpeciesEvent, parse_duration_ms
 from stream_worker.decode import JPEG_MAGIC, PNG_MAGIC, normalise_content_type
 from stream_worker.errors import BadFrame, LookoutError
 from stream_worker.frames import Frame, Prediction, SourceKind
@@ -325,6 +325,30 @@ def count_record(
     if model is not None:
         value["model"] = {name: model[name] for name in MODEL_IDENTITY}
     return key, _dumps(value)
+
+
+def event_record(event: SpeciesEvent, shard: str, model: Mapping[str, str]) -> tuple[bytes, bytes]:
+    """Key and value of an events-topic record: one camera-trap event of one species.
+
+    Keyed by the event id (source, sequence start, species), so the compacted topic keeps the
+    latest state of each event; ``closed`` says it is final (a later frame of the source came
+    after the sequence gap). The schema is ``stream_worker/schemas/camera-trap-event.schema.json``.
+    """
+    value = {
+        "schema_version": SCHEMA_VERSION,
+        "event_id": event.event_id,
+        "source_id": event.source_id,
+        "species": event.species,
+        "start": event.first_ms,
+        "end": event.last_ms,
+        "frames": event.species_frames,
+        "sequence_frames": event.frames,
+        "best_score": _score(event.best_score),
+        "closed": event.closed,
+        "shard": shard,
+        "model": {name: model[name] for name in MODEL_IDENTITY},
+    }
+    return event.event_id.encode(), _dumps(value)
 
 
 def parse_count_record(data: bytes) -> dict[str, Any]:

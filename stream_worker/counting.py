@@ -88,6 +88,33 @@ class CountedFrame:
     captured_at_ms: int
     labels: tuple[str, ...]
     event_labels: tuple[str, ...] | None
+    event_scores: tuple[float, ...] = ()
+    """The score of each of ``event_labels`` (for the camera-trap event records)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SpeciesEvent:
+    """A camera-trap event of one species: a sequence of a source's frames and what it showed.
+
+    ``start_ms`` anchors the sequence (its first frame; the event id), ``first_ms`` and
+    ``last_ms`` span it; ``closed`` once a later frame of the source started the next one.
+    """
+
+    source_id: str
+    species: str
+    start_ms: int
+    first_ms: int
+    last_ms: int
+    frames: int
+    species_frames: int
+    best_score: float
+    closed: bool
+    key: str = ""
+
+    @property
+    def event_id(self) -> str:
+        """Stable across replays: the same frames make the same id."""
+        return f"{self.source_id}|{self.start_ms}|{self.species}"
 
 
 @dataclass(frozen=True, slots=True)

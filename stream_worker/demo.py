@@ -47,6 +47,7 @@ def demo_settings(settings: Settings, cameras: int) -> Settings:
         labels_topic="lookout-demo.labels",
         counts_topic="lookout-demo.counts",
         review_topic="lookout-demo.review",
+        events_topic="lookout-demo.events",
         dlq_topic="{topic}.dlq",
         group="lookout-demo",
     )

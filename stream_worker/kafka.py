@@ -255,7 +255,10 @@ def frames_subscription(topics: TopicSettings) -> str:
     Those names are cut out with look-aheads; the user's pattern keeps aiokafka's meaning (it
     must match at the start of the topic name).
     """
-    outputs = "|".join(re.escape(t) for t in (topics.labels_topic, topics.counts_topic, topics.review_topic))
+    outputs = "|".join(
+        re.escape(t)
+        for t in (topics.labels_topic, topics.counts_topic, topics.review_topic, topics.events_topic)
+    )
     head, marker, tail = topics.dlq_topic.partition("{topic}")
     dead = f"{re.escape(head)}.*{re.escape(tail)}" if marker else re.escape(topics.dlq_topic)
     return f"(?!(?:{outputs})$)(?!(?:{dead})$)(?:{topics.frames_pattern})"

@@ -315,8 +315,11 @@ class Pipeline:
         for p in batch.predictions:
             frame = p.frame
             events: tuple[str, ...] | None = None
+            scores: tuple[float, ...] = ()
             if frame.source_kind is SourceKind.WILDLIFE:
                 events = tuple(sorted(counting.species_of(p.result.labels, parents)))
+                best = {label.label: label.score for label in p.result.labels}
+                scores = tuple(round(float(best[s]), 4) for s in events)
             batch.counted.setdefault((frame.topic, frame.partition), []).append(
                 CountedFrame(
                     frame.offset,
@@ -324,6 +327,7 @@ class Pipeline:
                     frame.captured_at_ms,
                     tuple(sorted(counting.counted_labels(p.result.labels))),
                     events,
+                    scores,
                 )
             )
             top = p.result.labels[0].label if p.result.labels else "unknown"

@@ -46,6 +46,7 @@ async def prepare_topics(settings: Settings) -> None:
     keyed_like_frames: dict[str, tuple[int, dict[str, str]]] = {
         t.labels_topic: (partitions, {}),
         t.counts_topic: (partitions, {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"}),
+        t.events_topic: (partitions, {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"}),
     }
     # Dead letters and review samples carry whole frames: a stock broker's 1 MiB would refuse them.
     carrying_frames = (1, frame_topic_config(settings))

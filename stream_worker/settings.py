@@ -89,6 +89,11 @@ class TopicSettings:
         "{topic}.dlq", "LOOKOUT_DLQ_TOPIC", "dead-letter topic; {topic} is the frame's topic"
     )
     review_topic: str = opt("review", "LOOKOUT_REVIEW_TOPIC", "low-confidence frames sampled for review")
+    events_topic: str = opt(
+        "events",
+        "LOOKOUT_EVENTS_TOPIC",
+        "compacted topic of camera-trap events, one record per event and species",
+    )
     group: str = opt("lookout", "LOOKOUT_GROUP", "consumer group id")
     topic_replication: int = opt(
         1,
@@ -98,7 +103,7 @@ class TopicSettings:
 
     @classmethod
     def named_after(cls, frames_topic: str, **overrides: Any) -> TopicSettings:
-        """Topics of one isolated pipeline: ``T`` in, ``T.labels``, ``T.counts``, ``T.review`` out.
+        """Topics of one isolated pipeline: ``T`` in; ``T.labels``, ``.counts``, ``.review``, ``.events`` out.
 
         The one naming convention for per-run topics (tests, benchmarks, the demo), so that a
         harness never spells the suffixes itself.
@@ -108,13 +113,14 @@ class TopicSettings:
             labels_topic=f"{frames_topic}.labels",
             counts_topic=f"{frames_topic}.counts",
             review_topic=f"{frames_topic}.review",
+            events_topic=f"{frames_topic}.events",
             **overrides,
         )
 
     def output_topics(self) -> list[str]:
-        """Every topic the worker produces to: labels, counts, review, and the dead-letter topic
+        """Every topic the worker produces to: labels, counts, review, events, and the dead-letter topic
         of each named frames topic (a ``frames_pattern``'s are only known as frames arrive)."""
-        topics = [self.labels_topic, self.counts_topic, self.review_topic]
+        topics = [self.labels_topic, self.counts_topic, self.review_topic, self.events_topic]
         if not self.frames_pattern:
             topics += [self.dlq_topic.format(topic=topic) for topic in self.frames_topic]
         return list(dict.fromkeys(topics))

@@ -434,6 +434,7 @@ class Worker:
                 dirty = await counts.dirty(tp.topic, tp.partition)
                 if dirty:
                     await outputs.windows.publish({(tp.topic, tp.partition): dirty})
+                await outputs.events.publish([(tp.topic, tp.partition)])
         except ConfigError as exc:
             self._refused = exc
         except LookoutError as exc:

@@ -6,6 +6,7 @@ name                     what it describes
 ``label-record``         the value of a labels-topic record (JSON)
 ``window-counts-key``    the key of a counts-topic record (text)
 ``window-counts-value``  the value of a counts-topic record (JSON)
+``camera-trap-event``    the value of an events-topic record (JSON; key: its event_id)
 ``review-headers``       the headers of a review-topic record (value: the image)
 ``dead-letter-headers``  the headers of a dead-letter record (value: the original's)
 ``frame-headers``        the headers a producer puts on a frames-topic record
@@ -27,6 +28,7 @@ SCHEMAS = (
     "label-record",
     "window-counts-key",
     "window-counts-value",
+    "camera-trap-event",
     "review-headers",
     "dead-letter-headers",
     "frame-headers",

@@ -36,7 +36,7 @@ from stream_worker.redis_client import make_redis
 from stream_worker.settings import Settings, frame_topic_config
 from stream_worker.sinks.counts import CountsSink, CountsWriter
 from stream_worker.sinks.live import LiveViewSink
-from stream_worker.sinks.topics import FrameTopicsSink, WindowCountsSink
+from stream_worker.sinks.topics import EventsSink, FrameTopicsSink, WindowCountsSink
 
 log = logging.getLogger("lookout.sinks")
 
@@ -78,6 +78,7 @@ class Outputs:
         self.producer: AIOKafkaProducer = make_producer(settings.kafka, client_id_suffix="worker")
         self.counts = CountsWriter.from_settings(self.redis, settings)
         self.windows = WindowCountsSink(self.producer, settings.topics.counts_topic, self.counts, model=model)
+        self.events = EventsSink(self.producer, settings.topics.events_topic, self.counts, model=model)
         frames = FrameTopicsSink(
             self.producer,
             settings,
@@ -91,6 +92,7 @@ class Outputs:
             faults.sink(frames, "labels"),
             faults.sink(counts, "counts"),
             self.windows,
+            self.events,
         ]
         self.live = LiveViewSink(self.redis, settings, model=model, executor=executor)
 

@@ -9,7 +9,8 @@
 -- ARGV[3]  camera-trap sequence gap, milliseconds
 -- ARGV[4]  JSON array of [window_name, window_size_ms]
 -- ARGV[5]  JSON array of frames in offset order:
---          {"o": offset, "s": source, "t": captured_at_ms, "l": [labels], "e": [species] | null}
+--          {"o": offset, "s": source, "t": captured_at_ms, "l": [labels], "e": [species] | null,
+--           "x": [score of each species]}
 --          "e" is null for non-wildlife sources; for wildlife ones it lists the frame's species.
 -- ARGV[6]  the consumer group of the caller
 -- ARGV[7]  the topic's ID (Kafka topic IDs, KIP-516), or '' when the broker gives none
@@ -26,7 +27,10 @@
 -- atomic step as the counts. Camera-trap events follow stream_worker.counting.event_updates
 -- exactly (same state, same windows): a sequence is anchored at its first frame, grows while
 -- frames come within the gap of its span, and counts each species once, in the windows of its
--- start. Returns {applied, watermark, reset_from, key1, {field, value, ...}, key2, ...}: the
+-- start. Each sequence with a species also keeps its event record, <stem>:e:<source>:<start>
+-- (lo, hi, frames showing a species, n:<species>, b:<species> best score, closed once a later
+-- frame starts the next sequence), listed in <stem>:edirty until the worker has published it
+-- to the events topic. Returns {applied, watermark, reset_from, key1, {field, value, ...}, key2, ...}: the
 -- absolute values of every count hash the batch touched, for the counts topic; reset_from is the
 -- watermark dropped because the topic was recreated, or -1.
 
@@ -106,6 +110,14 @@ for _, f in ipairs(frames) do
       if not (start and f.t <= lo - gap_ms) then
         local seen = {}
         if not start or f.t >= hi + gap_ms then
+          if start then
+            -- The open sequence ends here: its event records are final.
+            local done = stem .. ':e:' .. f.s .. ':' .. fmt(start)
+            if redis.call('EXISTS', done) == 1 then
+              redis.call('HSET', done, 'closed', '1')
+              redis.call('SADD', stem .. ':edirty', done)
+            end
+          end
           start, lo, hi = f.t, f.t, f.t
         else
           if f.t < lo then lo = f.t end
@@ -119,6 +131,22 @@ for _, f in ipairs(frames) do
               redis.call('HINCRBY', count_key(f.s, w, start), 'event:' .. species, 1)
             end
           end
+        end
+        -- The sequence's event record(s): one per species, frames and best score of each.
+        local seen_any = next(seen) ~= nil
+        if seen_any then
+          local event = stem .. ':e:' .. f.s .. ':' .. fmt(start)
+          redis.call('HSET', event, 'lo', fmt(lo), 'hi', fmt(hi))
+          if #f.e > 0 then redis.call('HINCRBY', event, 'frames', 1) end
+          for i, species in ipairs(f.e) do
+            redis.call('HINCRBY', event, 'n:' .. species, 1)
+            local score = tonumber(f.x[i]) or 0
+            local best = tonumber(redis.call('HGET', event, 'b:' .. species) or '-1')
+            if score > best then redis.call('HSET', event, 'b:' .. species, tostring(score)) end
+          end
+          redis.call('EXPIRE', event, ttl)
+          redis.call('SADD', stem .. ':edirty', event)
+          redis.call('EXPIRE', stem .. ':edirty', ttl)
         end
         local seen_list = {}
         for species, _ in pairs(seen) do seen_list[#seen_list + 1] = species end

@@ -13,6 +13,10 @@ topic and partition the frames came from; every key one script call touches shar
 ``P:{t:p}:cw:<source>:<window>``                sorted set of the window starts that exist
 ``P:{t:p}:ev:<source>``                         camera-trap sequence state (last time, species)
 ``P:{t:p}:dirty``                               count hashes not yet published to the counts topic
+``P:{t:p}:e:<source>:<start_ms>``               hash: a camera-trap sequence's event record
+                                                (``lo``, ``hi``, ``frames``, ``n:<species>``,
+                                                ``b:<species>``, ``closed``)
+``P:{t:p}:edirty``                              event hashes not yet published to the events topic
 ``P:src:<source>``                              set of the ``t:p`` tags holding the source's counts
 ``P:sources:last-seen``                         sorted set of every source with counts, scored by
                                                 when a worker last wrote its counts (ms since
@@ -41,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
-from stream_worker.counting import CountedFrame, WindowCounts, merge
+from stream_worker.counting import CountedFrame, SpeciesEvent, WindowCounts, merge
 from stream_worker.errors import ConfigError
 from stream_worker.redis_client import redis_failure
 from stream_worker.settings import Settings
@@ -213,6 +217,7 @@ class CountsWriter(CountsReader):
                     "t": f.captured_at_ms,
                     "l": list(f.labels),
                     "e": list(f.event_labels) if f.event_labels is not None else None,
+                    "x": list(f.event_scores),
                 }
                 for f in frames
             ],
@@ -291,6 +296,33 @@ class CountsWriter(CountsReader):
             self._parse_hash(stem, key, self._flatten(v)) for key, v in zip(keys, values, strict=True) if v
         ]
 
+    async def dirty_events(self, topic: str, partition: int) -> list[SpeciesEvent]:
+        """Camera-trap events changed in Redis but not yet confirmed on the events topic."""
+        stem = self.stem(topic, partition)
+        try:
+            keys = sorted(k.decode() for k in await self._client.smembers(f"{stem}:edirty"))
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hgetall(key)
+                values = await pipe.execute()
+        except redis_errors.RedisError as exc:
+            raise redis_failure(exc) from exc
+        events: list[SpeciesEvent] = []
+        for key, value in zip(keys, values, strict=True):
+            if value:
+                events.extend(_species_events(stem, key, {_text(k): _text(v) for k, v in value.items()}))
+        return events
+
+    async def mark_events_published(self, topic: str, partition: int, events: Sequence[SpeciesEvent]) -> None:
+        """Forget the dirty marks of events now on the events topic."""
+        keys = sorted({e.key for e in events})
+        if not keys:
+            return
+        try:
+            await self._client.srem(f"{self.stem(topic, partition)}:edirty", *keys)
+        except redis_errors.RedisError as exc:
+            raise redis_failure(exc) from exc
+
     async def mark_published(self, topic: str, partition: int, windows: Sequence[WindowCounts]) -> None:
         """Forget the dirty marks of windows now on the counts topic."""
         if not windows:
@@ -299,6 +331,31 @@ class CountsWriter(CountsReader):
             await self._client.srem(f"{self.stem(topic, partition)}:dirty", *[w.key for w in windows])
         except redis_errors.RedisError as exc:
             raise redis_failure(exc) from exc
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _species_events(stem: str, key: str, fields: dict[str, str]) -> list[SpeciesEvent]:
+    """The per-species events of one sequence's event hash (``<stem>:e:<source>:<start>``)."""
+    source_id, start = key[len(stem) + len(":e:") :].rsplit(":", 1)
+    return [
+        SpeciesEvent(
+            source_id=source_id,
+            species=name[2:],
+            start_ms=int(start),
+            first_ms=int(fields["lo"]),
+            last_ms=int(fields["hi"]),
+            frames=int(fields.get("frames", "0")),
+            species_frames=int(count),
+            best_score=float(fields.get(f"b:{name[2:]}", "0")),
+            closed=fields.get("closed") == "1",
+            key=key,
+        )
+        for name, count in sorted(fields.items())
+        if name.startswith("n:")
+    ]
 
 
 class CountsSink:

@@ -231,3 +231,48 @@ class WindowCountsSink:
         await send_all(self._producer, records, "publishing counts")
         for (topic, partition), group in windows.items():
             await self._writer.mark_published(topic, partition, group)
+
+
+class EventsSink:
+    """Camera-trap events to the compacted events topic: one record per event and species.
+
+    Reads the event records the counts sink's Lua call left in Redis (listed as dirty) and clears
+    their marks once acknowledged, like :class:`WindowCountsSink`: a record whose publication a
+    crash cut short is published again when its partition is next assigned. A record is
+    published each time its event changes; the last one says ``closed``.
+    """
+
+    name = "events"
+
+    def __init__(
+        self,
+        producer: AIOKafkaProducer,
+        events_topic: str,
+        writer: CountsWriter,
+        *,
+        model: Callable[[], Mapping[str, str]],
+    ) -> None:
+        self._producer = producer
+        self._events_topic = events_topic
+        self._writer = writer
+        self._model = model
+
+    async def write(self, batch: Batch) -> None:
+        """Publish the events of the partitions where the batch had camera-trap frames."""
+        await self.publish(
+            [key for key, frames in batch.counted.items() if any(f.event_labels is not None for f in frames)]
+        )
+
+    async def publish(self, partitions: Sequence[PartitionKey]) -> None:
+        """Publish the dirty events of ``partitions``, then clear their marks."""
+        model = self._model()
+        for topic, partition in partitions:
+            events = await self._writer.dirty_events(topic, partition)
+            if not events:
+                continue
+            shard = f"{topic}:{partition}"
+            records = [
+                OutRecord(self._events_topic, *codec.event_record(e, shard, model), []) for e in events
+            ]
+            await send_all(self._producer, records, "publishing camera-trap events")
+            await self._writer.mark_events_published(topic, partition, events)

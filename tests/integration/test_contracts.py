@@ -38,6 +38,7 @@ def test_every_schema_is_valid_draft_2020_12_and_printed_by_the_cli() -> None:
         "label-record",
         "window-counts-key",
         "window-counts-value",
+        "camera-trap-event",
         "review-headers",
         "dead-letter-headers",
         "frame-headers",
@@ -89,6 +90,7 @@ async def test_records_the_worker_wrote_satisfy_their_schemas(
             services.bootstrap, settings.topics.dlq_topic.format(topic=topic), len(bad), settle_s=0
         )
         counts = await read_topic(services.bootstrap, settings.topics.counts_topic, 1, settle_s=2)
+        events = await read_topic(services.bootstrap, settings.topics.events_topic, 1, settle_s=0)
 
     label_schema = validator("label-record")
     for record in labels:
@@ -112,6 +114,10 @@ async def test_records_the_worker_wrote_satisfy_their_schemas(
         assert value["model"] == {k: model[k] for k in ("engine_sha256", "taxonomy_version")}
         kinds.add(value["kind"])
     assert kinds == {"labels", "events"}  # both kinds of count record were checked
+    for record in events:
+        value = json.loads(record.value)
+        validator("camera-trap-event").validate(value)
+        assert record.key.decode() == value["event_id"]
 
 
 def test_the_headers_lookout_tells_producers_to_send_satisfy_the_input_contract() -> None:

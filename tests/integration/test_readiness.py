@@ -36,7 +36,10 @@ async def test_a_missing_dead_letter_topic_makes_the_worker_not_ready_and_says_w
     stop = asyncio.Event()
     try:
         await admin.create_topics(
-            [NewTopic(name, 1, 1) for name in (t.labels_topic, t.counts_topic, t.review_topic)]
+            [
+                NewTopic(name, 1, 1)
+                for name in (t.labels_topic, t.counts_topic, t.review_topic, t.events_topic)
+            ]
         )
         task = asyncio.create_task(worker.run(stop))
         async with asyncio.timeout(90):
@@ -57,7 +60,7 @@ async def test_a_missing_dead_letter_topic_makes_the_worker_not_ready_and_says_w
         await admin.delete_topics(
             [
                 n
-                for n in (t.labels_topic, t.counts_topic, t.review_topic, dlq)
+                for n in (t.labels_topic, t.counts_topic, t.review_topic, t.events_topic, dlq)
                 if n in await admin.list_topics()
             ]
         )

@@ -150,6 +150,7 @@ class Secured:
             "labels-topic": topics.labels_topic,
             "counts-topic": topics.counts_topic,
             "review-topic": topics.review_topic,
+            "events-topic": topics.events_topic,
             "group": f"g-{uuid.uuid4().hex[:8]}",
             "metrics-port": "0",
             "metrics-host": "127.0.0.1",

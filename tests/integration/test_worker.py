@@ -299,6 +299,7 @@ async def test_a_frames_pattern_labels_every_match_and_never_reads_the_workers_o
             labels_topic=f"{prefix}labels",
             counts_topic=f"{prefix}counts",
             review_topic=f"{prefix}review",
+            events_topic=f"{prefix}events",
         )
         async with running_worker(settings):
             labels = await read_topic(services.bootstrap, settings.topics.labels_topic, 8, settle_s=5)
@@ -312,7 +313,13 @@ async def test_a_frames_pattern_labels_every_match_and_never_reads_the_workers_o
     assert [dict(r.headers)["frame-id"].decode() for r in dead_a] == [ids_a[4]]
     assert [dict(r.headers)["frame-id"].decode() for r in dead_b] == [ids_b[4]]
     # No dead letters of dead letters, no records of the worker's own outputs taken as frames.
-    assert topics == {a, b, f"{a}.dlq", f"{b}.dlq", *(f"{prefix}{t}" for t in ("labels", "counts", "review"))}
+    assert topics == {
+        a,
+        b,
+        f"{a}.dlq",
+        f"{b}.dlq",
+        *(f"{prefix}{t}" for t in ("labels", "counts", "review", "events")),
+    }
 
 
 async def test_a_byte_budget_bounds_large_frames_in_flight_and_every_frame_is_labelled(
@@ -371,6 +378,7 @@ async def test_a_new_topic_matching_the_pattern_mid_batch_still_commits_the_drai
             labels_topic=f"{prefix}labels",
             counts_topic=f"{prefix}counts",
             review_topic=f"{prefix}review",
+            events_topic=f"{prefix}events",
             max_batch=16,
             fault_infer_delay_ms=4000,
             metadata_max_age_ms=300,

@@ -29,6 +29,7 @@ def worker_settings(
         "labels_topic": topics.labels_topic,
         "counts_topic": topics.counts_topic,
         "review_topic": topics.review_topic,
+        "events_topic": topics.events_topic,
         "group": f"g-{uuid.uuid4().hex[:8]}",
         "key_prefix": key_prefix,
         "metrics_port": 0,

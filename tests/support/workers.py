@@ -78,6 +78,8 @@ class Pipeline:
             topics.counts_topic,
             "--review-topic",
             topics.review_topic,
+            "--events-topic",
+            topics.events_topic,
             "--group",
             topics.group,
             "--key-prefix",

@@ -29,7 +29,7 @@ def test_grants_follow_the_configured_topics_and_group() -> None:
     assert grants == {
         ("topic", ("cams-a", "cams-b")): ("Read", "Describe"),
         ("group", ("traffic",)): ("Read",),
-        ("topic", ("l", "c", "review", "cams-a.dlq", "cams-b.dlq")): ("Write", "Describe", "Create"),
+        ("topic", ("l", "c", "review", "events", "cams-a.dlq", "cams-b.dlq")): ("Write", "Describe", "Create"),
     }
     without_create = required_acls(settings, create_topics=False)
     assert all("Create" not in g.operations for g in without_create)
@@ -49,7 +49,7 @@ def test_a_prefix_pattern_gets_prefixed_grants_for_frames_and_dead_letters() -> 
     assert grants == [
         ("topic", ("cams.",), True, ("Read", "Describe")),
         ("group", ("g",), False, ("Read",)),
-        ("topic", ("labels", "counts", "review"), False, ("Write", "Describe", "Create")),
+        ("topic", ("labels", "counts", "review", "events"), False, ("Write", "Describe", "Create")),
         ("topic", ("cams.",), True, ("Write", "Describe", "Create")),  # {topic}.dlq starts with it
     ]
     elsewhere = load_settings(flags={"frames_pattern": "cams-.*", "dlq_topic": "dead.{topic}"}, env={})
