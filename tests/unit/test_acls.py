@@ -29,7 +29,11 @@ def test_grants_follow_the_configured_topics_and_group() -> None:
     assert grants == {
         ("topic", ("cams-a", "cams-b")): ("Read", "Describe"),
         ("group", ("traffic",)): ("Read",),
-        ("topic", ("l", "c", "review", "events", "cams-a.dlq", "cams-b.dlq")): ("Write", "Describe", "Create"),
+        ("topic", ("l", "c", "review", "events", "cams-a.dlq", "cams-b.dlq")): (
+            "Write",
+            "Describe",
+            "Create",
+        ),
     }
     without_create = required_acls(settings, create_topics=False)
     assert all("Create" not in g.operations for g in without_create)
