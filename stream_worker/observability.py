@@ -5,6 +5,9 @@ as a failing liveness probe, which is exactly what an operator wants to know. Re
 ``/metrics`` is CPU work proportional to the number of series, so it runs on a thread of its
 own, never on the loop that polls Kafka and sends the group heartbeats.
 
+Every metric, its labels and what to watch are in docs/METRICS.md (a unit test keeps that table
+and this registry equal).
+
 Per-source series (the drift gauges) are capped: the first ``max_sources`` sources get their
 own ``source`` label; a source beyond the cap is reported as :data:`OVERFLOW_SOURCE` (the
 latest such source's values) until a source idle for ``source_idle_s`` is forgotten, its
@@ -18,7 +21,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +63,8 @@ class Metrics:
         self._overflow_labels: set[str] = set()
         self._overflow_seen_ms: float | None = None
         self._clock_ms = clock_ms
+        # Partitions with a lag series, so that those no longer assigned can be removed.
+        self._lag_partitions: set[tuple[str, int]] = set()
         r = self.registry
         self.frames_in = Counter("lookout_frames_in", "Frames consumed", ["topic"], registry=r)
         self.frames_out = Counter(
@@ -110,6 +115,11 @@ class Metrics:
         )
         self.paused = Gauge(
             "lookout_partitions_paused", "1 while partitions are paused for back-pressure", registry=r
+        )
+        self.ready = Gauge(
+            "lookout_ready",
+            "1 while /readyz would answer 200, sampled at each scrape of /metrics",
+            registry=r,
         )
         self.retries = Counter("lookout_sink_retries", "Retries of a failed sink write", ["sink"], registry=r)
         self.low_confidence_share = Gauge(
@@ -213,6 +223,25 @@ class Metrics:
         if paused is not None:
             self.paused.set(int(paused))
 
+    def consumer_lag(
+        self, lags: Mapping[tuple[str, int], int], *, assigned: Collection[tuple[str, int]]
+    ) -> None:
+        """Set each (topic, partition)'s lag; remove the series of partitions no longer ``assigned``.
+
+        A partition that moved to another worker would otherwise keep its last lag here for
+        as long as this worker lives, and a sum over workers would count it twice.
+        """
+        for topic, partition in self._lag_partitions - set(assigned):
+            self.lag.remove(topic, str(partition))
+        self._lag_partitions.intersection_update(assigned)
+        for (topic, partition), lag in lags.items():
+            self.lag.labels(topic, str(partition)).set(lag)
+            self._lag_partitions.add((topic, partition))
+
+    def readiness(self, ready: bool) -> None:
+        """What /readyz would answer now (sampled when /metrics is scraped, so alerts can see it)."""
+        self.ready.set(int(ready))
+
     def render(self) -> bytes:
         """The Prometheus text exposition of this registry."""
         return generate_latest(self.registry)
@@ -255,6 +284,9 @@ class HealthServer:
             parts = request_line.decode("latin-1").split()
             path = parts[1].split("?", 1)[0] if len(parts) >= 2 else "/"
             if path == "/metrics":
+                # Readiness is sampled here, on the loop like /readyz itself: it changes with the
+                # clock (no poll for 30 s), not only on events the worker could report.
+                self._metrics.readiness(self._ready()[0])
                 loop = asyncio.get_running_loop()
                 body = await loop.run_in_executor(self._render_pool, self._metrics.render)
                 status, ctype = 200, CONTENT_TYPE_LATEST

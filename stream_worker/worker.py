@@ -449,11 +449,14 @@ class Worker:
         assert consumer is not None
         while True:
             await asyncio.sleep(5)
-            for tp in consumer.assignment():
+            assigned = consumer.assignment()
+            lags: dict[tuple[str, int], int] = {}
+            for tp in assigned:
                 try:
                     high = consumer.highwater(tp)
                     position = await consumer.position(tp)
                 except (KafkaError, IllegalStateError):
                     continue
                 if high is not None:
-                    self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, high - position))
+                    lags[tp] = max(0, high - position)
+            self.metrics.consumer_lag(lags, assigned=assigned)

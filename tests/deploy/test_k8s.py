@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import re
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -453,3 +454,39 @@ def test_gpu_overlay_gives_each_worker_one_gpu_and_time_to_build_its_engine(tmp_
     assert settings.engine.engine == "", "the GPU entrypoint picks the engine for the GPU it finds"
     for deployment in _lookout_deployments(_render("cpu", tmp_path)):
         assert "nvidia.com/gpu" not in str(deployment)
+
+
+# ----------------------------------------------------------------------------- monitoring
+
+
+def test_monitoring_component_scrapes_the_workers_under_the_job_the_alerts_name(tmp_path: Path) -> None:
+    # The documented opt-in: the cpu overlay with components/monitoring added (it needs the
+    # Prometheus Operator's CRDs, so no overlay includes it by default).
+    overlay = yaml.safe_load((K8S / "overlays" / "cpu" / "kustomization.yaml").read_text())
+    overlay["resources"] = [str(K8S / "base")]
+    overlay["components"] = [str(K8S / "components" / c) for c in ("keda", "monitoring")]
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(overlay))
+    objects = build(tmp_path)
+    monitor = _one(objects, "ServiceMonitor", "lookout-worker")
+    rule = _one(objects, "PrometheusRule", "lookout-worker")
+    assert monitor["apiVersion"] == rule["apiVersion"] == "monitoring.coreos.com/v1"
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    services = [
+        o for o in objects if o["kind"] == "Service" and selector.items() <= o["metadata"]["labels"].items()
+    ]
+    assert [s["metadata"]["name"] for s in services] == ["lookout-worker-metrics"], "one Service, once"
+    (service,) = services
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert endpoint["path"] == "/metrics"
+    # The operator's job label is the Service's name; `up` alerts must select that job.
+    up_jobs = {
+        job
+        for group in rule["spec"]["groups"]
+        for r in group["rules"]
+        for job in re.findall(r'\bup\{job="([^"]+)"\}', r["expr"])
+    }
+    assert up_jobs == {service["metadata"]["name"]}
+    core = [o for o in objects if not o["apiVersion"].startswith(("keda.sh/", "monitoring.coreos.com/"))]
+    for obj in core:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)

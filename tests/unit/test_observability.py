@@ -60,6 +60,41 @@ async def test_metrics_and_probes_are_served() -> None:
         await server.stop()
 
 
+async def test_metrics_page_says_whether_the_worker_is_ready_at_each_scrape() -> None:
+    # Readiness changes with the clock (no poll for 30 s) as well as on events: the gauge is
+    # what /readyz answers at the moment of the scrape, so an alert can fire on it.
+    metrics = Metrics()
+    state = {"ready": False}
+    server = HealthServer(metrics, ready=lambda: (state["ready"], "starting"), live=lambda: (True, "ok"))
+    port = await server.start("127.0.0.1", 0)
+    try:
+        assert "\nlookout_ready 0.0\n" in (await http_get(port, "/metrics"))[1]
+        state["ready"] = True
+        assert "\nlookout_ready 1.0\n" in (await http_get(port, "/metrics"))[1]
+        state["ready"] = False
+        assert "\nlookout_ready 0.0\n" in (await http_get(port, "/metrics"))[1]
+    finally:
+        await server.stop()
+
+
+def test_a_partition_that_left_the_worker_loses_its_lag_series() -> None:
+    # Left at its last value, the lag of a partition now owned by another worker would be
+    # summed with the new owner's, and keep a lag alert firing.
+    metrics = Metrics()
+    metrics.consumer_lag({("frames", 0): 5, ("frames", 1): 700}, assigned={("frames", 0), ("frames", 1)})
+    page = metrics.render().decode()
+    assert 'lookout_consumer_lag{partition="1",topic="frames"} 700.0' in page
+    # Partition 1 moved away; partition 0's position could not be read this time.
+    metrics.consumer_lag({}, assigned={("frames", 0)})
+    page = metrics.render().decode()
+    assert 'partition="1"' not in page
+    assert 'lookout_consumer_lag{partition="0",topic="frames"} 5.0' in page
+    metrics.consumer_lag({("frames", 1): 3}, assigned={("frames", 1)})
+    page = metrics.render().decode()
+    assert 'partition="0"' not in page
+    assert 'lookout_consumer_lag{partition="1",topic="frames"} 3.0' in page
+
+
 def test_json_logs_are_one_object_per_line_with_extra_fields() -> None:
     record = logging.makeLogRecord(
         {"name": "lookout.worker", "levelname": "WARNING", "msg": "retry %d", "args": (2,), "partition": 3}
