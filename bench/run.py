@@ -16,7 +16,7 @@ from typing import Any
 from bench.ceilings import decode_ceiling, gpu_section, inference_ceiling
 from bench.e2e import TOPIC_PARTITIONS, end_to_end, scaling
 from bench.frames import encoded_frames
-from bench.host import REPO, cache_dir, log, service_endpoints, start_services
+from bench.host import REPO, cache_dir, cpu_model, log, service_endpoints, start_services
 from engine_build.cpu import build_cpu_engine
 from engine_build.default import default_onnx_path
 from stream_worker.backends.base import EngineInfo
@@ -98,6 +98,7 @@ async def run(*, quick: bool, size: str, with_scaling: bool, services_up: bool) 
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
             "python": platform.python_version(),
+            "cpu": cpu_model(),  # model name and AVX2 / AVX-512 / VNNI / AMX flags
             "note": "broker, Redis, producer and worker share the cores",
         },
         "settings": {
