@@ -104,6 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--json", action="store_true", help="print one JSON object")
     add_flags(verify, ["kafka", "topics", "redis", "counts"])
 
+    review = sub.add_parser(
+        "review", help="export the frames sampled for review as image files and a manifest, to be labelled"
+    )
+    review.add_argument(
+        "action", choices=["export"], help="export: write DIR/_unsorted/*.jpg|png and DIR/manifest.csv"
+    )
+    review.add_argument(
+        "--out", required=True, help="folder to write into (frames exported before are skipped)"
+    )
+    review.add_argument("--limit", type=int, help="write at most this many new images")
+    add_flags(review, ["kafka", "topics"])
+
     schema = sub.add_parser(
         "schema", help="print the JSON Schema of an output record or header contract (none: list them)"
     )
@@ -260,6 +272,18 @@ def _cmd_acls(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def _cmd_review(args: argparse.Namespace, settings: Settings) -> int:
+    from stream_worker.review import export_review
+
+    report = asyncio.run(export_review(settings, Path(args.out), limit=args.limit))
+    print(
+        f"review export: {report.written} new images in {args.out}/_unsorted "
+        f"({report.already_there} exported before, {report.skipped} records not review samples); "
+        f"file them under {args.out}/<label>/, then `engine-build finetune --data {args.out}`"
+    )
+    return EXIT_OK
+
+
 def _cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
     from stream_worker.schemas import SCHEMAS, schema_text
 
@@ -310,6 +334,7 @@ COMMANDS = {
     "verify": _cmd_verify,
     "acls": _cmd_acls,
     "schema": _cmd_schema,
+    "review": _cmd_review,
 }
 
 

@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import re
 import ssl
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -209,6 +211,56 @@ async def ensure_topics(
     finally:
         await admin.close()
     return created
+
+
+async def records_to_end(
+    kafka: KafkaSettings, topic: str, *, timeout_s: float, what: str
+) -> AsyncIterator[list[Any]]:
+    """The records of ``topic`` up to the end offsets it has now, batch by batch (a bounded read).
+
+    Nothing when the topic does not exist. ``what`` names the reader in errors and its client id.
+    """
+    count = await partitions_of(kafka, topic)
+    if count == 0:
+        return
+    tolerate_unreadable_header_names()  # such a record is read (and found dead-lettered), not fatal
+    consumer = AIOKafkaConsumer(
+        **client_kwargs(kafka),
+        client_id=f"{kafka.client_id}-{what}",
+        group_id=None,
+        enable_auto_commit=False,
+        # Never "latest": a background offset reset to the end would race the seek below.
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=26_214_400,
+        fetch_max_bytes=52_428_800,
+    )
+    try:
+        await consumer.start()
+    except KafkaError as exc:
+        raise unreachable(kafka, exc) from exc
+    try:
+        partitions = [TopicPartition(topic, p) for p in range(count)]
+        consumer.assign(partitions)
+        ends = await consumer.end_offsets(partitions)
+        for tp, first in (await consumer.beginning_offsets(partitions)).items():
+            consumer.seek(tp, first)
+        pending = {tp for tp, end in ends.items() if end > 0}
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            if time.monotonic() > deadline:
+                raise ServiceUnavailable(
+                    f"{what}: reading {topic} did not reach its end offsets within {timeout_s:.0f} s"
+                )
+            batch = await consumer.getmany(*pending, timeout_ms=500)
+            for tp, recs in batch.items():
+                yield [r for r in recs if r.offset < ends[tp]]
+            for tp in list(pending):
+                if await consumer.position(tp) >= ends[tp]:
+                    pending.discard(tp)
+    except KafkaError as exc:
+        raise ServiceUnavailable(f"{what}: reading {topic} failed: {exc}") from exc
+    finally:
+        await consumer.stop()
 
 
 async def missing_topics(kafka: KafkaSettings, names: set[str]) -> set[str]:

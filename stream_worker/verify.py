@@ -28,19 +28,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaError
-
 from stream_worker import codec, counting
-from stream_worker.errors import BadFrame, LookoutError, ServiceUnavailable
+from stream_worker.errors import BadFrame, LookoutError
 from stream_worker.frames import LabelScore, SourceKind
-from stream_worker.kafka import client_kwargs, partitions_of, unreachable
-from stream_worker.record_batches import tolerate_unreadable_header_names
+from stream_worker.kafka import records_to_end
 from stream_worker.redis_client import make_redis
 from stream_worker.settings import Settings
 from stream_worker.sinks.counts import CountsReader
@@ -346,48 +341,9 @@ def _identical(copies: Sequence[Mapping[str, Any]]) -> bool:
 
 async def read_to_end(settings: Settings, topic: str, *, timeout_s: float = READ_TIMEOUT_S) -> list[Any]:
     """Every record of ``topic`` up to the end offsets it has now; ``[]`` when it does not exist."""
-    count = await partitions_of(settings.kafka, topic)
-    if count == 0:
-        return []
-    tolerate_unreadable_header_names()  # such a record is read (and found dead-lettered), not fatal
-    consumer = AIOKafkaConsumer(
-        **client_kwargs(settings.kafka),
-        client_id=f"{settings.kafka.client_id}-verify",
-        group_id=None,
-        enable_auto_commit=False,
-        # Never "latest": a background offset reset to the end would race the seek below.
-        auto_offset_reset="earliest",
-        max_partition_fetch_bytes=26_214_400,
-        fetch_max_bytes=52_428_800,
-    )
-    try:
-        await consumer.start()
-    except KafkaError as exc:
-        raise unreachable(settings.kafka, exc) from exc
     records: list[Any] = []
-    try:
-        partitions = [TopicPartition(topic, p) for p in range(count)]
-        consumer.assign(partitions)
-        ends = await consumer.end_offsets(partitions)
-        for tp, first in (await consumer.beginning_offsets(partitions)).items():
-            consumer.seek(tp, first)
-        pending = {tp for tp, end in ends.items() if end > 0}
-        deadline = time.monotonic() + timeout_s
-        while pending:
-            if time.monotonic() > deadline:
-                raise ServiceUnavailable(
-                    f"verify: reading {topic} did not reach its end offsets within {timeout_s:.0f} s"
-                )
-            batch = await consumer.getmany(*pending, timeout_ms=500)
-            for tp, recs in batch.items():
-                records.extend(r for r in recs if r.offset < ends[tp])
-            for tp in list(pending):
-                if await consumer.position(tp) >= ends[tp]:
-                    pending.discard(tp)
-    except KafkaError as exc:
-        raise ServiceUnavailable(f"verify: reading {topic} failed: {exc}") from exc
-    finally:
-        await consumer.stop()
+    async for batch in records_to_end(settings.kafka, topic, timeout_s=timeout_s, what="verify"):
+        records.extend(batch)
     return records
 
 
