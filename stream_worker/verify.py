@@ -363,6 +363,7 @@ async def read_to_end(settings: Settings, topic: str, *, timeout_s: float = READ
     try:
         await consumer.start()
     except KafkaError as exc:
+        await consumer.stop()  # what start() opened; unclosed, aiokafka complains at exit
         raise unreachable(settings.kafka, exc) from exc
     records: list[Any] = []
     try:
