@@ -23,7 +23,16 @@ import yaml
 from stream_worker import __version__, opencv_environment
 from stream_worker.errors import ConfigError, EngineError, LookoutError
 from stream_worker.frames import SourceKind
-from stream_worker.settings import Settings, add_flags, as_dict, load_settings
+from stream_worker.settings import (
+    SECTIONS,
+    Settings,
+    Uses,
+    add_flags,
+    as_dict,
+    check_engine_labels,
+    env_only_help,
+    load_settings,
+)
 
 log = logging.getLogger("lookout")
 
@@ -36,23 +45,89 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
+# What each command reads of the settings tree (section -> options; None: the whole section).
+# Its --help lists exactly these, flags with their env variable, the rest in the epilog.
+KAFKA_CLIENT = (
+    "bootstrap", "security_protocol", "sasl_mechanism", "sasl_username", "sasl_password_file",
+    "ssl_cafile", "ssl_certfile", "ssl_keyfile", "client_id",
+)  # fmt: skip
+REDIS_CLIENT = ("redis_url", "redis_username", "redis_password_file", "redis_ca_file", "key_prefix")
+LOGGING = ("log_level", "log_format")
+WORKER: Uses = dict.fromkeys(("kafka", "topics", "redis", "engine", "batch", "labels", "counts", "ops"))
+USES: dict[str, Uses] = {
+    "run": WORKER,
+    "config": dict.fromkeys(SECTIONS),  # it prints every setting
+    "replay": {"kafka": KAFKA_CLIENT, "topics": ("frames_topic",), "batch": ("max_pixels",), "ops": LOGGING},
+    "counts": {"redis": REDIS_CLIENT, "ops": LOGGING},
+    "demo": {  # a worker on topics, a group and a key prefix of the demo's own
+        **WORKER,
+        "topics": (),
+        "redis": (*REDIS_CLIENT[:-1], "counts_ttl_s"),
+        "ops": (
+            "metrics_port",
+            "metrics_host",
+            "log_level",
+            "log_format",
+            "retry_max_s",
+            "max_metric_sources",
+        ),
+        "dashboard": ("port",),
+    },
+    "dashboard": {"dashboard": None, "redis": REDIS_CLIENT, "counts": ("windows",), "ops": LOGGING},
+    "acls": {
+        "kafka": ("bootstrap", "sasl_username", "ssl_certfile"),
+        "topics": (
+            "frames_topic",
+            "frames_pattern",
+            "labels_topic",
+            "counts_topic",
+            "dlq_topic",
+            "review_topic",
+            "events_topic",
+            "group",
+        ),
+        "ops": LOGGING,
+    },
+    "verify": {
+        "kafka": KAFKA_CLIENT,
+        "topics": ("frames_topic", "labels_topic", "counts_topic", "dlq_topic"),
+        "redis": REDIS_CLIENT,
+        "counts": ("windows", "event_gap_s"),
+        "ops": LOGGING,
+    },
+    "review": {"kafka": KAFKA_CLIENT, "topics": ("review_topic",), "ops": LOGGING},
+    "schema": {"ops": LOGGING},
+}
+
+
+def _command(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    """A sub-command whose --help ends with the settings it uses that have no flag."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=help_text,
+        description=help_text,
+        epilog=env_only_help(USES[name]) or None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML settings file (env LOOKOUT_CONFIG)")
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``stream-worker`` command line."""
     parser = _Parser(prog="stream-worker", description="lookout: Kafka-native image classification worker")
     parser.add_argument("--version", action="version", version=f"lookout {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    run = sub.add_parser("run", help="consume frames, publish labels and counts (the worker)")
-    run.add_argument("--config", help="YAML settings file (env LOOKOUT_CONFIG)")
+    run = _command(sub, "run", "consume frames, publish labels and counts (the worker)")
     run.add_argument("--no-create-topics", action="store_true", help="do not create missing output topics")
-    add_flags(run)
+    add_flags(run, USES["run"])
 
-    config = sub.add_parser("config", help="print the effective settings, secrets redacted")
-    config.add_argument("--config", help="YAML settings file (env LOOKOUT_CONFIG)")
+    config = _command(sub, "config", "print the effective settings, secrets redacted; exit 2 on a bad one")
     config.add_argument("--json", action="store_true", help="JSON instead of YAML")
-    add_flags(config)
+    add_flags(config, USES["config"])
 
-    replay = sub.add_parser("replay", help="replay videos / image folders / globs as camera feeds")
+    replay = _command(sub, "replay", "replay videos / image folders / globs as camera feeds")
     replay.add_argument("sources", nargs="+", metavar="SOURCE", help="video file, image folder or glob")
     replay.add_argument("--topic", help="frames topic (default: the first --frames-topic)")
     replay.add_argument("--source-id", action="append", default=[], help="id of each source, in order")
@@ -68,44 +143,41 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--limit", type=int, default=0, help="frames per source (0 = all)")
     replay.add_argument("--resize", help="WIDTHxHEIGHT, e.g. 1920x1080 (upscales small footage)")
     replay.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_flags(replay, ["kafka", "topics"])
+    add_flags(replay, USES["replay"])
 
-    counts = sub.add_parser("counts", help="show the counts of a source")
+    counts = _command(sub, "counts", "show the counts of a source")
     counts.add_argument("--source", required=True, help="source id")
     counts.add_argument("--window", default="1m", help="window name (one of --windows)")
     counts.add_argument("--json", action="store_true", help="print one JSON object")
-    add_flags(counts, ["redis"])
+    add_flags(counts, USES["counts"])
 
-    demo = sub.add_parser("demo", help="services, engine, worker and real street footage, with live counts")
+    demo = _command(sub, "demo", "services, engine, worker and real street footage, with live counts")
     demo.add_argument("--seconds", type=float, default=60.0, help="how long to run (Ctrl-C ends it sooner)")
     demo.add_argument("--cameras", type=int, default=3, help="how many cameras replay the footage")
     demo.add_argument("--fps", type=float, default=5.0, help="frames per second per camera")
     demo.add_argument("--no-services", action="store_true", help="use already running Kafka/Redis")
-    add_flags(demo, ["kafka", "redis", "engine", "ops", "dashboard"])
+    add_flags(demo, USES["demo"])
 
-    dashboard = sub.add_parser(
-        "dashboard", help="serve the live dashboard: counts, thumbnails, throughput, drift"
-    )
-    add_flags(dashboard, ["dashboard", "kafka", "redis"])
+    dashboard = _command(sub, "dashboard", "serve the live dashboard: counts, thumbnails, throughput, drift")
+    add_flags(dashboard, USES["dashboard"])
 
-    acls = sub.add_parser(
-        "acls", help="print the kafka-acls.sh commands that grant the worker what it needs, and no more"
+    acls = _command(
+        sub, "acls", "print the kafka-acls.sh commands that grant the worker what it needs, and no more"
     )
-    acls.add_argument("--config", help="YAML settings file (env LOOKOUT_CONFIG)")
     acls.add_argument("--principal", help="e.g. User:lookout (default: the SASL user)")
     acls.add_argument("--no-create-topics", action="store_true", help="output topics are made beforehand")
     acls.add_argument("--command-config", default="admin.properties", help="the admin's kafka-acls.sh config")
-    add_flags(acls)  # the same flags as `run`, so one command line serves both
+    # It takes every flag of `run` (so one command line serves both) and lists those it reads.
+    add_flags(acls, USES["acls"], accepts=USES["run"])
 
-    verify = sub.add_parser(
-        "verify",
-        help="check frames in against labels, dead letters and counts out (exit 0 only when exact)",
+    verify = _command(
+        sub, "verify", "check frames in against labels, dead letters and counts out (exit 0 only when exact)"
     )
     verify.add_argument("--json", action="store_true", help="print one JSON object")
-    add_flags(verify, ["kafka", "topics", "redis", "counts"])
+    add_flags(verify, USES["verify"])
 
-    review = sub.add_parser(
-        "review", help="export the frames sampled for review as image files and a manifest, to be labelled"
+    review = _command(
+        sub, "review", "export the frames sampled for review as image files and a manifest, to be labelled"
     )
     review.add_argument(
         "action", choices=["export"], help="export: write DIR/_unsorted/*.jpg|png and DIR/manifest.csv"
@@ -114,10 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="folder to write into (frames exported before are skipped)"
     )
     review.add_argument("--limit", type=int, help="write at most this many new images")
-    add_flags(review, ["kafka", "topics"])
+    add_flags(review, USES["review"])
 
-    schema = sub.add_parser(
-        "schema", help="print the JSON Schema of an output record or header contract (none: list them)"
+    schema = _command(
+        sub, "schema", "print the JSON Schema of an output record or header contract (none: list them)"
     )
     schema.add_argument("name", nargs="?", help="label-record, window-counts-value, dead-letter-headers, ...")
     return parser
@@ -136,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = settings_from(args)
         # Before any command imports cv2: OpenCV reads its own limits only then.
         os.environ.update(opencv_environment(settings.batch.max_pixels))
+        check_engine_labels(settings)  # the named engine's own labels, still before any connection
         from stream_worker.observability import setup_logging
 
         setup_logging(settings.ops.log_level, settings.ops.log_format)
@@ -188,6 +261,10 @@ def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     options = ReplayOptions(
         fps=args.fps, quality=args.quality, loop=args.loop, limit=args.limit, resize=resize
     )
+    if not args.topic and not settings.topics.frames_topic:
+        raise ConfigError(
+            "replay needs a frames topic: pass --topic or --frames-topic (LOOKOUT_FRAMES_TOPIC)"
+        )
     topic = args.topic or settings.topics.frames_topic[0]
     bar = None if args.no_progress else tqdm(unit="frame", desc=f"replay -> {topic}")
 

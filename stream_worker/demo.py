@@ -14,10 +14,10 @@ import dataclasses
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from stream_worker.errors import ConfigError
 from stream_worker.frames import SourceKind
+from stream_worker.hints import SERVICES_SCRIPT, source_checkout
 from stream_worker.replay import ReplayOptions, ReplaySource, footage_path, replay
 from stream_worker.service import read_counts, run_worker
 from stream_worker.settings import Settings
@@ -27,12 +27,13 @@ DEMO_TOPIC = "lookout-demo.frames"
 
 def start_services() -> None:
     """Start Kafka and Redis through scripts/services (a source checkout is needed)."""
-    script = Path(__file__).resolve().parent.parent / "scripts" / "services"
-    if not script.is_file():
+    checkout = source_checkout()
+    if checkout is None:
         raise ConfigError(
-            "scripts/services not found (not a source checkout): start Kafka/Redis and pass --no-services"
+            "the demo starts Kafka and Redis only from a source checkout: start them yourself, point "
+            "--bootstrap / KAFKA_BOOTSTRAP and --redis-url / REDIS_URL at them, and pass --no-services"
         )
-    result = subprocess.run([str(script), "up"], capture_output=True, text=True)
+    result = subprocess.run([str(checkout / SERVICES_SCRIPT), "up"], capture_output=True, text=True)
     sys.stderr.write(result.stderr)
     if result.returncode != 0:
         raise ConfigError("scripts/services up failed; see the lines above")

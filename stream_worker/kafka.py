@@ -33,6 +33,7 @@ from aiokafka.errors import (
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
 from stream_worker.errors import ConfigError, LookoutError, ServiceUnavailable
+from stream_worker.hints import start_hint
 from stream_worker.record_batches import tolerate_unreadable_header_names
 from stream_worker.settings import KafkaSettings, TopicSettings, read_secret
 
@@ -48,9 +49,22 @@ def client_kwargs(kafka: KafkaSettings) -> dict[str, Any]:
             raise ConfigError(
                 f"{kafka.security_protocol} needs --ssl-cafile (the CA that signed the brokers)"
             )
-        context = ssl.create_default_context(cafile=kafka.ssl_cafile)
+        try:
+            context = ssl.create_default_context(cafile=kafka.ssl_cafile)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"cannot read the CA bundle {kafka.ssl_cafile} ({_one_line(exc)}): "
+                "fix --ssl-cafile / KAFKA_SSL_CAFILE or the mounted file"
+            ) from None
         if kafka.ssl_certfile:
-            context.load_cert_chain(kafka.ssl_certfile, kafka.ssl_keyfile or None)
+            try:
+                context.load_cert_chain(kafka.ssl_certfile, kafka.ssl_keyfile or None)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(
+                    f"cannot read the client certificate {kafka.ssl_certfile} or its key "
+                    f"{kafka.ssl_keyfile or '(in the same file)'} ({_one_line(exc)}): fix --ssl-certfile / "
+                    "KAFKA_SSL_CERTFILE and --ssl-keyfile / KAFKA_SSL_KEYFILE, or the mounted files"
+                ) from None
         kwargs["ssl_context"] = context
     if kafka.security_protocol.startswith("SASL"):
         if not kafka.sasl_username or not kafka.sasl_password_file:
@@ -182,6 +196,7 @@ async def ensure_topics(
     try:
         await admin.start()
     except KafkaError as exc:
+        await admin.close()
         raise (kafka_failure(exc, "creating topics") if running else unreachable(kafka, exc)) from exc
     created: list[str] = []
     try:
@@ -237,6 +252,7 @@ async def records_to_end(
     try:
         await consumer.start()
     except KafkaError as exc:
+        await consumer.stop()  # what start() opened; unclosed, aiokafka complains at exit
         raise unreachable(kafka, exc) from exc
     try:
         partitions = [TopicPartition(topic, p) for p in range(count)]
@@ -326,6 +342,7 @@ async def partitions_of(kafka: KafkaSettings, topic: str) -> int:
     try:
         await admin.start()
     except KafkaError as exc:
+        await admin.close()
         raise unreachable(kafka, exc) from exc
     try:
         described = await admin.describe_topics([topic])
@@ -348,8 +365,8 @@ async def partitions_of(kafka: KafkaSettings, topic: str) -> int:
 def unreachable(kafka: KafkaSettings, exc: BaseException) -> ConfigError:
     """The one-line message for a broker that cannot be reached at start-up."""
     return ConfigError(
-        f"cannot reach Kafka at {kafka.bootstrap} ({exc.__class__.__name__}): start it "
-        "(scripts/services up) or fix --bootstrap / KAFKA_BOOTSTRAP"
+        f"cannot reach Kafka at {kafka.bootstrap} ({exc.__class__.__name__}): "
+        + start_hint("Kafka", "--bootstrap / KAFKA_BOOTSTRAP")
     )
 
 

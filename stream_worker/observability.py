@@ -330,6 +330,51 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, default=str)
 
 
+# aiokafka messages shown below the level aiokafka logs them at: (logger, message template) ->
+# the level. Each either ends in an exception lookout reports itself in one line, or is a retry
+# that a healthy start-up goes through; everything else aiokafka logs keeps its level.
+_KAFKA_CLIENT_DEMOTED: dict[tuple[str, str], int] = {
+    # A client's bootstrap: when no server answers, start() raises and lookout says "cannot
+    # reach Kafka at ..." (when one of several does not answer, another one did).
+    ("aiokafka", 'Unable connect to "%s:%s": %s'): logging.DEBUG,
+    ("aiokafka", 'Unable to request metadata from "%s:%s": %s'): logging.DEBUG,
+    # Coordinator discovery, which aiokafka retries: a fresh broker answers "not available" at
+    # every first start, until it has created __consumer_offsets; a moved coordinator is found again.
+    (
+        "aiokafka.consumer.group_coordinator",
+        "Marking the coordinator dead (node %s)for group %s.",
+    ): logging.INFO,
+}
+_COORDINATOR_LOOKUP = ("aiokafka.consumer.group_coordinator", "Group Coordinator Request failed: %s")
+# COORDINATOR_LOAD_IN_PROGRESS, COORDINATOR_NOT_AVAILABLE, NOT_COORDINATOR: retried until found.
+_RETRIED_COORDINATOR_ERRORS = frozenset({14, 15, 16})
+
+
+class KafkaClientNoise(logging.Filter):
+    """Shows aiokafka's known start-up retries and bootstrap failures below ERROR (see above).
+
+    Installed on the aiokafka loggers that emit them, so it applies whatever handler prints the
+    records; a demoted record is printed only when the configured level lets it through.
+    """
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self._level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Lower the record's level when it is a known transient message; keep it if still shown."""
+        key = (record.name, str(record.msg))
+        demoted = _KAFKA_CLIENT_DEMOTED.get(key)
+        if key == _COORDINATOR_LOOKUP and record.args:
+            args = record.args if isinstance(record.args, tuple) else (record.args,)
+            if getattr(args[0], "errno", None) in _RETRIED_COORDINATOR_ERRORS:
+                demoted = logging.INFO
+        if demoted is None or demoted >= record.levelno:
+            return True
+        record.levelno, record.levelname = demoted, logging.getLevelName(demoted)
+        return demoted >= self._level
+
+
 def setup_logging(level: str, fmt: str) -> None:
     """Configure the root logger once: text for humans, json for log pipelines."""
     handler = logging.StreamHandler(sys.stderr)
@@ -342,3 +387,8 @@ def setup_logging(level: str, fmt: str) -> None:
     root.setLevel(level.upper())
     # aiokafka logs every retry at WARNING/ERROR; the worker reports those itself, once.
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root.level))
+    for name in {logger for logger, _ in (*_KAFKA_CLIENT_DEMOTED, _COORDINATOR_LOOKUP)}:
+        kafka_logger = logging.getLogger(name)
+        for old in [f for f in kafka_logger.filters if isinstance(f, KafkaClientNoise)]:
+            kafka_logger.removeFilter(old)
+        kafka_logger.addFilter(KafkaClientNoise(root.level))

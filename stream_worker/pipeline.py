@@ -36,7 +36,7 @@ from stream_worker.decode import DecodeLimits, decode_into
 from stream_worker.errors import BadFrame, LookoutError
 from stream_worker.frames import Frame, FrameLabels, Prediction, SourceKind
 from stream_worker.observability import Metrics
-from stream_worker.settings import Settings
+from stream_worker.settings import Settings, check_label_thresholds
 from stream_worker.taxonomy import Taxonomy
 
 BUFFER_POOL_SIZE = 3  # one filling, one in inference, one spare
@@ -158,6 +158,10 @@ class Pipeline:
         self._backend = backend
         info = backend.info
         self._taxonomy = Taxonomy.for_engine(info)
+        # Settings were checked against the taxonomy the sidecar named; this is the one bound.
+        check_label_thresholds(
+            self._settings, self._taxonomy.labels, f"taxonomy {self._taxonomy.version} of engine {info.path}"
+        )
         self.max_batch = max(1, min(self._settings.batch.max_batch, info.max_batch))
         shape = (self.max_batch, 3, info.spec.height, info.spec.width)
         self._buffers = [np.zeros(shape, dtype=np.float32) for _ in range(BUFFER_POOL_SIZE)]

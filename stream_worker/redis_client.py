@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
 from stream_worker.errors import ConfigError, LookoutError, ServiceUnavailable
+from stream_worker.hints import start_hint
 from stream_worker.kafka import speaks_tls
 from stream_worker.settings import RedisSettings, Settings, read_secret, redact_url
 
@@ -125,8 +126,7 @@ async def _redis_connection_problem(settings: Settings, where: str, exc: BaseExc
                 f"{where} expects TLS but --redis-url is redis://: use rediss:// and set --redis-ca-file"
             )
     return ConfigError(
-        f"cannot reach {where} ({exc.__class__.__name__}): "
-        "start it (scripts/services up) or fix --redis-url / REDIS_URL"
+        f"cannot reach {where} ({exc.__class__.__name__}): " + start_hint("Redis", "--redis-url / REDIS_URL")
     )
 
 

@@ -23,7 +23,7 @@ from aiokafka.errors import KafkaError
 from stream_worker import codec
 from stream_worker.errors import ConfigError
 from stream_worker.frames import SourceKind
-from stream_worker.kafka import kafka_failure, make_producer
+from stream_worker.kafka import kafka_failure, make_producer, unreachable
 from stream_worker.settings import KafkaSettings
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
@@ -136,9 +136,8 @@ async def replay(
     try:
         await producer.start()
     except KafkaError as exc:
-        raise ConfigError(
-            f"cannot reach Kafka at {kafka.bootstrap}: start it (scripts/services up) or fix --bootstrap"
-        ) from exc
+        await producer.stop()  # what start() opened; unclosed, aiokafka complains at exit
+        raise unreachable(kafka, exc) from exc
     sent = {s.source_id: 0 for s in sources}
     stop = stop or asyncio.Event()
 

@@ -13,7 +13,8 @@ from typing import Any
 from stream_worker.aio import unless_set
 from stream_worker.backends.base import Backend
 from stream_worker.backends.registry import default_engine_provider, open_backend
-from stream_worker.errors import ConfigError, LookoutError
+from stream_worker.errors import ConfigError, LookoutError, ServiceUnavailable
+from stream_worker.hints import start_hint
 from stream_worker.kafka import check_kafka, ensure_topics, partitions_of
 from stream_worker.observability import HealthServer, Metrics
 from stream_worker.record_batches import tolerate_unreadable_header_names
@@ -131,10 +132,13 @@ async def read_counts(settings: Settings, source_id: str, window: str) -> dict[s
         counts = CountsReader(client, key_prefix=settings.redis.key_prefix)
         try:
             windows = await counts.read(source_id, window)
-        except LookoutError as exc:
+        except ServiceUnavailable as exc:
             raise ConfigError(
-                f"cannot read counts: {exc}; is Redis up (scripts/services up) and --redis-url right?"
+                f"cannot read counts ({str(exc).rstrip('.')}): "
+                + start_hint("Redis", "--redis-url / REDIS_URL")
             ) from exc
+        except LookoutError as exc:
+            raise ConfigError(f"cannot read counts: {exc}") from exc
     finally:
         await client.aclose()
     total: dict[str, int] = {}

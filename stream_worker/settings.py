@@ -1,27 +1,35 @@
 """One frozen settings tree, loaded once: defaults < YAML file < environment < flags.
 
-Every option is declared once, with its type, env name, default and help text; the CLI builds
-its flags from these declarations, so ``--help`` always shows the env fallback. Nothing else
-in lookout reads ``os.environ``. Secrets are read from files (``*_file`` options) and are
-redacted whenever settings are printed.
+Every option is declared once, with its type, env name, default, help text and the rule its
+value must follow; the CLI builds its flags from these declarations, so ``--help`` always shows
+the env fallback. Nothing else in lookout reads ``os.environ``. Secrets are read from files
+(``*_file`` options) and are redacted whenever settings are printed.
+
+Loading remembers where each value came from (:class:`Origin`: a flag, an environment
+variable, a key of the YAML file, or the default) and checks the whole tree in one pass before
+anything connects: each message names the setting as the user gave it and the form it must
+take, and every mistake of one command line is reported at once, on one line.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import math
 import os
 import re
 import string
-from collections.abc import Mapping, Sequence
+import textwrap
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Literal, get_type_hints
 
 import yaml
 
 from stream_worker.backends.cache import default_cache_dir
-from stream_worker.counting import WindowSpec
+from stream_worker.counting import WindowSpec, parse_duration_ms
 from stream_worker.errors import ConfigError
 from stream_worker.sources import SourceLimits
 
@@ -30,11 +38,133 @@ HEADERS_ROOM_BYTES = 1_048_576
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 FAULT_STAGES = ("inference", "labels", "counts", "commit")
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+"""The mechanisms a user name and a password file can log in with (aiokafka's others need more)."""
+TEST_ONLY_SECTIONS = frozenset({"faults"})
+"""Sections no operator sets: left out of ``--help`` and of ``stream-worker config``."""
 
 
-def opt(default: Any, env: str, doc: str, *, secret: bool = False, flag: bool = True) -> Any:
-    """Declare one option: its default, env variable, help text, and whether it is secret."""
-    meta = {"env": env, "doc": doc, "secret": secret, "flag": flag}
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """What one option's value must be: the words for it and the test of it.
+
+    ``problem(value)`` is None for a good value, else a detail for the message ("" when the
+    words of ``expected`` say it all). The words also describe a value that cannot be read
+    at all, so they name the type: "a whole number, 1 or more".
+    """
+
+    expected: str
+    problem: Callable[[Any], str | None]
+
+
+def _at_least(low: float, what: str = "a whole number") -> Rule:
+    return Rule(f"{what}, {low:g} or more", lambda v: None if v >= low else "")
+
+
+def _above(low: float, what: str = "a number") -> Rule:
+    return Rule(f"{what} above {low:g}", lambda v: None if v > low else "")
+
+
+def _between(low: float, high: float, what: str = "a number") -> Rule:
+    return Rule(f"{what} from {low:g} to {high:g}", lambda v: None if low <= v <= high else "")
+
+
+def _one_of(*choices: str, fold_case: bool = False) -> Rule:
+    def problem(value: str) -> str | None:
+        return None if (value.upper() if fold_case else value) in choices else ""
+
+    return Rule(f"one of {', '.join(choices)}", problem)
+
+
+def _topic_problem(name: str) -> str | None:
+    return None if _TOPIC_NAME.fullmatch(name) and name not in (".", "..") else ""
+
+
+def _topics_problem(names: list[str]) -> str | None:
+    bad = [name for name in names if _topic_problem(name) is not None]
+    return f"{bad[0]!r} is not a topic name" if bad else None
+
+
+def _regex_problem(pattern: str) -> str | None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return str(exc)
+    return None
+
+
+def _durations_problem(windows: list[str]) -> str | None:
+    for window in windows:
+        try:
+            parse_duration_ms(window)
+        except ConfigError:
+            return f"{window!r} is not a duration"
+    repeated = [w for i, w in enumerate(windows) if w in windows[:i]]
+    return f"{repeated[0]!r} is given twice" if repeated else None
+
+
+def _bootstrap_problem(bootstrap: str) -> str | None:
+    for item in bootstrap.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            return f"{item.strip()!r} is not host:port"
+    return None
+
+
+def _redis_url_problem(url: str) -> str | None:
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return ""
+    if url_has_password(url):
+        return (
+            "lookout reads secrets only from files: put the password in a file and pass "
+            "--redis-password-file / REDIS_PASSWORD_FILE, and the user as --redis-username"
+        )
+    return None
+
+
+def _dead_letter_problem(template: str) -> str | None:
+    """``--dlq-topic`` may name ``{topic}`` and nothing else in braces, and must give a topic name."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+        example = template.format(topic="frames")
+    except (ValueError, KeyError, IndexError):
+        return ""
+    if any(name != "topic" for name in fields) or _topic_problem(example) is not None:
+        return ""
+    return None
+
+
+def _fault_problem(value: str) -> str | None:
+    if not value:
+        return None
+    stage, _, nth = value.partition(":")
+    return None if stage in FAULT_STAGES and nth.isdigit() and int(nth) >= 1 else ""
+
+
+def _scores_problem(thresholds: dict[str, float]) -> str | None:
+    bad = [label for label, score in thresholds.items() if not 0.0 <= score <= 1.0]
+    return f"{bad[0]}={thresholds[bad[0]]:g} is out of range" if bad else None
+
+
+SHARE = _between(0, 1)
+PORT = _between(0, 65535, "a whole number")
+TOPIC = Rule("a topic name (letters, digits, '.', '_' and '-', at most 249)", _topic_problem)
+LABEL_THRESHOLDS_FORMAT = "label=score pairs, comma separated, scores from 0 to 1 (e.g. car=0.5,person=0.4)"
+
+
+def opt(
+    default: Any,
+    env: str,
+    doc: str,
+    *,
+    secret: bool = False,
+    flag: bool = True,
+    rule: Rule | None = None,
+) -> Any:
+    """Declare one option: its default, env variable, help text, whether it is secret, whether it
+    has a flag (``flag=False``: environment and settings file only), and the rule of its value."""
+    meta = {"env": env, "doc": doc, "secret": secret, "flag": flag, "rule": rule}
     if isinstance(default, list | dict):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -45,13 +175,22 @@ class KafkaSettings:
     """How to reach the Kafka cluster."""
 
     bootstrap: str = opt(
-        "127.0.0.1:9092", "KAFKA_BOOTSTRAP", "Kafka bootstrap servers, host:port[,host:port]"
+        "127.0.0.1:9092",
+        "KAFKA_BOOTSTRAP",
+        "Kafka bootstrap servers, host:port[,host:port]",
+        rule=Rule("host:port, or several comma separated", _bootstrap_problem),
     )
     security_protocol: str = opt(
-        "PLAINTEXT", "KAFKA_SECURITY_PROTOCOL", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"
+        "PLAINTEXT",
+        "KAFKA_SECURITY_PROTOCOL",
+        "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL",
+        rule=_one_of(*SECURITY_PROTOCOLS),
     )
     sasl_mechanism: str = opt(
-        "SCRAM-SHA-512", "KAFKA_SASL_MECHANISM", "SASL mechanism (SCRAM-SHA-512, PLAIN, ...)"
+        "SCRAM-SHA-512",
+        "KAFKA_SASL_MECHANISM",
+        "SASL mechanism: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512",
+        rule=_one_of(*SASL_MECHANISMS),
     )
     sasl_username: str = opt("", "KAFKA_SASL_USERNAME", "SASL user name")
     sasl_password_file: str = opt(
@@ -62,16 +201,25 @@ class KafkaSettings:
     ssl_keyfile: str = opt("", "KAFKA_SSL_KEYFILE", "client private key (mutual TLS)")
     client_id: str = opt("lookout", "LOOKOUT_CLIENT_ID", "Kafka client.id prefix")
     session_timeout_ms: int = opt(
-        30000, "LOOKOUT_SESSION_TIMEOUT_MS", "consumer group session timeout", flag=False
+        30000,
+        "LOOKOUT_SESSION_TIMEOUT_MS",
+        "consumer group session timeout",
+        flag=False,
+        rule=_above(1000, "a whole number of milliseconds"),
     )
     max_poll_interval_ms: int = opt(
-        300000, "LOOKOUT_MAX_POLL_INTERVAL_MS", "consumer max.poll.interval.ms", flag=False
+        300000,
+        "LOOKOUT_MAX_POLL_INTERVAL_MS",
+        "consumer max.poll.interval.ms",
+        flag=False,
+        rule=_at_least(1, "a whole number of milliseconds"),
     )
     metadata_max_age_ms: int = opt(
         300000,
         "LOOKOUT_METADATA_MAX_AGE_MS",
         "how often topic metadata is refreshed: how soon a new topic matching --frames-pattern is read",
         flag=False,
+        rule=_at_least(100, "a whole number of milliseconds"),
     )
 
 
@@ -79,26 +227,51 @@ class KafkaSettings:
 class TopicSettings:
     """Which topics the worker reads and writes."""
 
-    frames_topic: list[str] = opt(["frames"], "LOOKOUT_FRAMES_TOPIC", "frames topic(s), comma separated")
+    frames_topic: list[str] = opt(
+        ["frames"],
+        "LOOKOUT_FRAMES_TOPIC",
+        "frames topic(s), comma separated",
+        rule=Rule("topic names, comma separated", _topics_problem),
+    )
     frames_pattern: str = opt(
-        "", "LOOKOUT_FRAMES_PATTERN", "regex of frames topics (instead of --frames-topic)"
+        "",
+        "LOOKOUT_FRAMES_PATTERN",
+        "regex of frames topics (instead of --frames-topic)",
+        rule=Rule("a regular expression", _regex_problem),
     )
-    labels_topic: str = opt("labels", "LOOKOUT_LABELS_TOPIC", "per-frame label records")
-    counts_topic: str = opt("counts", "LOOKOUT_COUNTS_TOPIC", "compacted topic of absolute window counts")
+    labels_topic: str = opt("labels", "LOOKOUT_LABELS_TOPIC", "per-frame label records", rule=TOPIC)
+    counts_topic: str = opt(
+        "counts", "LOOKOUT_COUNTS_TOPIC", "compacted topic of absolute window counts", rule=TOPIC
+    )
     dlq_topic: str = opt(
-        "{topic}.dlq", "LOOKOUT_DLQ_TOPIC", "dead-letter topic; {topic} is the frame's topic"
+        "{topic}.dlq",
+        "LOOKOUT_DLQ_TOPIC",
+        "dead-letter topic; {topic} is the frame's topic",
+        rule=Rule(
+            "a topic name in which {topic} (the frame's topic) is the only field in braces, e.g. {topic}.dlq",
+            _dead_letter_problem,
+        ),
     )
-    review_topic: str = opt("review", "LOOKOUT_REVIEW_TOPIC", "low-confidence frames sampled for review")
+    review_topic: str = opt(
+        "review", "LOOKOUT_REVIEW_TOPIC", "low-confidence frames sampled for review", rule=TOPIC
+    )
+    group: str = opt(
+        "lookout",
+        "LOOKOUT_GROUP",
+        "consumer group id",
+        rule=Rule("a consumer group id (not empty)", lambda v: None if v.strip() else ""),
+    )
     events_topic: str = opt(
         "events",
         "LOOKOUT_EVENTS_TOPIC",
         "compacted topic of camera-trap events, one record per event and species",
+        rule=TOPIC,
     )
-    group: str = opt("lookout", "LOOKOUT_GROUP", "consumer group id")
     topic_replication: int = opt(
         1,
         "LOOKOUT_TOPIC_REPLICATION",
         "replication factor of output topics the worker creates (use 3 in production)",
+        rule=_at_least(1),
     )
 
     @classmethod
@@ -130,12 +303,22 @@ class TopicSettings:
 class RedisSettings:
     """Where the counts live."""
 
-    redis_url: str = opt("redis://127.0.0.1:6379/0", "REDIS_URL", "Redis URL (rediss:// for TLS)")
+    redis_url: str = opt(
+        "redis://127.0.0.1:6379/0",
+        "REDIS_URL",
+        "Redis URL (rediss:// for TLS)",
+        rule=Rule("a redis://, rediss:// or unix:// URL without a password", _redis_url_problem),
+    )
     redis_username: str = opt("", "REDIS_USERNAME", "Redis ACL user")
     redis_password_file: str = opt("", "REDIS_PASSWORD_FILE", "file holding the Redis ACL password")
     redis_ca_file: str = opt("", "REDIS_CA_FILE", "CA for rediss://")
     key_prefix: str = opt("lookout", "LOOKOUT_KEY_PREFIX", "prefix of every Redis key lookout writes")
-    counts_ttl_s: int = opt(7 * 86400, "LOOKOUT_COUNTS_TTL_S", "time-to-live of window count keys in Redis")
+    counts_ttl_s: int = opt(
+        7 * 86400,
+        "LOOKOUT_COUNTS_TTL_S",
+        "time-to-live of window count keys in Redis",
+        rule=_at_least(1, "a whole number of seconds"),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +328,10 @@ class EngineSettings:
     engine: str = opt("", "LOOKOUT_ENGINE", "engine file; empty = the default CPU engine, built on first use")
     cache_dir: str = opt(str(default_cache_dir()), "LOOKOUT_CACHE_DIR", "where default engines are cached")
     inference_threads: int = opt(
-        0, "LOOKOUT_INFERENCE_THREADS", "intra-op threads for ONNX Runtime (0 = auto)"
+        0,
+        "LOOKOUT_INFERENCE_THREADS",
+        "intra-op threads for ONNX Runtime (0 = auto)",
+        rule=_at_least(0),
     )
 
 
@@ -153,26 +339,45 @@ class EngineSettings:
 class BatchSettings:
     """Micro-batching and back-pressure."""
 
-    max_batch: int = opt(16, "LOOKOUT_MAX_BATCH", "largest inference batch (capped at the engine's profile)")
-    max_wait_ms: float = opt(25.0, "LOOKOUT_MAX_WAIT_MS", "longest a frame waits for its batch to fill")
+    max_batch: int = opt(
+        16, "LOOKOUT_MAX_BATCH", "largest inference batch (capped at the engine's profile)", rule=_at_least(1)
+    )
+    max_wait_ms: float = opt(
+        25.0,
+        "LOOKOUT_MAX_WAIT_MS",
+        "longest a frame waits for its batch to fill",
+        rule=_at_least(0, "a number of milliseconds"),
+    )
     max_in_flight: int = opt(
-        256, "LOOKOUT_MAX_IN_FLIGHT", "frames consumed but not yet committed; partitions pause above it"
+        256,
+        "LOOKOUT_MAX_IN_FLIGHT",
+        "frames consumed but not yet committed; partitions pause above it",
+        rule=_at_least(1),
     )
     max_in_flight_bytes: int = opt(
         256 * 1024 * 1024,
         "LOOKOUT_MAX_IN_FLIGHT_BYTES",
         "bytes of frames consumed but not yet committed; partitions pause above it",
+        rule=_at_least(1, "a whole number of bytes"),
     )
-    decode_threads: int = opt(2, "LOOKOUT_DECODE_THREADS", "threads decoding and preprocessing frames")
+    decode_threads: int = opt(
+        2, "LOOKOUT_DECODE_THREADS", "threads decoding and preprocessing frames", rule=_at_least(1)
+    )
     max_frame_bytes: int = opt(
-        20_000_000, "LOOKOUT_MAX_FRAME_BYTES", "frames larger than this go to the dead-letter topic"
+        20_000_000,
+        "LOOKOUT_MAX_FRAME_BYTES",
+        "frames larger than this go to the dead-letter topic",
+        rule=_at_least(1, "a whole number of bytes"),
     )
-    max_pixels: int = opt(50_000_000, "LOOKOUT_MAX_PIXELS", "width x height cap, read from the image header")
+    max_pixels: int = opt(
+        50_000_000, "LOOKOUT_MAX_PIXELS", "width x height cap, read from the image header", rule=_at_least(1)
+    )
     max_clock_skew_s: float = opt(
         3600.0,
         "LOOKOUT_MAX_CLOCK_SKEW_S",
         "frames whose captured-at is further than this ahead of their record's timestamp go to the "
         "dead-letter topic (one future-dated frame would otherwise move every window)",
+        rule=_above(0, "a number of seconds"),
     )
 
     @property
@@ -189,49 +394,86 @@ class BatchSettings:
 class LabelSettings:
     """How raw classes become domain labels."""
 
-    label_mode: str = opt("single", "LOOKOUT_LABEL_MODE", "single (best label, rolled up) or multi")
+    label_mode: str = opt(
+        "single",
+        "LOOKOUT_LABEL_MODE",
+        "single (best label, rolled up) or multi",
+        rule=_one_of("single", "multi"),
+    )
     rollup_threshold: float = opt(
-        0.4, "LOOKOUT_ROLLUP_THRESHOLD", "a leaf under this score rolls up to its parent"
+        0.4,
+        "LOOKOUT_ROLLUP_THRESHOLD",
+        "a leaf under this score rolls up to its parent",
+        rule=SHARE,
     )
     label_thresholds: dict[str, float] = opt(
-        {}, "LOOKOUT_LABEL_THRESHOLDS", "multi mode: per-label thresholds, label=score,...", flag=False
+        {},
+        "LOOKOUT_LABEL_THRESHOLDS",
+        "multi mode: per-label thresholds, label=score,... (e.g. car=0.5,person=0.4)",
+        flag=False,
+        rule=Rule(LABEL_THRESHOLDS_FORMAT, _scores_problem),
     )
     default_label_threshold: float = opt(
-        0.3, "LOOKOUT_DEFAULT_LABEL_THRESHOLD", "multi mode: threshold of labels not listed"
+        0.3,
+        "LOOKOUT_DEFAULT_LABEL_THRESHOLD",
+        "multi mode: threshold of labels not listed",
+        rule=SHARE,
     )
-    top_k: int = opt(5, "LOOKOUT_TOP_K", "raw classes kept in each label record")
+    top_k: int = opt(5, "LOOKOUT_TOP_K", "raw classes kept in each label record", rule=_at_least(0))
 
 
 @dataclass(frozen=True, slots=True)
 class CountSettings:
     """Windows, camera-trap sequences, review sampling and drift."""
 
-    windows: list[str] = opt(["1m", "15m"], "LOOKOUT_WINDOWS", "tumbling count windows, comma separated")
+    windows: list[str] = opt(
+        ["1m", "15m"],
+        "LOOKOUT_WINDOWS",
+        "tumbling count windows, comma separated",
+        rule=Rule("durations like 30s, 1m, 15m, 1h or 1d, comma separated", _durations_problem),
+    )
     event_gap_s: float = opt(
-        60.0, "LOOKOUT_EVENT_GAP_S", "wildlife frames closer than this form one camera-trap sequence"
+        60.0,
+        "LOOKOUT_EVENT_GAP_S",
+        "wildlife frames closer than this form one camera-trap sequence",
+        rule=_above(0, "a number of seconds"),
     )
     review_threshold: float = opt(
-        0.3, "LOOKOUT_REVIEW_THRESHOLD", "frames whose best score is under this may go to review"
+        0.3,
+        "LOOKOUT_REVIEW_THRESHOLD",
+        "frames whose best score is under this may go to review",
+        rule=SHARE,
     )
     review_sample_rate: float = opt(
-        0.0, "LOOKOUT_REVIEW_SAMPLE_RATE", "share (0..1) of low-confidence frames sent to review"
+        0.0,
+        "LOOKOUT_REVIEW_SAMPLE_RATE",
+        "share (0..1) of low-confidence frames sent to review",
+        rule=SHARE,
     )
     drift_window_frames: int = opt(
-        500, "LOOKOUT_DRIFT_WINDOW_FRAMES", "frames per source in the drift signal's sliding window"
+        500,
+        "LOOKOUT_DRIFT_WINDOW_FRAMES",
+        "frames per source in the drift signal's sliding window",
+        rule=_at_least(1),
     )
     thumbnail_ttl_s: int = opt(
-        300, "LOOKOUT_THUMBNAIL_TTL_S", "life of each source's latest-frame thumbnail in Redis"
+        300,
+        "LOOKOUT_THUMBNAIL_TTL_S",
+        "life of each source's latest-frame thumbnail in Redis",
+        rule=_at_least(1, "a whole number of seconds"),
     )
     max_tracked_sources: int = opt(
         10_000,
         "LOOKOUT_MAX_TRACKED_SOURCES",
         "sources whose drift window and thumbnail clock are held in memory; the least recently "
         "seen beyond it are forgotten",
+        rule=_at_least(1),
     )
     source_idle_s: float = opt(
         86_400.0,
         "LOOKOUT_SOURCE_IDLE_S",
         "a source not seen for this long is forgotten: its drift window and its /metrics series",
+        rule=_above(0, "a number of seconds"),
     )
 
     @property
@@ -254,21 +496,35 @@ class CountSettings:
 class OpsSettings:
     """Observability and lifecycle."""
 
-    metrics_port: int = opt(9400, "LOOKOUT_METRICS_PORT", "port of /metrics, /healthz, /readyz (0 = off)")
+    metrics_port: int = opt(
+        9400, "LOOKOUT_METRICS_PORT", "port of /metrics, /healthz, /readyz (0 = off)", rule=PORT
+    )
     metrics_host: str = opt("0.0.0.0", "LOOKOUT_METRICS_HOST", "address the metrics server binds")
-    log_level: str = opt("INFO", "LOOKOUT_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR")
-    log_format: str = opt("text", "LOOKOUT_LOG_FORMAT", "text or json")
+    log_level: str = opt(
+        "INFO",
+        "LOOKOUT_LOG_LEVEL",
+        "DEBUG, INFO, WARNING or ERROR",
+        rule=_one_of(*LOG_LEVELS, fold_case=True),
+    )
+    log_format: str = opt("text", "LOOKOUT_LOG_FORMAT", "text or json", rule=_one_of("text", "json"))
     drain_deadline_s: float = opt(
-        20.0, "LOOKOUT_DRAIN_DEADLINE_S", "on SIGTERM, finish in-flight batches within this"
+        20.0,
+        "LOOKOUT_DRAIN_DEADLINE_S",
+        "on SIGTERM, finish in-flight batches within this",
+        rule=_at_least(0, "a number of seconds"),
     )
     retry_max_s: float = opt(
-        30.0, "LOOKOUT_RETRY_MAX_S", "longest backoff between retries of a failed sink write"
+        30.0,
+        "LOOKOUT_RETRY_MAX_S",
+        "longest backoff between retries of a failed sink write",
+        rule=_above(0, "a number of seconds"),
     )
     max_metric_sources: int = opt(
         1_000,
         "LOOKOUT_MAX_METRIC_SOURCES",
         "sources with their own per-source /metrics series; the rest share the source label "
         "'_other' until a source idle for --source-idle-s makes room",
+        rule=_at_least(1),
     )
 
 
@@ -276,7 +532,7 @@ class OpsSettings:
 class DashboardSettings:
     """The live dashboard (``stream-worker dashboard``)."""
 
-    port: int = opt(8080, "LOOKOUT_DASHBOARD_PORT", "port the dashboard listens on")
+    port: int = opt(8080, "LOOKOUT_DASHBOARD_PORT", "port the dashboard listens on", rule=PORT)
     host: str = opt(
         "127.0.0.1", "LOOKOUT_DASHBOARD_HOST", "address to bind; beyond loopback a --token-file is required"
     )
@@ -296,9 +552,17 @@ class FaultSettings:
         "LOOKOUT_FAULT_KILL_AT",
         "SIGKILL at STAGE:N (inference|labels|counts|commit)",
         flag=False,
+        rule=Rule(
+            f"STAGE:N, STAGE one of {', '.join(FAULT_STAGES)} and N a whole number, 1 or more",
+            _fault_problem,
+        ),
     )
     fault_infer_delay_ms: float = opt(
-        0.0, "LOOKOUT_FAULT_INFER_DELAY_MS", "extra delay of every inference call", flag=False
+        0.0,
+        "LOOKOUT_FAULT_INFER_DELAY_MS",
+        "extra delay of every inference call",
+        flag=False,
+        rule=_at_least(0, "a number of milliseconds"),
     )
 
 
@@ -316,9 +580,30 @@ SECTIONS: dict[str, type[Any]] = {
 }
 
 
+OriginKind = Literal["flag", "env", "file", "default"]
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where one option's value came from, and the name a message gives the setting there.
+
+    ``name`` is the flag (``--windows``), the environment variable (``LOOKOUT_WINDOWS``), the key
+    in the settings file (``counts.windows in /etc/lookout.yaml``), or, for a default, the flag
+    and variable that would set it. ``raw`` is the value as written there.
+    """
+
+    kind: OriginKind
+    name: str
+    raw: Any
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """The whole tree; build it with :func:`load_settings`."""
+    """The whole tree; build it with :func:`load_settings`.
+
+    ``origins`` maps ``section.option`` to where each value came from (every option
+    :func:`load_settings` read; a tree built directly has none, and all is default).
+    """
 
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     topics: TopicSettings = field(default_factory=TopicSettings)
@@ -330,40 +615,86 @@ class Settings:
     ops: OpsSettings = field(default_factory=OpsSettings)
     dashboard: DashboardSettings = field(default_factory=DashboardSettings)
     faults: FaultSettings = field(default_factory=FaultSettings)
+    origins: Mapping[str, Origin] = field(default_factory=dict, compare=False, repr=False)
+
+    def origin(self, section: str, option: str) -> Origin:
+        """Where ``section.option`` came from (a default when :func:`load_settings` did not read it)."""
+        found = self.origins.get(f"{section}.{option}")
+        if found is not None:
+            return found
+        return Origin("default", default_name(section, option), getattr(getattr(self, section), option))
+
+    def where(self, section: str, option: str) -> str:
+        """The name of ``section.option`` as the user gave it: flag, env variable or file key."""
+        return self.origin(section, option).name
 
 
-def _convert(raw: Any, hint: Any, name: str, source: str) -> Any:
-    """Coerce a raw value (string from env/flag, or YAML value) to the declared type."""
+def _declared(section: str, option: str) -> dataclasses.Field[Any]:
+    (found,) = (f for f in dataclasses.fields(SECTIONS[section]) if f.name == option)
+    return found
+
+
+def default_name(section: str, option: str) -> str:
+    """How to name an option nobody set: its flag and env variable (the variable alone without a flag)."""
+    meta = _declared(section, option).metadata
+    return f"{flag_name(option)} / {meta['env']}" if meta["flag"] else str(meta["env"])
+
+
+_TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}
+
+
+def _convert(raw: Any, hint: Any) -> Any:
+    """Coerce a raw value (string from env/flag, or YAML value) to the declared type.
+
+    Raises ``ValueError`` or ``TypeError`` when it cannot; the caller says what was expected.
+    """
     origin = getattr(hint, "__origin__", None)
-    try:
-        if hint is bool:
-            if isinstance(raw, bool):
-                return raw
-            text = str(raw).strip().lower()
-            if text in ("1", "true", "yes", "on"):
-                return True
-            if text in ("0", "false", "no", "off", ""):
-                return False
+    if hint is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(raw)
+    if hint is int:
+        if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
             raise ValueError(raw)
-        if hint is int:
-            return int(raw)
-        if hint is float:
-            return float(raw)
-        if hint is str:
-            return str(raw)
-        if origin is list:
-            items = raw if isinstance(raw, list) else [p for p in str(raw).split(",")]
-            return [str(i).strip() for i in items if str(i).strip()]
-        if origin is dict:
-            if isinstance(raw, Mapping):
-                return {str(k): float(v) for k, v in raw.items()}
-            pairs = [p.split("=", 1) for p in str(raw).split(",") if p.strip()]
-            return {k.strip(): float(v) for k, v in pairs}
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(
-            f"{name} from {source}: cannot read {raw!r} as {getattr(hint, '__name__', hint)}"
-        ) from exc
-    raise ConfigError(f"{name}: unsupported option type {hint}")
+        return int(raw.strip() if isinstance(raw, str) else raw)
+    if hint is float:
+        if isinstance(raw, bool):
+            raise ValueError(raw)
+        number = float(raw)
+        if not math.isfinite(number):
+            raise ValueError(raw)
+        return number
+    if hint is str:
+        if isinstance(raw, Mapping | list):
+            raise TypeError(raw)
+        return str(raw)
+    if origin is list:
+        items = raw if isinstance(raw, list) else str(raw).split(",")
+        return [str(i).strip() for i in items if str(i).strip()]
+    if origin is dict:
+        pairs = raw.items() if isinstance(raw, Mapping) else _pairs(str(raw))
+        converted = {str(k).strip(): _convert(v, float) for k, v in pairs}
+        if any(not label for label in converted):
+            raise ValueError(raw)
+        return converted
+    raise NotImplementedError(f"options of type {hint} cannot be read")  # a declaration to fix
+
+
+def _pairs(text: str) -> list[tuple[str, str]]:
+    pairs = []
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        label, sep, score = item.partition("=")
+        if not sep:
+            raise ValueError(item)
+        pairs.append((label, score))
+    return pairs
 
 
 def _options(section: type[Any]) -> list[tuple[dataclasses.Field[Any], Any]]:
@@ -376,26 +707,74 @@ def flag_name(option: str) -> str:
     return "--" + option.replace("_", "-")
 
 
-def add_flags(parser: argparse.ArgumentParser, sections: Sequence[str] | None = None) -> None:
-    """Add one flag per declared option (``flag=True``), with its env fallback in the help."""
+Uses = Mapping[str, Collection[str] | None]
+"""The settings a command reads: section -> its options (None: every option of the section)."""
+
+
+def _used(uses: Uses | None) -> list[tuple[str, dataclasses.Field[Any]]]:
+    """(section, option) of every declared option ``uses`` selects, test-only sections left out."""
+    selected = []
     for section_name, section in SECTIONS.items():
-        if sections is not None and section_name not in sections:
+        if section_name in TEST_ONLY_SECTIONS or (uses is not None and section_name not in uses):
             continue
-        group = parser.add_argument_group(section_name)
-        for f, _hint in _options(section):
-            if not f.metadata["flag"]:
-                continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
-            shown = ",".join(default) if isinstance(default, list) else default
-            if f.metadata["secret"]:
-                shown = REDACTED
-            group.add_argument(
-                flag_name(f.name),
-                dest=f.name,
-                default=None,
-                metavar=f.name.split("_")[-1].upper(),
-                help=f"{f.metadata['doc']} (env {f.metadata['env']}; default {shown!s})",
-            )
+        wanted = None if uses is None else uses[section_name]
+        selected += [
+            (section_name, f) for f in dataclasses.fields(section) if wanted is None or f.name in wanted
+        ]
+    return selected
+
+
+def _shown_default(f: dataclasses.Field[Any]) -> str:
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
+    if f.metadata["secret"]:
+        return REDACTED
+    if isinstance(default, list):
+        return ",".join(default)
+    if isinstance(default, dict):
+        return ",".join(f"{k}={v}" for k, v in default.items()) or "none"
+    return str(default)
+
+
+def add_flags(
+    parser: argparse.ArgumentParser, uses: Uses | None = None, *, accepts: Uses | None = None
+) -> None:
+    """Add one flag per declared option the command uses (``flag=True``), its env fallback in the help.
+
+    ``uses`` selects the options (default: all). Options in ``accepts`` but not in ``uses`` take
+    their flag without showing it in ``--help``: a command that accepts another command's line.
+    """
+    used = {(section, f.name) for section, f in _used(uses)}
+    groups: dict[str, Any] = {}
+    for section_name, f in _used(accepts if accepts is not None else uses):
+        if not f.metadata["flag"]:
+            continue
+        shown = (section_name, f.name) in used
+        if shown and section_name not in groups:
+            groups[section_name] = parser.add_argument_group(section_name)
+        target: Any = groups[section_name] if shown else parser
+        target.add_argument(
+            flag_name(f.name),
+            dest=f.name,
+            default=None,
+            metavar=f.name.split("_")[-1].upper(),
+            help=(
+                f"{f.metadata['doc']} (env {f.metadata['env']}; default {_shown_default(f)})"
+                if shown
+                else argparse.SUPPRESS
+            ),
+        )
+
+
+def env_only_help(uses: Uses | None = None, *, width: int = 79) -> str:
+    """The ``--help`` epilog: settings the command uses that have no flag, by their env variable."""
+    rows = [(str(f.metadata["env"]), f) for _, f in _used(uses) if not f.metadata["flag"]]
+    if not rows:
+        return ""
+    lines = ["settings without a flag (environment variable, or the --config file):"]
+    for env, f in rows:
+        text = f"{f.metadata['doc']} (default {_shown_default(f)})"
+        lines += textwrap.wrap(text, width, initial_indent=f"  {env}  ", subsequent_indent=" " * 6)
+    return "\n".join(lines)
 
 
 def load_settings(
@@ -404,133 +783,238 @@ def load_settings(
     env: Mapping[str, str] | None = None,
     config_file: str | Path | None = None,
 ) -> Settings:
-    """Build the settings tree: defaults < YAML file < environment < flags.
+    """Build the settings tree: defaults < YAML file < environment < flags, then :func:`validate` it.
 
     ``env`` defaults to ``os.environ``; ``config_file`` defaults to ``$LOOKOUT_CONFIG`` when set.
-    Unknown YAML keys are an error, not silently ignored.
+    Unknown YAML keys are an error, not silently ignored. Every value that cannot be read or
+    breaks its rule is reported in one ``ConfigError``, each naming where the value came from.
     """
     environ = os.environ if env is None else env
     flags = flags or {}
     path = config_file or environ.get("LOOKOUT_CONFIG") or None
-    file_values: dict[str, Any] = {}
-    if path:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError as exc:
-            raise ConfigError(f"settings file {path} does not exist: fix --config or LOOKOUT_CONFIG") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"settings file {path} is not valid YAML: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"settings file {path} must hold a mapping of sections")
-        file_values = loaded
-    unknown_sections = set(file_values) - set(SECTIONS)
-    if unknown_sections:
-        raise ConfigError(
-            f"settings file {path}: unknown section(s) {sorted(unknown_sections)}; known: {list(SECTIONS)}"
-        )
+    given_by = "--config" if config_file else "LOOKOUT_CONFIG"
+    file_values = _read_settings_file(path, given_by) if path else {}
 
     built: dict[str, Any] = {}
+    origins: dict[str, Origin] = {}
+    problems: list[str] = []
+    unreadable: set[str] = set()
     for section_name, section in SECTIONS.items():
-        from_file = file_values.get(section_name) or {}
+        from_file = file_values.get(section_name)
+        if from_file is None:
+            from_file = {}
+        if not isinstance(from_file, dict):
+            problems.append(
+                f"settings file {path}: section {section_name} must be a mapping of option: value"
+            )
+            from_file = {}
         known = {f.name for f in dataclasses.fields(section)}
-        unknown = set(from_file) - known
-        if unknown:
-            raise ConfigError(
-                f"settings file {path}: unknown key(s) {sorted(unknown)} in section {section_name}"
+        for key in sorted(set(from_file) - known):
+            problems.append(
+                f"settings file {path}: unknown key {key!r} in section {section_name}"
+                + _did_you_mean(str(key), known)
             )
         values: dict[str, Any] = {}
         for f, hint in _options(section):
+            key = f"{section_name}.{f.name}"
             if flags.get(f.name) is not None:
-                values[f.name] = _convert(flags[f.name], hint, f.name, "flag " + flag_name(f.name))
+                origin = Origin("flag", flag_name(f.name), flags[f.name])
             elif f.metadata["env"] in environ:
-                values[f.name] = _convert(
-                    environ[f.metadata["env"]], hint, f.name, "env " + f.metadata["env"]
-                )
+                origin = Origin("env", f.metadata["env"], environ[f.metadata["env"]])
             elif f.name in from_file:
-                values[f.name] = _convert(from_file[f.name], hint, f.name, f"{path}")
+                origin = Origin("file", f"{key} in {path}", from_file[f.name])
+            else:
+                continue
+            origins[key] = origin
+            try:
+                values[f.name] = _convert(origin.raw, hint)
+            except (ValueError, TypeError):
+                rule: Rule | None = f.metadata["rule"]
+                expected = rule.expected if rule is not None else _TYPE_WORDS.get(hint, "a list")
+                problems.append(_must_be(origin, expected))
+                unreadable.add(key)
         built[section_name] = section(**values)
-    settings = Settings(**built)
-    validate(settings)
+    settings = Settings(**built, origins=origins)
+    _refuse(problems + problems_of(settings, skip=unreadable))
     return settings
 
 
-def validate(settings: Settings) -> None:
-    """Reject settings that cannot work, with a message that says what to change."""
-    b = settings.batch
-    if b.max_batch < 1:
-        raise ConfigError("--max-batch must be at least 1")
-    if b.max_wait_ms < 0:
-        raise ConfigError("--max-wait-ms must not be negative")
-    if b.max_in_flight < b.max_batch:
-        raise ConfigError("--max-in-flight must be at least --max-batch")
-    if b.max_in_flight_bytes < b.max_frame_bytes:
-        raise ConfigError(
-            f"--max-in-flight-bytes ({b.max_in_flight_bytes}) must be at least --max-frame-bytes "
-            f"({b.max_frame_bytes}): one frame of the largest allowed size must fit"
-        )
-    if b.decode_threads < 1:
-        raise ConfigError("--decode-threads must be at least 1")
-    if settings.kafka.metadata_max_age_ms < 100:
-        raise ConfigError("LOOKOUT_METADATA_MAX_AGE_MS must be at least 100 (milliseconds)")
-    if b.max_clock_skew_s <= 0:
-        raise ConfigError("--max-clock-skew-s must be positive (LOOKOUT_MAX_CLOCK_SKEW_S)")
-    if settings.counts.max_tracked_sources < 1:
-        raise ConfigError("--max-tracked-sources must be at least 1 (LOOKOUT_MAX_TRACKED_SOURCES)")
-    if settings.counts.source_idle_s <= 0:
-        raise ConfigError("--source-idle-s must be positive (LOOKOUT_SOURCE_IDLE_S)")
-    if settings.ops.max_metric_sources < 1:
-        raise ConfigError("--max-metric-sources must be at least 1 (LOOKOUT_MAX_METRIC_SOURCES)")
-    if settings.labels.label_mode not in ("single", "multi"):
-        raise ConfigError("--label-mode must be 'single' or 'multi'")
-    if not 0.0 <= settings.counts.review_sample_rate <= 1.0:
-        raise ConfigError("--review-sample-rate must be between 0 and 1")
-    if settings.kafka.security_protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
-        raise ConfigError("--security-protocol must be PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
-    if not settings.topics.frames_topic and not settings.topics.frames_pattern:
-        raise ConfigError("give --frames-topic or --frames-pattern")
-    if settings.topics.frames_pattern:
-        try:
-            re.compile(settings.topics.frames_pattern)
-        except re.error as exc:
-            raise ConfigError(
-                f"--frames-pattern {settings.topics.frames_pattern!r} is not a regular expression ({exc}): "
-                "fix --frames-pattern / LOOKOUT_FRAMES_PATTERN"
-            ) from exc
-    if settings.faults.fault_kill_at:
-        stage, _, nth = settings.faults.fault_kill_at.partition(":")
-        if stage not in FAULT_STAGES or not nth.isdigit() or int(nth) < 1:
-            raise ConfigError(
-                f"LOOKOUT_FAULT_KILL_AT must be STAGE:N with STAGE one of {', '.join(FAULT_STAGES)}"
-            )
-    if settings.ops.log_format not in ("text", "json"):
-        raise ConfigError("--log-format must be 'text' or 'json'")
-    if settings.ops.log_level.upper() not in LOG_LEVELS:
-        raise ConfigError(
-            f"--log-level {settings.ops.log_level!r} is not a log level: use one of "
-            f"{', '.join(LOG_LEVELS)} (LOOKOUT_LOG_LEVEL)"
-        )
-    if url_has_password(settings.redis.redis_url):
-        raise ConfigError(
-            f"--redis-url / REDIS_URL carries a password ({redact_url(settings.redis.redis_url)}): "
-            "lookout reads secrets only from files: put the password in a file and pass "
-            "--redis-password-file / REDIS_PASSWORD_FILE (and the user as --redis-username)"
-        )
-    _check_dead_letter_template(settings.topics.dlq_topic)
-
-
-def _check_dead_letter_template(template: str) -> None:
-    """``--dlq-topic`` may name ``{topic}`` and nothing else in braces, and must give a topic name."""
+def _read_settings_file(path: str | Path, given_by: str) -> dict[str, Any]:
     try:
-        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
-        example = template.format(topic="frames")
-    except (ValueError, KeyError, IndexError) as exc:
-        fields, example = ["?"], f"({exc})"
-    if any(name != "topic" for name in fields) or not _TOPIC_NAME.fullmatch(example):
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"settings file {path} does not exist: fix {given_by}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read settings file {path} ({exc.strerror}): fix {given_by}") from None
+    except yaml.YAMLError as exc:
+        detail = " ".join(str(exc).split())
+        raise ConfigError(f"settings file {path} is not valid YAML: {detail}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"settings file {path} must hold a mapping of sections ({', '.join(SECTIONS)})")
+    unknown = sorted(str(s) for s in set(loaded) - set(SECTIONS))
+    if unknown:
         raise ConfigError(
-            f"--dlq-topic {template!r} is not a dead-letter topic template: use a topic name in which "
-            "{topic} (the frame's topic) is the only field in braces, e.g. {topic}.dlq "
-            "(LOOKOUT_DLQ_TOPIC)"
+            f"settings file {path}: unknown section(s) {unknown}{_did_you_mean(unknown[0], SECTIONS)}; "
+            f"known: {', '.join(SECTIONS)}"
         )
+    return loaded
+
+
+def _did_you_mean(word: str, known: Collection[str]) -> str:
+    close = difflib.get_close_matches(word, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _shown(raw: Any) -> str:
+    """A value in a message: quoted as given, a URL's password hidden, always on one line."""
+    if isinstance(raw, str) and "://" in raw:
+        raw = redact_url(raw)
+    return repr(raw)
+
+
+def _must_be(origin: Origin, expected: str, detail: str = "") -> str:
+    return f"{origin.name} must be {expected}, not {_shown(origin.raw)}" + (f" ({detail})" if detail else "")
+
+
+def _refuse(problems: Sequence[str]) -> None:
+    """One ``ConfigError`` for every problem found, on one line."""
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} settings are wrong: " + "; ".join(problems))
+
+
+def validate(settings: Settings) -> None:
+    """Reject settings that cannot work, with one line that says what to change (every problem)."""
+    _refuse(problems_of(settings))
+
+
+def problems_of(settings: Settings, *, skip: Collection[str] = ()) -> list[str]:
+    """Everything wrong with ``settings``: each option against its rule, then the rules between them.
+
+    ``skip`` lists ``section.option`` keys already reported (unreadable): they are neither
+    checked again nor used to judge other options. Label thresholds are checked against the
+    packaged taxonomy when no engine is named (a named engine's own taxonomy is only known from
+    its sidecar: :func:`check_engine_labels`).
+    """
+    problems: list[str] = []
+    bad = set(skip)
+    for section_name, section in SECTIONS.items():
+        values = getattr(settings, section_name)
+        for f in dataclasses.fields(section):
+            key = f"{section_name}.{f.name}"
+            rule: Rule | None = f.metadata["rule"]
+            if key in bad or rule is None:
+                continue
+            detail = rule.problem(getattr(values, f.name))
+            if detail is not None:
+                problems.append(_must_be(settings.origin(section_name, f.name), rule.expected, detail))
+                bad.add(key)
+
+    def ok(*keys: str) -> bool:
+        return not bad.intersection(keys)
+
+    where = settings.where
+    b, k, t = settings.batch, settings.kafka, settings.topics
+    if ok("batch.max_in_flight", "batch.max_batch") and b.max_in_flight < b.max_batch:
+        problems.append(
+            f"{where('batch', 'max_in_flight')} must be at least {where('batch', 'max_batch')} "
+            f"({b.max_batch}), not {b.max_in_flight}"
+        )
+    if ok("batch.max_in_flight_bytes", "batch.max_frame_bytes") and b.max_in_flight_bytes < b.max_frame_bytes:
+        problems.append(
+            f"{where('batch', 'max_in_flight_bytes')} must be at least {where('batch', 'max_frame_bytes')} "
+            f"({b.max_frame_bytes}), not {b.max_in_flight_bytes}: one frame of the largest allowed size "
+            "must fit"
+        )
+    if ok("topics.frames_topic", "topics.frames_pattern") and not t.frames_topic and not t.frames_pattern:
+        problems.append(
+            f"{where('topics', 'frames_topic')} names no topic and {where('topics', 'frames_pattern')} "
+            "is empty: give the frames topics (comma separated) or a pattern"
+        )
+    if ok(
+        "topics.frames_topic",
+        "topics.labels_topic",
+        "topics.counts_topic",
+        "topics.review_topic",
+        "topics.events_topic",
+        "topics.dlq_topic",
+    ):
+        outputs = [
+            ("labels_topic", t.labels_topic),
+            ("counts_topic", t.counts_topic),
+            ("review_topic", t.review_topic),
+            ("events_topic", t.events_topic),
+        ]
+        outputs += [("dlq_topic", t.dlq_topic.format(topic=topic)) for topic in t.frames_topic]
+        for option, topic in outputs:
+            if topic in t.frames_topic and not t.frames_pattern:
+                problems.append(
+                    f"{where('topics', option)} makes the worker write to its frames topic {topic!r}, "
+                    "which it would then read again: give it a topic of its own"
+                )
+    if ok("kafka.security_protocol"):
+        needed = []
+        if k.security_protocol in ("SSL", "SASL_SSL"):
+            needed.append(("ssl_cafile", "the CA bundle that signed the brokers' certificates"))
+        if k.security_protocol.startswith("SASL"):
+            needed += [
+                ("sasl_username", "the SASL user"),
+                ("sasl_password_file", "the file with its password"),
+            ]
+        missing = [f"{where('kafka', option)} ({what})" for option, what in needed if not getattr(k, option)]
+        if missing:
+            problems.append(
+                f"{where('kafka', 'security_protocol')} is {k.security_protocol}, which needs "
+                + (", ".join(missing[:-1]) + " and " if len(missing) > 1 else "")
+                + missing[-1]
+            )
+    if ok("labels.label_thresholds") and settings.labels.label_thresholds and not settings.engine.engine:
+        from stream_worker.taxonomy import declared_labels
+
+        problems += _unknown_labels(settings, declared_labels(), "the packaged taxonomy")
+    return problems
+
+
+def _unknown_labels(settings: Settings, labels: Sequence[str], taxonomy: str) -> list[str]:
+    where = settings.where("labels", "label_thresholds")
+    problems = []
+    for name in settings.labels.label_thresholds:
+        if name not in labels:
+            close = difflib.get_close_matches(name, labels, n=1)
+            guess = f"did you mean {close[0]!r}? " if close else ""
+            problems.append(
+                f"{where} names {name!r}, which is no label of {taxonomy}: {guess}"
+                f"its labels are {', '.join(labels)}"
+            )
+    return problems
+
+
+def check_label_thresholds(settings: Settings, labels: Sequence[str], taxonomy: str) -> None:
+    """Refuse label thresholds naming a label that ``taxonomy`` (with ``labels``) does not have."""
+    _refuse(_unknown_labels(settings, labels, taxonomy))
+
+
+def check_engine_labels(settings: Settings) -> None:
+    """Check the label thresholds against the taxonomy of the named engine, from its sidecar.
+
+    That engine may carry its own taxonomy (a model with its own labels), known only from the
+    sidecar; this reads it without opening the engine, so a misspelt label is refused before
+    anything connects. Nothing to do without thresholds or a named engine (:func:`validate` checks
+    those against the packaged taxonomy), or when the engine file is not here (opening it says so).
+    It imports the backends (and with them OpenCV): call it once the OpenCV environment is set.
+    """
+    engine = Path(settings.engine.engine) if settings.engine.engine else None
+    if not settings.labels.label_thresholds or engine is None or not engine.is_file():
+        return
+    from stream_worker.backends.sidecar import read_sidecar
+    from stream_worker.taxonomy import declared_labels
+
+    sidecar = read_sidecar(engine)
+    taxonomy = f"the taxonomy engine {engine} carries" if sidecar.taxonomy is not None else None
+    check_label_thresholds(
+        settings, declared_labels(sidecar.taxonomy), taxonomy or f"the packaged taxonomy engine {engine} uses"
+    )
 
 
 def frame_topic_config(settings: Settings) -> dict[str, str]:
@@ -555,7 +1039,7 @@ def as_dict(settings: Settings, *, redact: bool = True) -> dict[str, dict[str, A
     """
     out: dict[str, dict[str, Any]] = {}
     for section_name in SECTIONS:
-        if section_name == "faults":
+        if section_name in TEST_ONLY_SECTIONS:
             continue
         section = getattr(settings, section_name)
         values: dict[str, Any] = {}

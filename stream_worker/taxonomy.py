@@ -119,6 +119,16 @@ def _read_document(path: Path | None) -> Any:
         raise ConfigError(f"cannot read taxonomy {origin}: {exc}") from exc
 
 
+def declared_labels(document: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+    """The labels a taxonomy document declares (default: the packaged one), leaves and parents.
+
+    No model is needed: this is what settings are checked against before any engine is opened
+    (``document`` is an engine's own taxonomy from its sidecar, when it carries one).
+    """
+    where = _PACKAGED_ORIGIN if document is None else "the engine's taxonomy"
+    return _parse(_read_document(None) if document is None else document, where).labels
+
+
 def _matched_by_name(spec: _Spec, names: tuple[str, ...], origin: str) -> _Spec:
     """``spec`` with every mapped class at its index in ``names``; refuses what cannot match."""
     mapped = {name for pairs in spec.classes.values() for _, name in pairs}

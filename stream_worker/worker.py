@@ -131,7 +131,11 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set (then drain within the deadline) or a fatal error is raised."""
-        await self.open()
+        try:
+            await self.open()
+        except BaseException:
+            await self.close()  # whatever open() got to: the engine, the producer, the pools
+            raise
         s = self.settings
         self._consumer = make_consumer(s.kafka, s.topics.group, max_poll_records=self.max_batch * 4)
         listener = _Rebalance(self)

@@ -9,7 +9,7 @@ import pytest
 
 from stream_worker.errors import ConfigError
 from stream_worker.kafka import bootstrap_addresses, client_kwargs, frames_subscription
-from stream_worker.settings import load_settings
+from stream_worker.settings import KafkaSettings, load_settings
 
 
 def test_bootstrap_lists_parse_including_ipv6() -> None:
@@ -19,10 +19,24 @@ def test_bootstrap_lists_parse_including_ipv6() -> None:
 
 
 def test_sasl_needs_credentials_and_reads_the_password_from_its_file(tmp_path: Path) -> None:
+    # Refused as the settings are loaded, before any client is made, naming what is missing...
+    with pytest.raises(
+        ConfigError, match=r"^KAFKA_SECURITY_PROTOCOL is SASL_SSL, which needs --ssl-cafile / "
+    ):
+        load_settings(env={"KAFKA_SECURITY_PROTOCOL": "SASL_SSL"})
+    with pytest.raises(ConfigError) as refused:
+        load_settings(env={"KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "KAFKA_SASL_USERNAME": "lookout"})
+    assert str(refused.value) == (
+        "KAFKA_SECURITY_PROTOCOL is SASL_PLAINTEXT, which needs --sasl-password-file / "
+        "KAFKA_SASL_PASSWORD_FILE (the file with its password)"
+    )
+    # ... and by a client made from settings built in code.
     with pytest.raises(ConfigError, match="--ssl-cafile"):
-        client_kwargs(load_settings(env={"KAFKA_SECURITY_PROTOCOL": "SASL_SSL"}).kafka)
+        client_kwargs(KafkaSettings(security_protocol="SASL_SSL"))
     with pytest.raises(ConfigError, match="--sasl-username and --sasl-password-file"):
-        client_kwargs(load_settings(env={"KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT"}).kafka)
+        client_kwargs(KafkaSettings(security_protocol="SASL_PLAINTEXT"))
+    with pytest.raises(ConfigError, match=f"cannot read the CA bundle {tmp_path / 'no-ca.pem'}"):
+        client_kwargs(KafkaSettings(security_protocol="SSL", ssl_cafile=str(tmp_path / "no-ca.pem")))
     secret = tmp_path / "password"
     secret.write_text("s3cret\n")
     env = {

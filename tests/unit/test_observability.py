@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 
+import pytest
+from aiokafka.errors import GroupAuthorizationFailedError, GroupCoordinatorNotAvailableError
 from prometheus_client import Gauge
 
 from stream_worker.counting import DriftSnapshot
-from stream_worker.observability import OVERFLOW_SOURCE, HealthServer, JsonFormatter, Metrics
+from stream_worker.observability import OVERFLOW_SOURCE, HealthServer, JsonFormatter, Metrics, setup_logging
 from stream_worker.pipeline import Batch
 
 
@@ -154,22 +157,76 @@ async def test_a_slow_metrics_page_renders_off_the_event_loop() -> None:
     assert render_s > 0.2, f"the registry rendered in {render_s:.3f} s: too fast to show anything"
     server = HealthServer(metrics, ready=lambda: (True, "ready"), live=lambda: (True, "ok"))
     port = await server.start("127.0.0.1", 0)
-    gaps: list[float] = []
+    beats: list[float] = []
 
     async def heartbeat() -> None:
-        last = time.perf_counter()
         while True:
             await asyncio.sleep(0.005)
-            now = time.perf_counter()
-            gaps.append(now - last)
-            last = now
+            beats.append(time.perf_counter())
 
     beating = asyncio.create_task(heartbeat())
     try:
         await asyncio.sleep(0.05)
+        asked = time.perf_counter()
         status, body = await http_get(port, "/metrics")
+        answered = time.perf_counter()
     finally:
         beating.cancel()
         await server.stop()
     assert status == 200 and 'lookout_test_many{n="49999"} 49999.0' in body
-    assert max(gaps) < render_s / 3, f"the loop stalled {max(gaps):.3f} s (render {render_s:.3f} s)"
+    # Rendered on the loop, the loop could not beat at all while the page was made (one or two
+    # beats at either end); rendered on a thread, it keeps beating (counted, not timed: how
+    # regularly it beats depends on the machine's load, whether it beats does not).
+    during = sum(asked < t < answered for t in beats)
+    assert during >= 10, (
+        f"{during} loop beats in {answered - asked:.3f} s of rendering (render {render_s:.3f} s)"
+    )
+
+
+@pytest.fixture
+def logging_as_the_cli_sets_it() -> Iterator[Callable[[], str]]:
+    """``setup_logging`` as every command calls it; yields what it has written so far."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, logging.getLogger("aiokafka").level)
+    setup_logging("INFO", "text")
+    written = io.StringIO()
+    (handler,) = root.handlers
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(written)
+    try:
+        yield written.getvalue
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+        logging.getLogger("aiokafka").setLevel(saved[2])
+        for name in ("aiokafka", "aiokafka.consumer.group_coordinator"):
+            for kafka_filter in logging.getLogger(name).filters[:]:
+                logging.getLogger(name).removeFilter(kafka_filter)
+
+
+def test_a_fresh_brokers_coordinator_start_up_is_not_logged_as_an_error(
+    logging_as_the_cli_sets_it: Callable[[], str],
+) -> None:
+    # What aiokafka logs, word for word, at every first start against a fresh broker (the
+    # consumer-offsets topic does not exist yet): it retries, and the worker then starts.
+    coordinator = logging.getLogger("aiokafka.consumer.group_coordinator")
+    coordinator.error("Group Coordinator Request failed: %s", GroupCoordinatorNotAvailableError())
+    coordinator.warning("Marking the coordinator dead (node %s)for group %s.", 1, "lookout")
+    logged = logging_as_the_cli_sets_it()
+    assert "GroupCoordinatorNotAvailableError" in logged and "Marking the coordinator dead" in logged
+    assert "ERROR" not in logged and "WARNING" not in logged, logged
+
+
+def test_real_kafka_client_errors_stay_errors(logging_as_the_cli_sets_it: Callable[[], str]) -> None:
+    coordinator = logging.getLogger("aiokafka.consumer.group_coordinator")
+    coordinator.error("Group Coordinator Request failed: %s", GroupAuthorizationFailedError())
+    logging.getLogger("aiokafka").error("Unable connect to node with id %s: %s", 1, "refused")
+    logged = logging_as_the_cli_sets_it()
+    assert logged.count(" ERROR aiokafka") == 2, logged
+
+
+def test_a_bootstrap_failure_lookout_reports_itself_is_not_logged_twice(
+    logging_as_the_cli_sets_it: Callable[[], str],
+) -> None:
+    # The start() that logs it raises, and lookout says "cannot reach Kafka at ..." in one line.
+    logging.getLogger("aiokafka").error('Unable connect to "%s:%s": %s', "127.0.0.1", 1, "refused")
+    assert logging_as_the_cli_sets_it() == ""

@@ -18,13 +18,13 @@ import pytest
 
 from stream_worker.backends.base import EngineInfo
 from stream_worker.codec import frame_headers
-from stream_worker.errors import LookoutError, ServiceUnavailable
+from stream_worker.errors import ConfigError, LookoutError, ServiceUnavailable
 from stream_worker.faust_agent import EventRecord
 from stream_worker.frames import SourceKind
 from stream_worker.observability import Metrics
 from stream_worker.pipeline import Batch, Pipeline
 from stream_worker.preprocess import PreprocessSpec
-from stream_worker.settings import Settings
+from stream_worker.settings import LabelSettings, Settings
 from stream_worker.sinks import Retrier, deliver
 from stream_worker.taxonomy import load_class_names
 from tests.unit import images
@@ -214,3 +214,22 @@ async def test_a_failure_that_cannot_be_retried_stops_delivery() -> None:
     with pytest.raises(LookoutError, match="refused"):
         await deliver(Batch(opened_at=0.0), StandInOutputs([Refused("labels"), after]), retrier)  # type: ignore[arg-type]
     assert after.attempts == 0
+
+
+async def test_a_threshold_for_a_label_the_engines_taxonomy_lacks_is_refused_when_it_opens() -> None:
+    # Settings built in code (a Faust app, a harness) skip load_settings' checks: the taxonomy the
+    # engine binds still refuses the label at open, not on the first batch hours later.
+    own = {
+        "version": "pets-1",
+        "labels": [{"label": "feline", "parent": None}],
+        "mapping": {"feline": {"classes": [[0, "tabby"]]}},
+    }
+    engine = StandInEngine([0], class_names=("tabby", "Chihuahua"))
+    engine.info = dataclasses.replace(engine.info, taxonomy=own)
+    settings = Settings(labels=LabelSettings(label_mode="multi", label_thresholds={"cat": 0.4}))
+    pipeline = Pipeline(settings, lambda: engine, metrics=Metrics())
+    try:
+        with pytest.raises(ConfigError, match=r"names 'cat', which is no label of taxonomy pets-1 of engine"):
+            await pipeline.open()
+    finally:
+        await pipeline.close()
