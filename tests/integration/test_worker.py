@@ -217,13 +217,13 @@ async def test_low_confidence_frames_are_sampled_for_review_and_drift_is_exporte
     topic = await make_topic("frames", partitions=1)
     frames = [(f"cam-{i % 2}", data) for i, data in enumerate(street_jpegs(20))]
     ids = await produce_frames(services.bootstrap, topic, frames)
-    # A threshold above 1 makes every frame low-confidence; the rate samples half of them by frame id.
+    # A threshold of 1 makes every frame low-confidence; the rate samples half of them by frame id.
     settings = worker_settings(
         services.bootstrap,
         services.redis_url,
         topic,
         key_prefix,
-        review_threshold=1.01,
+        review_threshold=1.0,
         review_sample_rate=0.5,
     )
     async with running_worker(settings) as worker:
