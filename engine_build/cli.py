@@ -1,4 +1,4 @@
-"""``engine-build``: export the model, build CPU/GPU engines, evaluate and compare them.
+"""``engine-build``: export the model, fine-tune it, build CPU/GPU engines, evaluate and compare them.
 
 User mistakes and stale or missing engines end with one line on stderr and exit code 2;
 there is never a traceback for them.
@@ -81,6 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    finetune = sub.add_parser(
+        "finetune", help="teach the model your labels: a new head trained on DIR/<label>/*.jpg|png"
+    )
+    finetune.add_argument(
+        "--data", type=Path, required=True, help="DIR/<label>/*.jpg|png; nested folders give the hierarchy"
+    )
+    finetune.add_argument("--out", type=Path, required=True, help="fine-tuned ONNX model to write")
+    finetune.add_argument("--onnx", type=Path, default=None, help="base model (default: the committed model)")
+    finetune.add_argument("--name", default=None, help="model name in the metadata (default: BASE-finetuned)")
+    finetune.add_argument("--threads", type=_positive_int, default=None, help="ONNX Runtime threads")
+    finetune.add_argument("--json", action="store_true", help="print one JSON object")
+    finetune.add_argument("--quiet", action="store_true", help="no progress bar")
+
     evaluate = sub.add_parser("evaluate", help="metrics of an engine on DIR/<leaf label>/*.jpg|png")
     evaluate.add_argument("--engine", type=Path, required=True)
     evaluate.add_argument("--data", type=Path, required=True)
@@ -159,6 +172,50 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from engine_build.finetune import finetune
+
+    report = finetune(
+        args.data,
+        args.out,
+        base_onnx=args.onnx,
+        name=args.name,
+        threads=args.threads,
+        progress=not args.quiet,
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    trained, chosen = report.trained, report.trained.chosen
+    counts = ", ".join(f"{label} {n}" for label, n in report.counts.items())
+    tree = [f"{parent} > {label}" for label, parent in report.taxonomy_parents().items() if parent]
+    print(f"images      {sum(report.counts.values())} in {len(report.counts)} labels: {counts}")
+    print(f"data        sha256 {report.data_sha256}")
+    print(
+        f"features    {report.base_model}, {report.feature_tensor} ({report.feature_dim} per image), "
+        f"{report.features_s:.1f} s"
+    )
+    print(
+        f"head        L2 penalty {trained.l2:g}, chosen by {trained.folds}-fold stratified cross-validation "
+        f"over {len(trained.scores)} values, {report.head_s:.1f} s"
+    )
+    print(
+        f"cv          accuracy {chosen.accuracy:.4f}, balanced {chosen.balanced_accuracy:.4f} "
+        "(images held out of the fit)"
+    )
+    bound = " (at its bound: the held-out images cannot tell how confident to be)"
+    print(
+        f"calibration temperature {trained.temperature:.3f}: held-out log-loss "
+        f"{trained.oof_log_loss:.4f} -> {trained.oof_log_loss_calibrated:.4f}"
+        f"{bound if trained.temperature_at_bound else ''}"
+    )
+    print(f"taxonomy    {report.taxonomy['version']}{' (' + ', '.join(tree) + ')' if tree else ''}")
+    print(f"wrote {args.out} ({report.model_name} {report.model_version})")
+    print(f"next: engine-build build --onnx {args.out} --out ENGINE.onnx")
+    print("      stream-worker run --engine ENGINE.onnx ...")
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from engine_build.evaluate import evaluate_engine
     from stream_worker.backends.registry import open_backend
@@ -219,7 +276,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
     print(f"images            {result.n}")
-    print(f"top-1 agreement   {result.top1_agreement:.4f} (ImageNet class)")
+    print(f"top-1 agreement   {result.top1_agreement:.4f} (the model's own classes)")
     print(f"label agreement   {result.label_agreement:.4f} (best taxonomy leaf)")
     print(f"max |p_a - p_b|   {result.max_abs_diff:.6f}")
     print(f"mean |p_a - p_b|  {result.mean_abs_diff:.6f}")
@@ -264,6 +321,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 COMMANDS = {
     "export": _cmd_export,
     "build": _cmd_build,
+    "finetune": _cmd_finetune,
     "evaluate": _cmd_evaluate,
     "compare": _cmd_compare,
     "info": _cmd_info,

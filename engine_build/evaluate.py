@@ -189,10 +189,11 @@ def run_engine(
 def evaluate_engine(backend: Backend, data_dir: Path, taxonomy: Taxonomy) -> EvaluationReport:
     """Evaluate ``backend`` on ``data_dir/<leaf label>/*.jpg|png`` through the taxonomy.
 
-    The single-label prediction is the best-scoring leaf; leaf scores are the AUC inputs.
+    Nested folders are read as ``engine-build finetune`` reads them: ``vehicle/car/x.jpg`` is a
+    ``car``. The single-label prediction is the best-scoring leaf; leaf scores are the AUC inputs.
     """
-    items = labelled_images(data_dir)
     leaves = tuple(taxonomy.leaves)
+    items = labelled_images(data_dir, leaves)
     unknown = sorted({label for _, label in items} - set(leaves))
     if unknown:
         raise ConfigError(

@@ -8,7 +8,7 @@ engine is calibrated and measured on the inputs it will serve.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,13 +51,21 @@ def list_images(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def labelled_images(root: Path) -> list[tuple[Path, str]]:
-    """``(path, label)`` for every image in ``root/<label>/...``; the folder name is the label."""
+def labelled_images(root: Path, labels: Collection[str] = ()) -> list[tuple[Path, str]]:
+    """``(path, label)`` for every image in ``root/<label>/...``; the folder name is the label.
+
+    With ``labels``, an image in nested folders takes the deepest folder name on its path that
+    is one of ``labels``, so ``root/vehicle/car/x.jpg`` (the layout ``engine-build finetune``
+    reads) is a ``car``; an image with none of them on its path keeps its top folder's name.
+    """
     if not root.is_dir():
         raise ConfigError(f"not a directory: {root}")
     items: list[tuple[Path, str]] = []
     for label_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        items.extend((path, label_dir.name) for path in list_images(label_dir))
+        for path in list_images(label_dir):
+            folders = path.relative_to(root).parts[:-1]
+            known = [name for name in folders if name in labels]
+            items.append((path, known[-1] if known else label_dir.name))
     if not items:
         raise ConfigError(f"no labelled images in {root}: expected {root}/<label>/*.jpg|png")
     return items
