@@ -100,8 +100,8 @@ def scan_training_folder(root: Path) -> TrainingSet:
     """Read ``root/<label>/...``; raise a one-line ``ConfigError`` for anything untrainable.
 
     A folder that holds images is a class named after it; a folder that holds folders is a
-    parent label of the labels inside. JPEG and PNG files count (by suffix); other files and
-    hidden entries are ignored.
+    parent label of the labels inside. JPEG and PNG files count (by suffix); other files (a
+    review export's ``manifest.csv``), hidden entries and ``_``-prefixed ones are ignored.
     """
     if not root.is_dir():
         raise ConfigError(f"training folder not found: {root}")
@@ -173,10 +173,14 @@ def scan_training_folder(root: Path) -> TrainingSet:
 
 
 def _entries(folder: Path) -> tuple[list[Path], list[Path]]:
-    """The JPEG/PNG files and the sub-folders of ``folder``, sorted; hidden entries skipped."""
+    """The JPEG/PNG files and the sub-folders of ``folder``, sorted; hidden entries skipped.
+
+    Entries starting with ``_`` are skipped too: no label starts with one, and
+    ``stream-worker review export`` leaves the frames nobody has filed yet in ``_unsorted``.
+    """
     images, folders = [], []
     for entry in sorted(folder.iterdir()):
-        if entry.name.startswith("."):
+        if entry.name.startswith((".", "_")):
             continue
         if entry.is_dir():
             folders.append(entry)

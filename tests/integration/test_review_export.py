@@ -9,6 +9,7 @@ import csv
 import subprocess
 from pathlib import Path
 
+from engine_build.finetune import finetune
 from stream_worker.settings import Settings
 from tests.conftest import REPO, Services, TopicFactory
 from tests.support.media import photo_jpeg, street_jpegs
@@ -67,3 +68,34 @@ async def test_review_samples_are_exported_once_as_images_with_a_manifest(
     files[0].rename(out / "cat" / files[0].name)
     again = export(settings, out)
     assert again.returncode == 0 and "0 new images" in again.stdout and "4 exported before" in again.stdout
+
+
+async def test_an_export_filed_into_label_folders_is_what_finetune_learns_from(
+    services: Services, make_topic: TopicFactory, key_prefix: str, tmp_path: Path
+) -> None:
+    # The loop of the README: review -> label -> finetune. Some frames stay unsorted.
+    topic = await make_topic("frames")
+    street, cats = street_jpegs(5), [photo_jpeg("chelsea.png", quality=q) for q in (70, 80, 90)]
+    ids = await produce_frames(services.bootstrap, topic, [("cam-1", d) for d in [*street, *cats]])
+    settings = worker_settings(
+        services.bootstrap,
+        services.redis_url,
+        topic,
+        key_prefix,
+        review_threshold=1.0,
+        review_sample_rate=1.0,
+    )
+    async with running_worker(settings):
+        await read_topic(services.bootstrap, settings.topics.review_topic, len(ids), settle_s=0)
+    out = tmp_path / "review"
+    assert export(settings, out).returncode == 0
+    cat_bytes = set(cats)
+    for label in ("cat", "street"):
+        (out / label).mkdir()
+    filed = sorted((out / "_unsorted").iterdir())[:-1]  # a person files all but one
+    for path in filed:
+        path.rename(out / ("cat" if path.read_bytes() in cat_bytes else "street") / path.name)
+
+    report = finetune(out, tmp_path / "mine.onnx", progress=False)
+    assert report.class_names == ("cat", "street")
+    assert sum(report.counts.values()) == len(filed)
