@@ -161,10 +161,16 @@ class TensorRTBackend:
         info = self.info
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
-        self._engine = self._runtime.deserialize_cuda_engine(info.path.read_bytes())
+        reason = ""
+        try:
+            self._engine = self._runtime.deserialize_cuda_engine(info.path.read_bytes())
+        except Exception as exc:  # TensorRT answers None for a bad plan, but may raise instead
+            text = str(exc).strip()
+            reason = f" ({text.splitlines()[0] if text else type(exc).__name__})"
+            self._engine = None
         if self._engine is None:
             raise EngineError(
-                f"TensorRT could not deserialize {info.path}; rebuild it on this machine with "
+                f"TensorRT could not deserialize {info.path}{reason}; rebuild it on this machine with "
                 f"`engine-build build --backend tensorrt --precision {info.precision} --out {info.path}`"
             )
         self._min_batch = check_engine_io(trt, self._engine, info)

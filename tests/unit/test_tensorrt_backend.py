@@ -227,3 +227,24 @@ def test_a_failed_open_releases_the_context_it_retained(
     allocated = [e for e in events if e.startswith(("pinned", "allocate"))]
     freed = [e for e in events if e.startswith("free")]
     assert len(allocated) == len(freed) == 4  # everything allocated before the failure is freed
+
+
+def test_a_plan_tensorrt_raises_on_is_one_line_and_releases_the_context(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    device = StandInDevice()
+
+    class Runtime:
+        def __init__(self, logger: Any) -> None:
+            pass
+
+        def deserialize_cuda_engine(self, data: bytes) -> Any:
+            raise RuntimeError("Serialization assertion magicTagRead == kMAGIC_TAG failed\nmore")
+
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: stand_in_tensorrt(Runtime=Runtime))
+    monkeypatch.setattr(trt_backend, "open_device", lambda ordinal=0: device)
+    with pytest.raises(EngineError) as excinfo:
+        trt_backend.TensorRTBackend(_info(tmp_path / "g.plan"))
+    assert "could not deserialize" in str(excinfo.value) and "magicTagRead" in str(excinfo.value)
+    assert "\n" not in str(excinfo.value)
+    assert device.events == ["push", "pop", "release"]
