@@ -22,9 +22,9 @@ missing piece with one line saying what it is (the report's ``missing``):
 6. ``negative``: a sidecar naming another GPU, another TensorRT, a garbage plan: each one line,
    no traceback; a junk timing cache: replaced by a fresh one, with a warning;
 7. ``int8`` (when the budget leaves time): build and agreement;
-8. ``throughput`` (when the budget leaves time): engine-only images/s by precision and batch.
-   The worker end to end on the GPU is ``python -m bench``'s GPU section (it needs Kafka and
-   Redis); this check does not start them.
+8. ``throughput`` (when the budget leaves time): engine-only images/s by precision and batch
+   (``python -m bench``'s GPU section measures the same on real frames; the worker end to end on
+   a GPU is measured by neither yet: it needs Kafka and Redis, which this check does not start).
 
 Exit status: 0 when every step that ran passed (``complete`` says whether all of them ran), 1
 when a check failed, 2 on a usage error. Nothing here is faked: a step that cannot run says so.
@@ -571,7 +571,7 @@ def step_throughput(run: Run) -> dict[str, Any]:
                 rows.append({"precision": precision, "batch": size, **measure(backend.infer, batch, 1.0)})
         finally:
             backend.close()
-    return {"rows": rows, "end_to_end": "python -m bench (GPU section; needs Kafka and Redis)"}
+    return {"rows": rows, "end_to_end": "not measured here (needs Kafka and Redis)"}
 
 
 STEPS: tuple[tuple[str, Callable[[Run], dict[str, Any]]], ...] = (
