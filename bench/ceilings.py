@@ -88,11 +88,14 @@ def measure_batches(
 
 
 def gpu_section(seconds: float, worker_batch: int) -> dict[str, Any]:
-    """TensorRT engines by precision and batch size, where a GPU and TensorRT exist; else why not."""
-    from stream_worker.backends.tensorrt import TensorRTBackend, import_tensorrt, runtime_version_and_gpu
+    """TensorRT engines by precision and batch size, where a GPU and TensorRT exist; else why not.
+
+    Engines are built into the cache dir once and reused while their sidecars still match this
+    GPU, this TensorRT and the model. ``python -m bench.gpu_check`` proves the path first.
+    """
+    from stream_worker.backends.tensorrt import TensorRTBackend, runtime_version_and_gpu
 
     try:
-        import_tensorrt()
         version, gpu = runtime_version_and_gpu()
     except EngineError as exc:
         return {"skipped": str(exc)}
@@ -102,10 +105,13 @@ def gpu_section(seconds: float, worker_batch: int) -> dict[str, Any]:
     profile = (1, worker_batch, max(32, worker_batch))
     rows: list[dict[str, Any]] = []
     for precision in ("fp32", "fp16", "int8"):
-        path = cache_dir() / f"trt-{precision}.plan"
-        build_tensorrt_engine(
-            default_onnx_path(), path, precision=precision, batch_profile=profile, progress=False
-        )
+        path = cache_dir() / f"trt-{precision}-b{profile[2]}.plan"
+        try:
+            verify_engine(path)
+        except EngineError:  # missing or stale: build
+            build_tensorrt_engine(
+                default_onnx_path(), path, precision=precision, batch_profile=profile, progress=False
+            )
         backend = TensorRTBackend(EngineInfo.from_sidecar(path, verify_engine(path)))
         rows.extend(measure_batches(backend, precision, frames, seconds, worker_batch))
     return {"tensorrt": version, "gpu": gpu, "rows": rows}

@@ -3,7 +3,7 @@
 # THIS GPU model and THIS TensorRT version, then exec `stream-worker "$@"`.
 #
 # A TensorRT plan only loads on the GPU model and TensorRT version that built it. The engine
-# sidecar records both, and stream_worker.backends.base.verify_engine checks them (and the
+# sidecar records both, and stream_worker.backends.registry.verify_engine checks them (and the
 # engine's and the ONNX model's sha256); the engine is (re)built only when that check fails.
 # Engines live under $LOOKOUT_CACHE_DIR/engines/<gpu model>/trt-<version>/, so pods on different
 # GPU models can share one cache volume, and a lock keeps pods that start together from
@@ -36,7 +36,7 @@ print(re.sub(r"[^A-Za-z0-9.]+", "-", gpu).strip("-") + "/trt-" + version)')"
     (
         flock 9
         if python3 -c 'import sys, pathlib
-from stream_worker.backends.base import verify_engine
+from stream_worker.backends.registry import verify_engine
 verify_engine(pathlib.Path(sys.argv[1]))' "$engine" 2>/dev/null; then
             echo "lookout-gpu: using cached engine $engine" >&2
         else

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -176,8 +176,13 @@ def quantize_int8(
     options: QuantOptions,
     *,
     progress: bool = True,
+    extra_options: Mapping[str, object] | None = None,
 ) -> None:
-    """Write a statically quantised int8 copy of ``onnx_path`` to ``out``."""
+    """Write a statically quantised int8 copy of ``onnx_path`` to ``out``.
+
+    ``extra_options`` are ONNX Runtime quantiser options laid over this recipe's own (the
+    TensorRT build passes those its ONNX parser needs); ``None`` keeps the recipe as it is.
+    """
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -206,6 +211,7 @@ def quantize_int8(
             # tensor of the whole calibration set in memory. (The histogram methods fail to
             # merge flushed chunks in ONNX Runtime 1.32, so they keep everything.)
             extra["CalibMaxIntermediateOutputs"] = 4
+        extra.update(extra_options or {})
         quantize_static(
             str(prepared),
             str(out),

@@ -9,4 +9,6 @@ settings can read the cache default without loading numpy and OpenCV):
 - ``sidecar``: reading engine sidecars and checking them against this machine
 - ``cache``: the default cache directory
 - ``onnxruntime``, ``tensorrt``: the backends themselves
+- ``cuda_memory``: the few CUDA calls the TensorRT backend makes (context, pinned and device
+  buffers, stream), through cuda-python or pycuda, whichever is installed
 """

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from packaging.requirements import Requirement
 
 from engine_build.cli import build_parser as engine_build_parser
 from stream_worker.cli import build_parser as stream_worker_parser
@@ -295,6 +297,24 @@ def test_gpu_entrypoint_reads_only_settings_and_its_own_variables() -> None:
     unknown = lookout - set(settings_env()) - ENTRYPOINT_ONLY_ENV
     assert not unknown, f"entrypoint-gpu.sh reads unknown variables {sorted(unknown)}"
     assert "LOOKOUT_ENGINE" in lookout and "LOOKOUT_MAX_BATCH" in lookout
+
+
+def test_gpu_entrypoint_imports_only_what_exists() -> None:
+    # Its checks run with stderr silenced: an import of a name that moved would read as "no
+    # valid engine" and rebuild the engine at every start.
+    imports = re.findall(r"^from (\S+) import (\w+)$", GPU_ENTRYPOINT.read_text(), re.M)
+    assert imports, "the entrypoint's Python one-liners import lookout's functions"
+    for module, name in imports:
+        assert hasattr(importlib.import_module(module), name), f"entrypoint-gpu.sh imports {module}.{name}"
+
+
+def test_gpu_image_keeps_its_own_tensorrt() -> None:
+    # The gpu extra would install a second TensorRT from PyPI (tensorrt-cu12) next to the image's.
+    runs = [i.args for i in parse_dockerfile(DOCKER / "Dockerfile.gpu") if i.keyword == "RUN"]
+    (install,) = (r for r in runs if "pip install" in r)
+    assert '".[gpu-bindings]"' in install and '".[gpu]"' not in install
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert [Requirement(r).name for r in extras["gpu-bindings"]] == ["cuda-python"]
 
 
 def test_gpu_entrypoint_engine_build_command_parses() -> None:
