@@ -321,12 +321,22 @@ class RedisSettings:
     )
 
 
+def _default_cache_dir() -> str:
+    """The cache this machine uses: ``LOOKOUT_CACHE_DIR`` as the process started with it, else
+    ``~/.cache/lookout`` (what ``scripts/services`` reads too).
+
+    The default itself follows the variable, like ``HOME``: settings loaded with ``env={}``
+    (tools, tests) still build engines where this machine keeps them.
+    """
+    return os.environ.get("LOOKOUT_CACHE_DIR") or str(default_cache_dir())
+
+
 @dataclass(frozen=True, slots=True)
 class EngineSettings:
     """Which engine classifies the frames."""
 
     engine: str = opt("", "LOOKOUT_ENGINE", "engine file; empty = the default CPU engine, built on first use")
-    cache_dir: str = opt(str(default_cache_dir()), "LOOKOUT_CACHE_DIR", "where default engines are cached")
+    cache_dir: str = opt(_default_cache_dir(), "LOOKOUT_CACHE_DIR", "where default engines are cached")
     inference_threads: int = opt(
         0,
         "LOOKOUT_INFERENCE_THREADS",

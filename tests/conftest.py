@@ -1,11 +1,18 @@
 """Shared fixtures. Integration tiers start the real services through scripts/services.
 
 A service that cannot start is a test error, never a skip.
+
+The engines, calibration sets and frames the tests build go into the checkout's own scratch
+cache, ``.state/test-cache``, never into the user's ``~/.cache/lookout`` (or their
+``LOOKOUT_CACHE_DIR``): ``LOOKOUT_CACHE_DIR`` is set for the whole session, before lookout is
+imported, so every worker, bench and CLI the tests start inherits it. ``scripts/services`` keeps
+using the user's cache for the Kafka jars it fetches (:data:`TOOLS_CACHE`, passed to it explicitly).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -18,6 +25,15 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICES = REPO / "scripts" / "services"
+TOOLS_CACHE = os.environ.get("LOOKOUT_CACHE_DIR") or str(Path.home() / ".cache" / "lookout")
+TEST_CACHE = REPO / ".state" / "test-cache"
+TEST_CACHE.mkdir(parents=True, exist_ok=True)
+os.environ["LOOKOUT_CACHE_DIR"] = str(TEST_CACHE)
+
+
+def services_env(**extra: str) -> dict[str, str]:
+    """The environment for ``scripts/services``: the user's cache for Kafka's jars."""
+    return {**os.environ, "LOOKOUT_CACHE_DIR": TOOLS_CACHE, **extra}
 
 
 @dataclass(frozen=True)
@@ -29,7 +45,9 @@ class Services:
 
 
 def _services_env() -> dict[str, str]:
-    out = subprocess.run([str(SERVICES), "env"], check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [str(SERVICES), "env"], check=True, capture_output=True, text=True, env=services_env()
+    ).stdout
     pairs = (line.removeprefix("export ").split("=", 1) for line in out.splitlines() if "=" in line)
     return {k: v for k, v in pairs}
 
@@ -37,7 +55,9 @@ def _services_env() -> dict[str, str]:
 @pytest.fixture(scope="session")
 def services() -> Services:
     """Start (or reuse) the real Kafka and Redis; fail loudly when they cannot start."""
-    result = subprocess.run([str(SERVICES), "up"], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [str(SERVICES), "up"], capture_output=True, text=True, timeout=600, env=services_env()
+    )
     if result.returncode != 0:
         pytest.fail(f"scripts/services up failed:\n{result.stderr}", pytrace=False)
     env = _services_env()

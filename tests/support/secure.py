@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.host import free_port
-from stream_worker.settings import load_settings
+from tests.conftest import TOOLS_CACHE
 
 REPO = Path(__file__).resolve().parents[2]
 KAFKA_POM = REPO / "scripts" / "kafka" / "pom.xml"
@@ -169,7 +169,7 @@ def kafka_libs() -> Path:
     match = re.search(r"<kafka.version>(.*)</kafka.version>", KAFKA_POM.read_text())
     if match is None:
         raise RuntimeError(f"no <kafka.version> in {KAFKA_POM}")
-    cache = Path(load_settings().engine.cache_dir)  # LOOKOUT_CACHE_DIR, as scripts/services reads it
+    cache = Path(TOOLS_CACHE)  # where scripts/services keeps them
     libs = cache / f"kafka-{match.group(1)}" / "libs"
     if not any(libs.glob("kafka_2.13-*.jar")):
         raise RuntimeError(f"Kafka jars missing in {libs}: run scripts/services up (it fetches them)")

@@ -6,11 +6,10 @@ killing it does not disturb the other tests on the shared services.
 
 from __future__ import annotations
 
-import os
 import subprocess
 from dataclasses import dataclass
 
-from tests.conftest import SERVICES
+from tests.conftest import SERVICES, services_env
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,7 +22,7 @@ class PrivateServices:
         """``scripts/services ARGS`` against this private instance."""
         result = subprocess.run(
             [str(SERVICES), *args],
-            env={**os.environ, **self.env},
+            env=services_env(**self.env),
             capture_output=True,
             text=True,
             timeout=timeout_s,

@@ -127,8 +127,11 @@ class WorkerProcess:
 
     def start(self, **env: str) -> WorkerProcess:
         """Start the worker; ``env`` adds to (and overrides) the constructor's environment."""
+        keep = {"LOOKOUT_CACHE_DIR"}  # the test session's cache (see tests/conftest.py)
         child_env = {
-            k: v for k, v in os.environ.items() if not k.startswith(("LOOKOUT_", "KAFKA_", "REDIS_"))
+            k: v
+            for k, v in os.environ.items()
+            if k in keep or not k.startswith(("LOOKOUT_", "KAFKA_", "REDIS_"))
         }
         child_env.update({"LOOKOUT_SESSION_TIMEOUT_MS": str(SESSION_TIMEOUT_MS), "PYTHONUNBUFFERED": "1"})
         child_env.update(self.extra_env)

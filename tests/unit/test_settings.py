@@ -265,3 +265,12 @@ def test_label_thresholds_are_checked_against_the_taxonomy_of_the_named_engine(t
     message = str(refused.value)
     assert message.startswith("LOOKOUT_LABEL_THRESHOLDS names 'car'") and "feline, pet" in message
     assert str(engine) in message
+
+
+def test_the_tests_build_into_the_checkouts_scratch_cache_not_the_users() -> None:
+    from tests.conftest import TEST_CACHE, TOOLS_CACHE
+
+    # Every worker, bench and CLI the tests start inherits this (tests/conftest.py).
+    assert load_settings().engine.cache_dir == str(TEST_CACHE)
+    assert load_settings(flags={}, env={}).engine.cache_dir == str(TEST_CACHE)
+    assert Path(TOOLS_CACHE) != TEST_CACHE
