@@ -281,37 +281,34 @@ class CountsWriter(CountsReader):
             raise redis_failure(exc) from exc
         return int(value) if value is not None else -1
 
-    async def dirty(self, topic: str, partition: int) -> list[WindowCounts]:
-        """Count hashes changed in Redis but not yet confirmed on the counts topic."""
-        stem = self.stem(topic, partition)
+    async def _listed_hashes(self, listing: str) -> list[tuple[str, dict[Any, Any]]]:
+        """The hashes a set lists (one round trip for them all), skipping those that expired."""
         try:
-            keys = sorted(k.decode() for k in await self._client.smembers(f"{stem}:dirty"))
+            keys = sorted(k.decode() for k in await self._client.smembers(listing))
             async with self._client.pipeline(transaction=False) as pipe:
                 for key in keys:
                     pipe.hgetall(key)
                 values = await pipe.execute()
         except redis_errors.RedisError as exc:
             raise redis_failure(exc) from exc
+        return [(key, value) for key, value in zip(keys, values, strict=True) if value]
+
+    async def dirty(self, topic: str, partition: int) -> list[WindowCounts]:
+        """Count hashes changed in Redis but not yet confirmed on the counts topic."""
+        stem = self.stem(topic, partition)
         return [
-            self._parse_hash(stem, key, self._flatten(v)) for key, v in zip(keys, values, strict=True) if v
+            self._parse_hash(stem, key, self._flatten(value))
+            for key, value in await self._listed_hashes(f"{stem}:dirty")
         ]
 
     async def dirty_events(self, topic: str, partition: int) -> list[SpeciesEvent]:
         """Camera-trap events changed in Redis but not yet confirmed on the events topic."""
         stem = self.stem(topic, partition)
-        try:
-            keys = sorted(k.decode() for k in await self._client.smembers(f"{stem}:edirty"))
-            async with self._client.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    pipe.hgetall(key)
-                values = await pipe.execute()
-        except redis_errors.RedisError as exc:
-            raise redis_failure(exc) from exc
-        events: list[SpeciesEvent] = []
-        for key, value in zip(keys, values, strict=True):
-            if value:
-                events.extend(_species_events(stem, key, {_text(k): _text(v) for k, v in value.items()}))
-        return events
+        return [
+            event
+            for key, value in await self._listed_hashes(f"{stem}:edirty")
+            for event in _species_events(stem, key, {_text(k): _text(v) for k, v in value.items()})
+        ]
 
     async def mark_events_published(self, topic: str, partition: int, events: Sequence[SpeciesEvent]) -> None:
         """Forget the dirty marks of events now on the events topic."""

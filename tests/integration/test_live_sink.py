@@ -14,17 +14,8 @@ from stream_worker.frames import ClassScore, Frame, FrameLabels, LabelScore, Pre
 from stream_worker.pipeline import Batch, DeadFrame
 from stream_worker.settings import RedisSettings, Settings
 from stream_worker.sinks.live import LiveViewSink
+from tests.support.pipeline import MODEL
 from tests.unit import images
-
-MODEL = {
-    "name": "m",
-    "version": "1",
-    "backend": "onnxruntime",
-    "precision": "fp32",
-    "engine_sha256": "0" * 64,
-    "onnx_sha256": "1" * 64,
-    "taxonomy_version": "t1",
-}
 
 
 def prediction(offset: int, source: str) -> Prediction:

@@ -35,11 +35,10 @@ def export(settings: Settings, out: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-async def test_review_samples_are_exported_once_as_images_with_a_manifest(
-    services: Services, make_topic: TopicFactory, key_prefix: str, tmp_path: Path
-) -> None:
-    topic = await make_topic("frames")
-    images = [*street_jpegs(3), photo_jpeg("chelsea.png")]
+async def all_sampled_for_review(
+    services: Services, topic: str, key_prefix: str, images: list[bytes]
+) -> tuple[Settings, list[str]]:
+    """A worker that samples every frame for review has labelled ``images``; its settings and frame ids."""
     ids = await produce_frames(services.bootstrap, topic, [("cam-1", data) for data in images])
     settings = worker_settings(
         services.bootstrap,
@@ -51,6 +50,14 @@ async def test_review_samples_are_exported_once_as_images_with_a_manifest(
     )
     async with running_worker(settings):
         await read_topic(services.bootstrap, settings.topics.review_topic, len(ids), settle_s=0)
+    return settings, ids
+
+
+async def test_review_samples_are_exported_once_as_images_with_a_manifest(
+    services: Services, make_topic: TopicFactory, key_prefix: str, tmp_path: Path
+) -> None:
+    images = [*street_jpegs(3), photo_jpeg("chelsea.png")]
+    settings, ids = await all_sampled_for_review(services, await make_topic("frames"), key_prefix, images)
 
     out = tmp_path / "review"
     first = export(settings, out)
@@ -74,19 +81,10 @@ async def test_an_export_filed_into_label_folders_is_what_finetune_learns_from(
     services: Services, make_topic: TopicFactory, key_prefix: str, tmp_path: Path
 ) -> None:
     # The loop of the README: review -> label -> finetune. Some frames stay unsorted.
-    topic = await make_topic("frames")
     street, cats = street_jpegs(5), [photo_jpeg("chelsea.png", quality=q) for q in (70, 80, 90)]
-    ids = await produce_frames(services.bootstrap, topic, [("cam-1", d) for d in [*street, *cats]])
-    settings = worker_settings(
-        services.bootstrap,
-        services.redis_url,
-        topic,
-        key_prefix,
-        review_threshold=1.0,
-        review_sample_rate=1.0,
+    settings, _ = await all_sampled_for_review(
+        services, await make_topic("frames"), key_prefix, [*street, *cats]
     )
-    async with running_worker(settings):
-        await read_topic(services.bootstrap, settings.topics.review_topic, len(ids), settle_s=0)
     out = tmp_path / "review"
     assert export(settings, out).returncode == 0
     cat_bytes = set(cats)

@@ -16,6 +16,17 @@ from stream_worker.service import backend_factory
 from stream_worker.settings import Settings, TopicSettings, load_settings
 from stream_worker.worker import Worker
 
+MODEL = {
+    "name": "m",
+    "version": "1",
+    "backend": "onnxruntime",
+    "precision": "fp32",
+    "engine_sha256": "0" * 64,
+    "onnx_sha256": "1" * 64,
+    "taxonomy_version": "t1",
+}
+"""A model description as label records carry it, for sink tests without an engine."""
+
 
 def worker_settings(
     bootstrap: str, redis_url: str, frames_topic: str, key_prefix: str, **flags: Any

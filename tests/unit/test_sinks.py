@@ -17,16 +17,7 @@ from stream_worker.pipeline import Batch, DeadFrame
 from stream_worker.settings import CountSettings, Settings, TopicSettings
 from stream_worker.sinks.counts import ApplyResult, CountsSink
 from stream_worker.sinks.topics import FrameTopicsSink, WindowCountsSink
-
-MODEL = {
-    "name": "m",
-    "version": "1",
-    "backend": "onnxruntime",
-    "precision": "fp32",
-    "engine_sha256": "0" * 64,
-    "onnx_sha256": "1" * 64,
-    "taxonomy_version": "t1",
-}
+from tests.support.pipeline import MODEL
 
 
 class ListProducer:
