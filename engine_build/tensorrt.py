@@ -69,7 +69,15 @@ def build_tensorrt_engine(
     with tempfile.TemporaryDirectory(prefix="lookout-trt-") as tmp:
         source = onnx_path
         if precision == "int8":
-            options = QuantOptions(symmetric_int8_activations=True, per_channel=True, reduce_range=False)
+            # The CPU recipe's bias correction and fp32 first convolution are measured on ONNX
+            # Runtime only; TensorRT builds keep the recipe they were measured with.
+            options = QuantOptions(
+                symmetric_int8_activations=True,
+                per_channel=True,
+                reduce_range=False,
+                bias_correction=False,
+                keep_first_conv_fp32=False,
+            )
             sources = calibration_sources(calib_dir, calibration_limit)
             source = Path(tmp) / "qdq.onnx"
             quantize_int8(onnx_path, source, sources, options, progress=progress)
