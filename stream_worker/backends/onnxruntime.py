@@ -18,6 +18,11 @@ def session_options(threads: int | None, *, spin: bool = False) -> ort.SessionOp
     (NCHWc) transforms that need this very CPU are applied here.
     ``spin=False`` stops idle intra-op threads from busy-waiting, which would otherwise
     steal the cores the decode pool needs between batches.
+    ``WeightBiasQuantization`` is switched off: it rounds the float weights of any Conv that
+    sits between a DequantizeLinear and a QuantizeLinear to *per-tensor* int8, which silently
+    undoes an int8 engine's choice to keep a convolution in fp32 (for a depthwise convolution
+    that cost half the top-1 agreement with fp32, ``bench/int8_variants.py``). Engines that
+    quantise every convolution, and fp32 engines, have no such node and are unaffected.
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -25,6 +30,7 @@ def session_options(threads: int | None, *, spin: bool = False) -> ort.SessionOp
     options.inter_op_num_threads = 1
     options.intra_op_num_threads = threads or 0
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    options.add_session_config_entry("optimization.disable_specified_optimizers", "WeightBiasQuantization")
     options.log_severity_level = 3
     return options
 

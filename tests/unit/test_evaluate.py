@@ -124,4 +124,5 @@ def test_compare_an_engine_with_itself_agrees_exactly(fp32_engine: Path) -> None
     assert result.n == 2
     assert result.top1_agreement == 1.0
     assert result.label_agreement == 1.0
+    assert result.published_label_agreement == 1.0
     assert result.max_abs_diff < 1e-6
