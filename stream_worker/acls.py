@@ -63,7 +63,13 @@ def required_acls(settings: Settings, *, create_topics: bool = True) -> list[Acl
     (:func:`acl_commands` says so in a comment).
     """
     t = settings.topics
-    writes = ("Write", "Describe", "Create") if create_topics else ("Write", "Describe")
+    # DescribeConfigs: the worker reads the size limit of the topics that carry frames (review
+    # samples, dead letters) so that it never sends a record they would refuse.
+    writes = (
+        ("Write", "Describe", "DescribeConfigs", "Create")
+        if create_topics
+        else ("Write", "Describe", "DescribeConfigs")
+    )
     grants = [
         AclGrant("group", (t.group,), ("Read",)),
         AclGrant("topic", tuple(t.output_topics()), writes),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import ssl
 import time
@@ -36,6 +37,8 @@ from stream_worker.errors import ConfigError, LookoutError, ServiceUnavailable
 from stream_worker.hints import start_hint
 from stream_worker.record_batches import tolerate_unreadable_header_names
 from stream_worker.settings import KafkaSettings, TopicSettings, read_secret
+
+log = logging.getLogger("lookout.kafka")
 
 
 def client_kwargs(kafka: KafkaSettings) -> dict[str, Any]:
@@ -311,6 +314,13 @@ async def message_limits(kafka: KafkaSettings, names: set[str]) -> dict[str, int
             config = {entry[0]: entry[1] for entry in entries}
             if not error_code and str(config.get("max.message.bytes", "")).isdigit():
                 limits[name] = int(config["max.message.bytes"])
+            elif error_code and name in names:
+                log.warning(
+                    "cannot read the size limit of topic %s (%s): a frame too large for it would be "
+                    "refused by the broker; grant DescribeConfigs on it (stream-worker acls)",
+                    name,
+                    for_code(error_code).__name__,
+                )
     return limits
 
 

@@ -163,7 +163,11 @@ class TopicIds:
                 admin = AIOKafkaAdminClient(
                     **client_kwargs(self._kafka), client_id=f"{self._kafka.client_id}-admin"
                 )
-                await admin.start()
+                try:
+                    await admin.start()
+                except KafkaError:
+                    await admin.close()  # what start() opened
+                    raise
                 self._admin = admin
             response = await self._admin._send_request(TopicIdsRequest(sorted(set(topics))))
         except (IncompatibleBrokerVersion, NotImplementedError):

@@ -411,6 +411,11 @@ class Worker:
         self._held.clear()
         try:
             counts.bind_topic_ids(await self._topic_ids.lookup(sorted({tp.topic for tp in assigned})))
+        except LookoutError as exc:
+            # The partitions keep their stored topic IDs; a recreated topic is caught on the next
+            # assignment. Everything below still runs.
+            log.warning("could not look up topic IDs on assignment: %s", exc)
+        try:
             for tp in assigned:
                 claim = await counts.claim(tp.topic, tp.partition)
                 if claim.reset_from >= 0:

@@ -116,6 +116,7 @@ for _, f in ipairs(frames) do
             if redis.call('EXISTS', done) == 1 then
               redis.call('HSET', done, 'closed', '1')
               redis.call('SADD', stem .. ':edirty', done)
+              redis.call('EXPIRE', stem .. ':edirty', ttl)
             end
           end
           start, lo, hi = f.t, f.t, f.t
@@ -141,7 +142,8 @@ for _, f in ipairs(frames) do
           for i, species in ipairs(f.e) do
             redis.call('HINCRBY', event, 'n:' .. species, 1)
             local score = tonumber(f.x[i]) or 0
-            local best = tonumber(redis.call('HGET', event, 'b:' .. species) or '-1')
+            -- HMGET, not HGET: the script's commands are those the documented Redis ACL grants.
+            local best = tonumber(redis.call('HMGET', event, 'b:' .. species)[1] or '-1')
             if score > best then redis.call('HSET', event, 'b:' .. species, tostring(score)) end
           end
           redis.call('EXPIRE', event, ttl)

@@ -39,7 +39,7 @@ from stream_worker.redis_client import make_redis
 from stream_worker.settings import KafkaSettings, RedisSettings, TopicSettings
 from stream_worker.sinks.counts import CountsReader
 from tests.support import secure
-from tests.support.media import street_jpegs
+from tests.support.media import photo_jpeg, street_jpegs
 
 STREAM_WORKER = Path(sys.executable).with_name("stream-worker")
 USER = "lookout"
@@ -233,18 +233,19 @@ def free_metrics_port() -> str:
     return str(free_port())
 
 
-async def produce_frames(secured: Secured, topic: str, count: int) -> list[str]:
-    """``count`` real street frames from three cameras, produced as the admin; their frame ids."""
+async def produce_frames(secured: Secured, topic: str, count: int, *, traps: int = 0) -> list[str]:
+    """``count`` real street frames from three cameras, then ``traps`` cat photos from a camera trap
+    (their events exercise the rest of the counts script), produced as the admin; their frame ids."""
     producer = make_producer(secured.kafka_settings(), client_id_suffix="test")
     await producer.start()
     ids = []
+    cameras = [(f"cam-{i % 3}", SourceKind.TRAFFIC, data) for i, data in enumerate(street_jpegs(count))]
+    cameras += [("trap-1", SourceKind.WILDLIFE, photo_jpeg("chelsea.png"))] * traps
     try:
-        for i, data in enumerate(street_jpegs(count)):
+        for i, (source, kind, data) in enumerate(cameras):
             frame_id = f"secure-{i}-{uuid.uuid4().hex[:6]}"
-            headers = codec.frame_headers(
-                f"cam-{i % 3}", SourceKind.TRAFFIC, frame_id, 1_790_000_000_000 + i * 1000, "image/jpeg"
-            )
-            await producer.send_and_wait(topic, data, key=f"cam-{i % 3}".encode(), headers=headers)
+            headers = codec.frame_headers(source, kind, frame_id, 1_790_000_000_000 + i * 1000, "image/jpeg")
+            await producer.send_and_wait(topic, data, key=source.encode(), headers=headers)
             ids.append(frame_id)
     finally:
         await producer.stop()
@@ -255,7 +256,7 @@ async def test_worker_labels_frames_over_sasl_ssl_and_counts_in_acl_redis_withou
     secured: Secured, tmp_path: Path
 ) -> None:
     topic = await secure_topic(secured)
-    ids = await produce_frames(secured, topic, 24)
+    ids = await produce_frames(secured, topic, 24, traps=3)
 
     port = free_metrics_port()
     stderr_path = tmp_path / "worker.stderr"
@@ -293,7 +294,7 @@ async def test_worker_labels_frames_over_sasl_ssl_and_counts_in_acl_redis_withou
             frames_counted += sum(w.frames for w in await counts.read(source, "1m"))
     finally:
         await client.aclose()
-    assert sources == ["cam-0", "cam-1", "cam-2"] and frames_counted == len(ids)
+    assert sources == ["cam-0", "cam-1", "cam-2", "trap-1"] and frames_counted == len(ids)
 
     # No secret in the worker's log, its metrics, or `stream-worker config` (even when a
     # password is written into the Redis URL, which people do: it is refused).

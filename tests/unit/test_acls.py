@@ -32,6 +32,7 @@ def test_grants_follow_the_configured_topics_and_group() -> None:
         ("topic", ("l", "c", "review", "events", "cams-a.dlq", "cams-b.dlq")): (
             "Write",
             "Describe",
+            "DescribeConfigs",
             "Create",
         ),
     }
@@ -53,15 +54,25 @@ def test_a_prefix_pattern_gets_prefixed_grants_for_frames_and_dead_letters() -> 
     assert grants == [
         ("topic", ("cams.",), True, ("Read", "Describe")),
         ("group", ("g",), False, ("Read",)),
-        ("topic", ("labels", "counts", "review", "events"), False, ("Write", "Describe", "Create")),
-        ("topic", ("cams.",), True, ("Write", "Describe", "Create")),  # {topic}.dlq starts with it
+        (
+            "topic",
+            ("labels", "counts", "review", "events"),
+            False,
+            ("Write", "Describe", "DescribeConfigs", "Create"),
+        ),
+        (
+            "topic",
+            ("cams.",),
+            True,
+            ("Write", "Describe", "DescribeConfigs", "Create"),
+        ),  # {topic}.dlq starts with it
     ]
     elsewhere = load_settings(flags={"frames_pattern": "cams-.*", "dlq_topic": "dead.{topic}"}, env={})
     dead = required_acls(elsewhere)[-1]
     assert (dead.names, dead.prefixed, dead.operations) == (
         ("dead.cams-",),
         True,
-        ("Write", "Describe", "Create"),
+        ("Write", "Describe", "DescribeConfigs", "Create"),
     )
     assert not acl_commands(elsewhere, "User:x")[0].startswith("#")
     assert acl_commands(elsewhere, "User:x")[0].endswith("--resource-pattern-type prefixed")
