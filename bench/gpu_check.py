@@ -368,17 +368,6 @@ def _images(run: Run) -> tuple[Any, str]:
     return sources, "bundled street frames and photos"
 
 
-def _device_free_bytes() -> int:
-    from stream_worker.backends.cuda_memory import current, open_device
-
-    context = open_device(0)
-    try:
-        with current(context):
-            return context.memory()[0]
-    finally:
-        context.release()
-
-
 def _exercise(backend: Any, images: Any, precision: str) -> dict[str, Any]:
     """Batches 1, 5, 8 and 32 through an open backend; what was seen."""
     classes = len(backend.info.class_names)
@@ -404,6 +393,7 @@ def step_engines(run: Run) -> dict[str, Any]:
     from engine_build.default import default_onnx_path
     from engine_build.evaluate import compare
     from engine_build.imagefolder import iter_batches
+    from stream_worker.backends.cuda_memory import device_free_bytes
     from stream_worker.backends.registry import open_backend
     from stream_worker.errors import EngineError
     from stream_worker.taxonomy import Taxonomy
@@ -420,7 +410,7 @@ def step_engines(run: Run) -> dict[str, Any]:
         detail: dict[str, Any] = {"images": len(sources), "image_origin": run.image_origin}
         taxonomy = Taxonomy.for_engine(cpu.info)
         for precision in ("fp32", "fp16"):
-            free_at = [_device_free_bytes()]
+            free_at = [device_free_bytes()]
             seen: dict[str, Any] = {}
             for cycle in range(2):
                 backend = open_backend(run.plans[precision])
@@ -437,7 +427,7 @@ def step_engines(run: Run) -> dict[str, Any]:
                         backend.infer(np.ascontiguousarray(run.images[:8]))
                 finally:
                     backend.close()
-                free_at.append(_device_free_bytes())
+                free_at.append(device_free_bytes())
             try:
                 backend.infer(np.ascontiguousarray(run.images[:1]))
             except EngineError:

@@ -53,7 +53,7 @@ from engine_build.head import (
 from engine_build.imagefolder import IMAGE_SUFFIXES
 from engine_build.metadata import read_onnx_model_info, utc_now_iso
 from stream_worker.backends.sidecar import sha256_file
-from stream_worker.decode import JPEG_MAGIC, PNG_MAGIC, DecodeLimits, decode_into
+from stream_worker.decode import DecodeLimits, decode_into, sniff_content_type
 from stream_worker.errors import BadFrame, ConfigError, EngineError
 from stream_worker.preprocess import PreprocessSpec
 from stream_worker.taxonomy import UNKNOWN, Taxonomy
@@ -305,15 +305,6 @@ class Features:
     """The first images as preprocessed, kept to check the joined model against the head."""
 
 
-def _sniffed_type(data: bytes) -> str | None:
-    """The content type the bytes start like: a renamed PNG is still a PNG."""
-    if data.startswith(PNG_MAGIC):
-        return "image/png"
-    if data.startswith(JPEG_MAGIC):
-        return "image/jpeg"
-    return None
-
-
 def extract_features(
     model: onnx.ModelProto,
     classifier: Classifier,
@@ -357,7 +348,7 @@ def extract_features(
                 unreadable.append((where, exc.strerror or type(exc).__name__))
                 continue
             listing.append(f"{where}\t{hashlib.sha256(data).hexdigest()}\n")
-            content_type = _sniffed_type(data)
+            content_type = sniff_content_type(data)
             if content_type is None:
                 unreadable.append((where, "neither JPEG nor PNG"))
                 continue

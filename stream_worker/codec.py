@@ -43,7 +43,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from stream_worker.counting import SpeciesEvent, parse_duration_ms
-from stream_worker.decode import JPEG_MAGIC, PNG_MAGIC, normalise_content_type
+from stream_worker.decode import normalise_content_type, sniff_content_type
 from stream_worker.errors import BadFrame, LookoutError
 from stream_worker.frames import Frame, Prediction, SourceKind
 
@@ -173,16 +173,14 @@ def frame_from_record(
 
     declared = _text(by_name, CONTENT_TYPE)
     if declared is None:
-        if data.startswith(JPEG_MAGIC):
-            content_type = "image/jpeg"
-        elif data.startswith(PNG_MAGIC):
-            content_type = "image/png"
-        else:
+        sniffed = sniff_content_type(data)
+        if sniffed is None:
             raise BadFrame(
                 "headers",
                 "missing_content_type",
                 "no content-type header and the bytes are neither JPEG nor PNG",
             )
+        content_type = sniffed
     else:
         content_type = normalise_content_type(declared)
         content_type = _CONTENT_TYPE_ALIASES.get(content_type, content_type)

@@ -117,6 +117,15 @@ def normalise_content_type(content_type: str) -> str:
     return content_type.split(";", 1)[0].strip().lower()
 
 
+def sniff_content_type(data: bytes) -> str | None:
+    """``image/jpeg`` or ``image/png`` by the bytes' magic; ``None`` for anything else (never a guess)."""
+    if data.startswith(JPEG_MAGIC):
+        return "image/jpeg"
+    if data.startswith(PNG_MAGIC):
+        return "image/png"
+    return None
+
+
 def probe(data: bytes, content_type: str, limits: DecodeLimits) -> ImageHeader:
     """Check a frame's size, declared type, magic bytes and header dimensions; decode nothing.
 

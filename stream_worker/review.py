@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stream_worker.decode import JPEG_MAGIC, PNG_MAGIC
+from stream_worker.decode import sniff_content_type
 from stream_worker.errors import ConfigError
 from stream_worker.kafka import records_to_end
 from stream_worker.settings import Settings
@@ -64,13 +64,12 @@ def file_name(record: Any, labels: dict[str, Any]) -> str:
     return f"{stem}__{_UNSAFE.sub('_', where)}"
 
 
+_EXTENSIONS = {"image/jpeg": ".jpg", "image/png": ".png"}
+
+
 def extension(data: bytes) -> str | None:
     """``.jpg`` or ``.png`` from the image's magic bytes; ``None`` for anything else."""
-    if data.startswith(JPEG_MAGIC):
-        return ".jpg"
-    if data.startswith(PNG_MAGIC):
-        return ".png"
-    return None
+    return _EXTENSIONS.get(sniff_content_type(data) or "")
 
 
 def manifest_row(file: str, labels: dict[str, Any]) -> dict[str, str]:

@@ -205,6 +205,16 @@ def open_device(ordinal: int = 0) -> DeviceContext:
     return _PycudaContext(_Pycuda(driver), ordinal)
 
 
+def device_free_bytes(ordinal: int = 0) -> int:
+    """Free memory of CUDA device ``ordinal`` now, read through a context of its own."""
+    context = open_device(ordinal)
+    try:
+        with current(context):
+            return context.memory()[0]
+    finally:
+        context.release()
+
+
 # ---------------------------------------------------------------------------------- cuda-python
 
 

@@ -19,7 +19,7 @@ from engine_build.cpu import build_cpu_engine
 from engine_build.evaluate import compare
 from engine_build.imagefolder import bundled_street_and_photo_sources
 from engine_build.metadata import write_sidecar
-from stream_worker.backends.cuda_memory import current, device_info, open_device
+from stream_worker.backends.cuda_memory import current, device_free_bytes, device_info, open_device
 from stream_worker.backends.registry import open_backend
 from stream_worker.backends.sidecar import read_sidecar
 from stream_worker.backends.tensorrt import import_tensorrt
@@ -77,15 +77,6 @@ def plans(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return built
 
 
-def _free_device_memory() -> int:
-    context = open_device(0)
-    try:
-        with current(context):
-            return context.memory()[0]
-    finally:
-        context.release()
-
-
 @needs_gpu
 def test_the_second_build_reuses_the_timing_cache_and_fp32_is_not_tf32(plans: dict[str, Path]) -> None:
     fp16, fp32 = read_sidecar(plans["fp16"]), read_sidecar(plans["fp32"])
@@ -125,7 +116,7 @@ def test_open_close_gives_the_device_memory_back_and_close_is_final(plans: dict[
         backend = open_backend(plans["fp16"])
         backend.infer(np.zeros((32, *backend.info.input_shape), np.float32))
         backend.close()
-        free.append(_free_device_memory())
+        free.append(device_free_bytes())
     assert abs(free[1] - free[2]) <= 8 << 20  # the first cycle may load kernels for good
     with pytest.raises(EngineError, match="closed"):
         backend.infer(np.zeros((1, *backend.info.input_shape), np.float32))
