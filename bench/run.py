@@ -109,6 +109,7 @@ async def run(*, quick: bool, size: str, with_scaling: bool, services_up: bool) 
             "frames": size,
         },
         "e2e_fps": e2e["max"]["e2e_fps"],
+        "live_capacity_fps": e2e["live"]["fps"],
         "naive_fps": e2e["naive"]["fps"],
         "ceiling_fps": ceiling,
         "p99_ms_at_50pct": e2e["load50"]["latency_ms"]["p99"],

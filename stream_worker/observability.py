@@ -113,6 +113,18 @@ class Metrics:
             ["topic", "partition"],
             registry=r,
         )
+        self.pauses = Counter(
+            "lookout_partition_pauses",
+            "Times the worker paused its partitions for back-pressure",
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "lookout_stage_seconds",
+            "Time a batch spent in each stage of the worker (see stream_worker/stages.py)",
+            ["stage"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.paused = Gauge(
             "lookout_partitions_paused", "1 while partitions are paused for back-pressure", registry=r
         )
@@ -213,6 +225,8 @@ class Metrics:
     def delivered(self, batch: Batch, *, sink_seconds: float, now_ms: int) -> None:
         """Every sink has the batch and its offsets are committed."""
         self.sink_seconds.observe(sink_seconds)
+        for stage, seconds in batch.clock.stages():
+            self.stage_seconds.labels(stage).observe(seconds)
         for p in batch.predictions:
             self.e2e_seconds.observe(max(0.0, (now_ms - p.frame.captured_at_ms) / 1000))
 

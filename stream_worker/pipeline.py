@@ -12,13 +12,17 @@ Kafka record: the worker's aiokafka records, the Faust agent's events) and leave
   that owns it, applies the taxonomy the engine's own class names bind, and derives the
   counted-frame records per partition and the drift snapshot per source.
 
-Buffers come from a small pool (one filling, one in inference, one spare); :meth:`can_take`
-tells the caller whether another record can go into a batch now, so the caller never waits.
+An ONNX Runtime engine may be opened as several sessions (``--inference-sessions``), each owned
+by a thread of its own: consecutive batches then run side by side, each on one session, and a
+batch takes the first session free. Buffers come from a small pool (one filling, one per
+session in inference, one spare); :meth:`can_take` tells the caller whether another record can
+go into a batch now, so the caller never waits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,9 +41,35 @@ from stream_worker.errors import BadFrame, LookoutError
 from stream_worker.frames import Frame, FrameLabels, Prediction, SourceKind
 from stream_worker.observability import Metrics
 from stream_worker.settings import Settings, check_label_thresholds
+from stream_worker.stages import StageClock
 from stream_worker.taxonomy import Taxonomy
 
-BUFFER_POOL_SIZE = 3  # one filling, one in inference, one spare
+SPARE_BUFFERS = 2  # besides one per session in inference: one filling, one spare
+MULTI_SESSION_BACKENDS = frozenset({"onnxruntime"})
+"""Backends whose engine may be opened more than once (TensorRT owns one CUDA context)."""
+
+
+def inference_layout(sessions: int, threads: int, backend: str, cores: int) -> tuple[int, int]:
+    """``(sessions, intra-op threads per session)`` from the settings (0 = auto) and the cores.
+
+    Auto: ONNX Runtime gets two sessions (one only on one core), each with an equal share of the
+    cores (measured on 2 cores: two one-thread sessions spend about 13 % less CPU per image than
+    one session on two threads, and unlike one one-thread session they can still use both cores
+    when inference is the bottleneck; docs/BENCHMARKS.md). Other backends get one session.
+    """
+    if backend not in MULTI_SESSION_BACKENDS:
+        return 1, threads
+    chosen = sessions or min(2, max(1, cores))
+    return chosen, threads or max(1, cores // chosen)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), at least one."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
 
 PartitionKey = tuple[str, int]
 """(topic, partition); equal to, and hashed like, aiokafka's ``TopicPartition``."""
@@ -107,6 +137,7 @@ class Batch:
     counted: dict[PartitionKey, list[CountedFrame]] = field(default_factory=dict)
     drift: dict[str, DriftSnapshot] = field(default_factory=dict)  # per source, after classification
     windows: dict[PartitionKey, tuple[WindowCounts, ...]] = field(default_factory=dict)  # by the counts sink
+    clock: StageClock = field(default_factory=StageClock)  # where its time went (stream_worker.stages)
 
     @property
     def slots(self) -> int:
@@ -137,26 +168,45 @@ class Pipeline:
         # The pool is the parallelism; OpenCV's own threads would only fight it for the cores.
         cv2.setNumThreads(1)
         self.decode_pool = ThreadPoolExecutor(b.decode_threads, thread_name_prefix="lookout-decode")
-        self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="lookout-infer")
+        # One thread per engine session; the first is opened before the layout is known.
+        self._infer_pools = [ThreadPoolExecutor(1, thread_name_prefix="lookout-infer")]
+        self._free_sessions: asyncio.Queue[int] | None = None
         self._drift = counting.DriftTracker(
             settings.counts.drift_window_frames,
             settings.counts.review_threshold,
             limits=settings.counts.source_limits,
         )
-        self._backend: Backend | None = None
+        self._backends: list[Backend] = []
         self._taxonomy: Taxonomy | None = None
         self._buffers: list[FloatArray] = []
         self.max_batch = b.max_batch
 
+    @property
+    def sessions(self) -> int:
+        """Engine sessions classifying side by side (after :meth:`open`)."""
+        return len(self._backends)
+
     # ----------------------------------------------------------------- lifecycle
 
     async def open(self) -> EngineInfo:
-        """Load the engine on the inference thread, bind the taxonomy to it, allocate the buffers."""
+        """Load the engine's sessions, each on its own thread; bind the taxonomy; allocate the buffers."""
         loop = asyncio.get_running_loop()
-        # The backend is created on the inference thread: it owns the engine (and a CUDA context).
-        backend = self._wrap_backend(await loop.run_in_executor(self._infer_pool, self._backend_factory))
-        self._backend = backend
+        e = self._settings.engine
+        # Each backend is created on its inference thread: it owns the engine (and a CUDA context).
+        # The first one tells which backend this is, and so how many sessions it may have.
+        backend = self._wrap_backend(await loop.run_in_executor(self._infer_pools[0], self._backend_factory))
+        self._backends = [backend]
         info = backend.info
+        sessions, _ = inference_layout(
+            e.inference_sessions, e.inference_threads, info.backend, usable_cores()
+        )
+        for i in range(1, sessions):
+            pool = ThreadPoolExecutor(1, thread_name_prefix=f"lookout-infer-{i}")
+            self._infer_pools.append(pool)
+            self._backends.append(self._wrap_backend(await loop.run_in_executor(pool, self._backend_factory)))
+        self._free_sessions = asyncio.Queue()
+        for i in range(len(self._backends)):
+            self._free_sessions.put_nowait(i)
         self._taxonomy = Taxonomy.for_engine(info)
         # Settings were checked against the taxonomy the sidecar named; this is the one bound.
         check_label_thresholds(
@@ -164,23 +214,27 @@ class Pipeline:
         )
         self.max_batch = max(1, min(self._settings.batch.max_batch, info.max_batch))
         shape = (self.max_batch, 3, info.spec.height, info.spec.width)
-        self._buffers = [np.zeros(shape, dtype=np.float32) for _ in range(BUFFER_POOL_SIZE)]
+        self._buffers = [
+            np.zeros(shape, dtype=np.float32) for _ in range(len(self._backends) + SPARE_BUFFERS)
+        ]
         return info
 
     async def close(self) -> None:
-        """Release the engine (on its thread) and the thread pools."""
-        backend, self._backend = self._backend, None
-        if backend is not None:
-            await asyncio.get_running_loop().run_in_executor(self._infer_pool, backend.close)
+        """Release the engine's sessions (each on its thread) and the thread pools."""
+        backends, self._backends = self._backends, []
+        loop = asyncio.get_running_loop()
+        for pool, backend in zip(self._infer_pools, backends, strict=False):
+            await loop.run_in_executor(pool, backend.close)
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
-        self._infer_pool.shutdown(wait=False)
+        for pool in self._infer_pools:
+            pool.shutdown(wait=False)
 
     @property
     def info(self) -> EngineInfo:
         """The opened engine's description."""
-        if self._backend is None:
+        if not self._backends:
             raise LookoutError("the pipeline is not open")
-        return self._backend.info
+        return self._backends[0].info
 
     @property
     def taxonomy(self) -> Taxonomy:
@@ -262,8 +316,11 @@ class Pipeline:
         if batch.buffer is None:
             return
         started = time.monotonic()
+        batch.clock.stamp("taken", started)
         results = await asyncio.gather(*batch.decodes, return_exceptions=True)
-        self._metrics.decoded(time.monotonic() - started)
+        decoded = time.monotonic()
+        batch.clock.stamp("decoded", decoded)
+        self._metrics.decoded(decoded - started)
         good: list[int] = []
         for slot, result in enumerate(results):
             frame = batch.frames[batch.slot_frames[slot]]
@@ -278,11 +335,10 @@ class Pipeline:
         buffer = batch.buffer
         try:
             if good:
-                started = time.monotonic()
-                labels = await asyncio.get_running_loop().run_in_executor(
-                    self._infer_pool, self._infer, buffer, batch.slots, good
-                )
-                self._metrics.classified(time.monotonic() - started, len(good))
+                labels = await self._run_session(buffer, batch.slots, good)
+                inferred = time.monotonic()
+                batch.clock.stamp("inferred", inferred)
+                self._metrics.classified(inferred - decoded, len(good))
                 now_ms = self._clock_ms()
                 for slot, frame_labels in zip(good, labels, strict=True):
                     frame = batch.frames[batch.slot_frames[slot]]
@@ -294,11 +350,21 @@ class Pipeline:
             self._buffers.append(buffer)
         self._summarise(batch)
 
-    def _infer(self, buffer: FloatArray, slots: int, good: list[int]) -> list[FrameLabels]:
-        """Runs on the inference thread: engine, then taxonomy (both CPU-bound)."""
-        backend = self._backend
-        if backend is None:
+    async def _run_session(self, buffer: FloatArray, slots: int, good: list[int]) -> list[FrameLabels]:
+        """Classify on the first free session (batches queue for one in the order they ask)."""
+        free = self._free_sessions
+        if free is None or not self._backends:
             raise LookoutError("the pipeline is closed")
+        session = await free.get()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._infer_pools[session], self._infer, self._backends[session], buffer, slots, good
+            )
+        finally:
+            free.put_nowait(session)
+
+    def _infer(self, backend: Backend, buffer: FloatArray, slots: int, good: list[int]) -> list[FrameLabels]:
+        """Runs on the session's thread: engine, then taxonomy (both CPU-bound)."""
         probs = backend.infer(buffer[:slots])
         if len(good) != slots:
             probs = probs[good]

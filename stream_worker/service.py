@@ -17,6 +17,7 @@ from stream_worker.errors import ConfigError, LookoutError, ServiceUnavailable
 from stream_worker.hints import start_hint
 from stream_worker.kafka import check_kafka, ensure_topics, partitions_of
 from stream_worker.observability import HealthServer, Metrics
+from stream_worker.pipeline import inference_layout, usable_cores
 from stream_worker.record_batches import tolerate_unreadable_header_names
 from stream_worker.redis_client import check_redis, make_redis
 from stream_worker.settings import Settings, frame_topic_config
@@ -78,7 +79,10 @@ def backend_factory(settings: Settings) -> Backend:
     """Open the configured engine (default: the CPU engine, built on first use)."""
     e = settings.engine
     engine = check_engine(settings)
-    return open_backend(engine, threads=e.inference_threads or None, cache_dir=Path(e.cache_dir))
+    # Threads per session as the pipeline lays the sessions out (an ONNX Runtime setting; a
+    # TensorRT engine ignores it and gets one session).
+    _, threads = inference_layout(e.inference_sessions, e.inference_threads, "onnxruntime", usable_cores())
+    return open_backend(engine, threads=threads, cache_dir=Path(e.cache_dir))
 
 
 async def run_worker(settings: Settings, stop: asyncio.Event, *, create_topics: bool = True) -> int:

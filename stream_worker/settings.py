@@ -340,7 +340,15 @@ class EngineSettings:
     inference_threads: int = opt(
         0,
         "LOOKOUT_INFERENCE_THREADS",
-        "intra-op threads for ONNX Runtime (0 = auto)",
+        "intra-op threads of each ONNX Runtime session (0 = auto: the cores shared equally "
+        "among the sessions)",
+        rule=_at_least(0),
+    )
+    inference_sessions: int = opt(
+        0,
+        "LOOKOUT_INFERENCE_SESSIONS",
+        "ONNX Runtime sessions classifying consecutive batches side by side, one thread each "
+        "(0 = auto: 2, or 1 on one core; TensorRT engines always get 1)",
         rule=_at_least(0),
     )
 
@@ -528,6 +536,13 @@ class OpsSettings:
         "LOOKOUT_RETRY_MAX_S",
         "longest backoff between retries of a failed sink write",
         rule=_above(0, "a number of seconds"),
+    )
+    trace_file: str = opt(
+        "",
+        "LOOKOUT_TRACE_FILE",
+        "append one JSON line per batch with its stage timestamps, plus GC pauses and "
+        "pause/resume, to this file (latency analysis: python -m bench.trace FILE); '' = off",
+        flag=False,
     )
     max_metric_sources: int = opt(
         1_000,

@@ -24,6 +24,7 @@ import collections
 import logging
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -39,6 +40,7 @@ from stream_worker.observability import Metrics
 from stream_worker.pipeline import Batch, Pipeline
 from stream_worker.settings import Settings
 from stream_worker.sinks import Outputs, Retrier, deliver
+from stream_worker.stages import TraceWriter
 from stream_worker.topic_ids import TopicIds
 
 log = logging.getLogger("lookout.worker")
@@ -83,7 +85,10 @@ class Worker:
         # Unbounded on purpose: the in-flight limit and the buffer pool bound them, and the poll
         # stage must never wait on a later stage.
         self._infer_q: asyncio.Queue[Batch | None] = asyncio.Queue()
-        self._sink_q: asyncio.Queue[Batch | None] = asyncio.Queue()
+        # Batches in the order they were closed, each with its classification (which may run on
+        # another engine session alongside the one before it); the sink stage awaits them in order.
+        self._sink_q: asyncio.Queue[tuple[Batch, asyncio.Task[None]] | None] = asyncio.Queue()
+        self._classifying: set[asyncio.Task[None]] = set()
         self._open: Batch | None = None
         self._in_flight = InFlight(settings.batch.max_in_flight, settings.batch.max_in_flight_bytes)
         self._drained = asyncio.Event()
@@ -92,7 +97,10 @@ class Worker:
         # True until the first assignment has been checked against the Redis watermarks.
         self._rebalancing = True
         self._held: list[dict[TopicPartition, list[Any]]] = []
-        self._backlog: collections.deque[tuple[TopicPartition, Any]] = collections.deque()
+        # Each fetched record with the monotonic and wall-clock (ms) time its fetch returned.
+        self._backlog: collections.deque[tuple[Any, float, float]] = collections.deque()
+        self._fetched_at = (time.monotonic(), time.time() * 1000)
+        self._trace = TraceWriter(Path(settings.ops.trace_file)) if settings.ops.trace_file else None
         self._policy = BatchPolicy(settings.batch.max_batch, settings.batch.max_wait_ms)
         self._ready = False
         self._last_poll = time.monotonic()
@@ -153,7 +161,12 @@ class Worker:
         info = self.backend_info
         log.info(
             "worker started",
-            extra={"engine": info.path.name, "max_batch": self.max_batch, "group": s.topics.group},
+            extra={
+                "engine": info.path.name,
+                "max_batch": self.max_batch,
+                "group": s.topics.group,
+                "inference_sessions": self._pipeline.sessions,
+            },
         )
         stages = [
             asyncio.create_task(self._poll_loop(stop), name="poll"),
@@ -170,9 +183,9 @@ class Worker:
                     raise error
         finally:
             self._ready = False
-            for task in tasks:
+            for task in [*tasks, *self._classifying]:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, *self._classifying, return_exceptions=True)
             await self.close()
 
     @property
@@ -196,6 +209,8 @@ class Worker:
         if self._outputs is not None:
             await self._outputs.close()
         await self._pipeline.close()
+        if self._trace is not None:
+            self._trace.close()
 
     def live(self) -> tuple[bool, str]:
         """Liveness: the loop answers and the pipeline has not died."""
@@ -233,6 +248,7 @@ class Worker:
             except KafkaError as exc:
                 raise kafka_failure(exc, "consuming frames") from exc
             self._last_poll = time.monotonic()
+            self._fetched_at = (self._last_poll, time.time() * 1000)
             if self._refused is not None:
                 raise self._refused
             if self._rebalancing:
@@ -263,7 +279,8 @@ class Worker:
             resume_at = self._resume_at.get(tp, -1)
             # Records fetched before our seek to the watermark took effect were already
             # labelled and counted by a previous owner: skip them.
-            self._backlog.extend((tp, r) for r in batch_records if r.offset >= resume_at)
+            fetched, fetched_ms = self._fetched_at
+            self._backlog.extend((r, fetched, fetched_ms) for r in batch_records if r.offset >= resume_at)
 
     def _take_backlog(self) -> None:
         """Move queued records into batches while there is a free buffer slot for them.
@@ -275,17 +292,21 @@ class Worker:
         while self._backlog and not self._rebalancing:
             if not self._pipeline.can_take(self._open):
                 return
-            _, record = self._backlog.popleft()
-            self._add(record)
+            self._add(*self._backlog.popleft())
 
     def _due(self, batch: Batch) -> bool:
         if not batch.frames:
             return bool(batch.dead)  # only dead letters: nothing to wait for
         return self._policy.due(batch.slots, batch.opened_at * 1000, time.monotonic() * 1000)
 
-    def _add(self, record: Any) -> None:
+    def _add(self, record: Any, fetched: float, fetched_ms: float) -> None:
         if self._open is None:
             self._open = Batch(opened_at=time.monotonic())
+            clock = self._open.clock
+            clock.stamp("fetched", fetched)
+            clock.stamp("opened", self._open.opened_at)
+            clock.first_kafka_ms = record.timestamp
+            clock.first_fetched_ms = round(fetched_ms, 3)
         batch = self._open
         self._in_flight.acquire(1, len(record.value or b""))
         self._drained.clear()
@@ -296,6 +317,7 @@ class Worker:
     def _close_open(self) -> None:
         batch, self._open = self._open, None
         if batch is not None and batch.records:
+            batch.clock.stamp("closed")
             self._infer_q.put_nowait(batch)
 
     def _backpressure(self) -> None:
@@ -306,8 +328,13 @@ class Worker:
         full = self._in_flight.full or bool(self._backlog)
         if full and not self._paused:
             consumer.pause(*consumer.assignment())
+            self.metrics.pauses.inc()
+            if self._trace is not None:
+                self._trace.event("pause", in_flight=self._in_flight.count, backlog=len(self._backlog))
         elif not full and self._paused:
             consumer.resume(*consumer.paused())
+            if self._trace is not None:
+                self._trace.event("resume", in_flight=self._in_flight.count)
         self._paused = full
         self._report_in_flight(paused=full)
 
@@ -319,21 +346,31 @@ class Worker:
     # ----------------------------------------------------------------- infer and sink stages
 
     async def _infer_loop(self) -> None:
+        # Never waits for a classification: the batch buffers (one per session plus two) bound
+        # how many batches can be classifying at once, and the pipeline hands out its sessions.
         while (batch := await self._infer_q.get()) is not None:
-            await self._pipeline.classify(batch)
-            await self._sink_q.put(batch)
+            task = asyncio.create_task(self._pipeline.classify(batch), name="classify")
+            self._classifying.add(task)
+            task.add_done_callback(self._classifying.discard)
+            await self._sink_q.put((batch, task))
         await self._sink_q.put(None)
 
     async def _sink_loop(self) -> None:
         outputs = self._outputs
         assert outputs is not None
-        while (batch := await self._sink_q.get()) is not None:
+        while (item := await self._sink_q.get()) is not None:
+            batch, classified = item
+            await classified
             started = time.monotonic()
+            batch.clock.stamp("sinking", started)
             await deliver(batch, outputs, self._retrier)
             await self._commit(batch)
+            batch.clock.stamp("commit")
             self.metrics.delivered(
                 batch, sink_seconds=time.monotonic() - started, now_ms=int(time.time() * 1000)
             )
+            if self._trace is not None:
+                self._trace.batch(batch.clock, frames=len(batch.predictions), records=batch.records)
             await outputs.live.write(batch)
             self._in_flight.release(batch.records, batch.bytes)
             self._report_in_flight()

@@ -190,6 +190,7 @@ async def deliver(batch: Batch, outputs: Outputs, retrier: Retrier) -> None:
     """Write ``batch`` to every sink that must have it before a commit, each retried on its own."""
     for sink in outputs.before_commit:
         await retrier.run(lambda sink=sink: sink.write(batch))  # type: ignore[misc]
+        batch.clock.stamp(f"sink:{sink.name}")
 
 
 __all__ = ["Outputs", "Retrier", "Sink", "deliver"]

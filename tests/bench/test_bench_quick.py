@@ -15,6 +15,7 @@ from tests.conftest import REPO, Services
 
 KEYS = (
     "e2e_fps",
+    "live_capacity_fps",
     "naive_fps",
     "ceiling_fps",
     "p99_ms_at_50pct",
@@ -40,4 +41,7 @@ def test_quick_benchmark_reports_every_figure(services: Services, tmp_path: Path
         assert isinstance(data[key], float) and math.isfinite(data[key]), key
     assert data["e2e_fps"] > 0 and data["naive_fps"] > 0
     assert data["end_to_end"]["max"]["frames"] == 300  # every produced frame was labelled
+    # The latency phase is taken apart by stage from the worker's own trace.
+    stages = data["end_to_end"]["load50"]["runs"][0]["stages"]
+    assert stages["frames"] > 0 and {"inference", "decode_wait", "sink:labels"} <= stages["stages_ms"].keys()
     assert list(tmp_path.glob("*.png")), "the plot is written beside the JSON"

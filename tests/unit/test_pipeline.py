@@ -8,7 +8,9 @@ list-backed fakes, and delivery is checked to retry only the sink that failed.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from stream_worker.errors import ConfigError, LookoutError, ServiceUnavailable
 from stream_worker.faust_agent import EventRecord
 from stream_worker.frames import SourceKind
 from stream_worker.observability import Metrics
-from stream_worker.pipeline import Batch, Pipeline
+from stream_worker.pipeline import Batch, Pipeline, inference_layout
 from stream_worker.preprocess import PreprocessSpec
 from stream_worker.settings import LabelSettings, Settings
 from stream_worker.sinks import Retrier, deliver
@@ -167,11 +169,78 @@ async def test_a_batch_holds_at_most_the_engines_profile_and_buffers_are_bounded
         while pipeline.can_take(batch) and not pipeline.full(batch):
             pipeline.add(batch, frame_record(len(batches) * 2 + batch.slots, "cam-1"))
         batches.append(batch)
-    assert [b.slots for b in batches] == [2, 2, 2]  # the pool holds three buffers, no more
+    # One buffer per engine session in inference, one filling, one spare; no more.
+    assert pipeline.sessions == 2
+    assert [b.slots for b in batches] == [2, 2, 2, 2]
     for batch in batches:
         await pipeline.classify(batch)
     assert pipeline.can_take(None)
     await pipeline.close()
+
+
+class GatedEngine(StandInEngine):
+    """Holds every call until released, recording which thread ran it and how many overlapped."""
+
+    def __init__(self) -> None:
+        super().__init__([SPORTS_CAR])
+        self.release = threading.Event()
+        self.threads: list[str] = []
+        self.running = 0
+        self.most_at_once = 0
+        self._lock = threading.Lock()
+
+    def infer(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        with self._lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+            self.threads.append(threading.current_thread().name)
+        self.release.wait(timeout=10)
+        with self._lock:
+            self.running -= 1
+        return super().infer(batch)
+
+
+async def test_two_engine_sessions_classify_consecutive_batches_side_by_side() -> None:
+    engines: list[GatedEngine] = []
+
+    def open_session() -> GatedEngine:
+        engines.append(GatedEngine())
+        return engines[-1]
+
+    pipeline = Pipeline(Settings(), open_session, metrics=Metrics())
+    await pipeline.open()
+    assert pipeline.sessions == 2 and len(engines) == 2  # auto: two sessions for ONNX Runtime
+    batches = []
+    for b in range(3):
+        batch = Batch(opened_at=0.0)
+        pipeline.add(batch, frame_record(b, "cam-1"))
+        batches.append(batch)
+    tasks = [asyncio.create_task(pipeline.classify(batch)) for batch in batches]
+    # Both sessions take a batch at once; the third batch waits for the first session free.
+    while sum(e.running for e in engines) < 2:
+        await asyncio.sleep(0.01)
+    assert not any(t.done() for t in tasks)
+    for engine in engines:
+        engine.release.set()
+    await asyncio.gather(*tasks)
+    await pipeline.close()
+    assert [len(b.predictions) for b in batches] == [1, 1, 1]
+    assert all(e.most_at_once == 1 for e in engines)  # a session never runs two batches at once
+    threads = {name for e in engines for name in e.threads}
+    assert len(threads) == 2  # each session on its own thread
+
+
+async def test_one_session_when_asked_for_or_when_the_backend_cannot_have_more() -> None:
+    settings = Settings(engine=dataclasses.replace(Settings().engine, inference_sessions=1))
+    pipeline = Pipeline(settings, lambda: StandInEngine([SPORTS_CAR]), metrics=Metrics())
+    await pipeline.open()
+    assert pipeline.sessions == 1
+    await pipeline.close()
+    assert inference_layout(0, 0, "onnxruntime", cores=2) == (2, 1)
+    assert inference_layout(0, 0, "onnxruntime", cores=1) == (1, 1)
+    assert inference_layout(0, 0, "onnxruntime", cores=16) == (2, 8)
+    assert inference_layout(3, 2, "onnxruntime", cores=2) == (3, 2)  # the user's layout wins
+    assert inference_layout(0, 0, "tensorrt", cores=16) == (1, 0)
 
 
 @dataclass

@@ -1,0 +1,46 @@
+"""Where a batch's time goes, on a real worker: the stage histogram and the trace file."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from tests.conftest import Services, TopicFactory
+from tests.support.media import street_jpegs
+from tests.support.pipeline import produce_frames, read_topic, running_worker, worker_settings
+
+FIXED = ["fetched", "opened", "closed", "taken", "decoded", "inferred", "sinking"]
+SINKS = ["sink:labels", "sink:counts", "sink:windows", "sink:events"]
+
+
+async def test_every_batch_is_traced_through_every_stage_in_order(
+    services: Services, make_topic: TopicFactory, key_prefix: str, tmp_path: Path
+) -> None:
+    topic = await make_topic("frames", partitions=2)
+    ids = await produce_frames(services.bootstrap, topic, [("cam-a", f) for f in street_jpegs(40)])
+    settings = worker_settings(services.bootstrap, services.redis_url, topic, key_prefix, max_batch=8)
+    trace_path = tmp_path / "trace.jsonl"
+    ops = dataclasses.replace(settings.ops, trace_file=str(trace_path))
+    settings = dataclasses.replace(settings, ops=ops)
+    async with running_worker(settings) as worker:
+        await read_topic(services.bootstrap, settings.topics.labels_topic, len(ids))
+    metrics = worker.metrics.render().decode()  # after the drain: every batch committed
+
+    batches = [line for line in map(json.loads, trace_path.read_text().splitlines()) if "batch" in line]
+    # Every labelled frame is in exactly one traced batch, and no batch is bigger than --max-batch.
+    assert sum(b["frames"] for b in batches) >= len(ids)
+    assert all(0 < b["frames"] <= 8 for b in batches)
+    for b in batches:
+        stamps = b["batch"]
+        assert list(stamps) == [*FIXED, *SINKS, "commit"], stamps
+        times = list(stamps.values())
+        assert times == sorted(times), f"stamps out of order: {stamps}"
+        # The first record's Kafka timestamp precedes its fetch (same machine, same clock).
+        assert b["kafka_ms"] <= b["fetched_ms"] + 1
+    # The histogram has every stage, one observation per committed batch.
+    stages = ["backlog", "fill", "infer_queue", "decode_wait", "inference", "sink_queue", *SINKS, "commit"]
+    for stage in stages:
+        line = f'lookout_stage_seconds_count{{stage="{stage}"}}'
+        counted = [float(x.split()[-1]) for x in metrics.splitlines() if x.startswith(line)]
+        assert counted and counted[0] >= len(batches), stage
