@@ -233,6 +233,36 @@ def read_metadata(onnx_path: Path) -> dict[str, str]:
     return {prop.key: prop.value for prop in proto.metadata_props}
 
 
+def set_preprocessing(onnx_path: Path, out_path: Path, resize: str) -> PreprocessSpec:
+    """Copy ``onnx_path`` to ``out_path`` with the resize mode ``resize`` (a ``--preprocess`` value).
+
+    Only the preprocessing keys of ``metadata_props`` change; the graph and every weight are
+    written back as they were read (the same tensor bytes). Engines built from the copy serve
+    the new mode, calibration (int8) included, since everything reads the spec from the model.
+    ``out_path`` may be ``onnx_path``: the file is replaced atomically. Returns the new spec.
+    """
+    try:
+        proto = onnx.load(str(onnx_path), load_external_data=False)
+    except (OSError, onnx.onnx_cpp2py_export.checker.ValidationError, ValueError) as exc:
+        raise EngineError(f"cannot read ONNX model {onnx_path}: {exc}") from exc
+    meta = {prop.key: prop.value for prop in proto.metadata_props}
+    if "class_names" not in meta:
+        raise EngineError(f"{onnx_path} has no lookout metadata; export it with `engine-build export`")
+    try:
+        spec = PreprocessSpec.from_metadata(meta).with_resize(resize)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    meta.update(spec.to_metadata())
+    del proto.metadata_props[:]
+    for key, value in sorted(meta.items()):
+        proto.metadata_props.add(key=key, value=value)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_path.with_name(out_path.name + ".partial")
+    onnx.save(proto, str(partial))
+    partial.replace(out_path)
+    return spec
+
+
 def preprocess_batch(
     images: Sequence[npt.NDArray[np.uint8]], spec: PreprocessSpec
 ) -> npt.NDArray[np.float32]:

@@ -14,6 +14,7 @@ import pytest
 
 from stream_worker.decode import (
     DecodeLimits,
+    DecodeTarget,
     ImageHeader,
     decode_bgr,
     decode_into,
@@ -40,9 +41,10 @@ def refused(data: bytes, content_type: str, limits: DecodeLimits = LIMITS) -> Ba
     return caught.value
 
 
-def decoded(
-    data: bytes, content_type: str, target: tuple[int, int] = (100_000, 100_000)
-) -> npt.NDArray[np.uint8]:
+FULL_SIZE = DecodeTarget(100_000)
+
+
+def decoded(data: bytes, content_type: str, target: DecodeTarget = FULL_SIZE) -> npt.NDArray[np.uint8]:
     return decode_bgr(data, probe(data, content_type, LIMITS), target)
 
 
@@ -211,7 +213,7 @@ def test_exif_orientation_is_applied_at_full_and_reduced_scale(
 ) -> None:
     data = images.with_exif_orientation(images.jpeg(images.halves(64, 128, BLUE, RED)), orientation)
     header = probe(data, "image/jpeg", LIMITS)
-    target = (64 // factor, 64 // factor)
+    target = DecodeTarget(64 // factor)
     assert reduction_factor(header, target) == factor
     image = decode_bgr(data, header, target)
     assert image.shape == (shape[0] // factor, shape[1] // factor, 3)
@@ -307,7 +309,7 @@ def test_reduction_factor_keeps_the_crop_at_least_model_size(
 
 
 def test_png_is_never_reduced() -> None:
-    assert reduction_factor(ImageHeader("png", 4000, 3000, 3, 8), (224, 224)) == 1
+    assert reduction_factor(ImageHeader("png", 4000, 3000, 3, 8), DecodeTarget(224)) == 1
 
 
 def test_reduced_decode_of_1080p_keeps_the_crop_above_model_size() -> None:
@@ -322,7 +324,7 @@ def test_reduced_decode_gives_the_same_tensor_as_full_decode() -> None:
     reduced = slot()
     decode_into(data, "image/jpeg", reduced, SPEC, LIMITS)
     full = slot()
-    preprocess_into(decoded(data, "image/jpeg", (10_000, 10_000)), full, SPEC)
+    preprocess_into(decoded(data, "image/jpeg", DecodeTarget(10_000)), full, SPEC)
     # Normalised units (one unit is ~58 grey levels): the model sees the same picture.
     assert np.abs(reduced - full).mean() < 0.05
 
