@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
+from bench.host import cpu_model
 from engine_build.evaluate import EvaluationReport, evaluate_engine, override_preprocessing, wilson_interval
 from stream_worker.backends.registry import open_backend
 from stream_worker.taxonomy import Taxonomy
@@ -54,17 +56,6 @@ def paired_group_difference(
     means = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
     low, high = np.quantile(means, [0.025, 0.975])
     return float(diff.mean()), float(low), float(high)
-
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (the figures here do not depend on it, but say where)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def choose(reports: dict[str, EvaluationReport]) -> tuple[str, dict[str, Any]]:
@@ -162,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(
         json.dumps(
             {
-                "host": {"cpu": cpu_model(), "python": platform.python_version()},
+                "host": {
+                    "cpu": cpu_model(),
+                    "python": platform.python_version(),
+                    "onnxruntime": ort.__version__,
+                },
                 "data": str(args.data),
                 "rule": __doc__.split("The rule, fixed before the first measurement:", 1)[1].strip(),
                 "winner": winner,

@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--json", action="store_true", help="print one JSON object")
     finetune.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    evaluate = sub.add_parser("evaluate", help="metrics of an engine on DIR/<leaf label>/*.jpg|png")
+    evaluate = sub.add_parser("evaluate", help="metrics of an engine on DIR/<leaf or unknown>/*.jpg|png")
     evaluate.add_argument("--engine", type=Path, required=True)
     evaluate.add_argument("--data", type=Path, required=True)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
