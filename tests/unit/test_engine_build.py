@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -20,7 +22,7 @@ from stream_worker.backends.onnxruntime import session_options
 from stream_worker.backends.registry import open_backend, verify_engine
 from stream_worker.backends.sidecar import Sidecar, check_compatible, read_sidecar, sha256_file, sidecar_path
 from stream_worker.errors import ConfigError, EngineError
-from stream_worker.preprocess import preprocess_into
+from stream_worker.preprocess import PreprocessSpec, preprocess_into
 from stream_worker.taxonomy import Taxonomy
 from tests.unit.engine_fixtures import COMMITTED_ONNX, REPO_ROOT, build_tiny_onnx
 
@@ -364,3 +366,39 @@ def test_cli_build_then_info(tmp_path: Path) -> None:
     data = json.loads(info.stdout)
     assert (data["backend"], data["precision"], data["max_batch"]) == ("onnxruntime", "fp32", 16)
     assert data["status"].startswith("ok")
+
+
+def test_cli_set_preprocess_changes_only_the_preprocessing_metadata(tmp_path: Path) -> None:
+    onnx_path = build_tiny_onnx(tmp_path / "tiny.onnx")
+    out = tmp_path / "letterbox.onnx"
+    result = _cli("set-preprocess", "--onnx", str(onnx_path), "--preprocess", "letterbox", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    before, after = onnx.load(str(onnx_path)), onnx.load(str(out))
+    assert before.graph.SerializeToString() == after.graph.SerializeToString()
+    meta_before = {p.key: p.value for p in before.metadata_props}
+    meta_after = {p.key: p.value for p in after.metadata_props}
+    changed = {k for k in meta_before.keys() | meta_after.keys() if meta_before.get(k) != meta_after.get(k)}
+    assert changed <= {"resize", "crop_fraction"}
+    assert PreprocessSpec.from_metadata(meta_after).describe() == "letterbox"
+    # An engine built from it serves the new mode (the sidecar carries it).
+    engine = tmp_path / "e.onnx"
+    assert _cli("build", "--onnx", str(out), "--out", str(engine), "--quiet").returncode == 0
+    assert read_sidecar(engine).spec.describe() == "letterbox"
+    assert "letterbox" in _cli("info", "--engine", str(engine)).stdout
+
+
+def test_cli_bad_preprocess_value_is_one_line(tmp_path: Path) -> None:
+    onnx_path = build_tiny_onnx(tmp_path / "tiny.onnx")
+    result = _cli(
+        "set-preprocess", "--onnx", str(onnx_path), "--preprocess", "crop:2", "--out", str(tmp_path / "x")
+    )
+    _assert_one_line_error(result, "expected crop:FRACTION")
+    engine = tmp_path / "e.onnx"
+    assert _cli("build", "--onnx", str(onnx_path), "--out", str(engine), "--quiet").returncode == 0
+    (tmp_path / "data" / "cat").mkdir(parents=True)
+    shutil.copy(sample_photo("chelsea.png"), tmp_path / "data" / "cat")
+    args = ("--engine", str(engine), "--data", str(tmp_path / "data"))
+    _assert_one_line_error(_cli("evaluate", *args, "--preprocess", "squash"), "expected crop:FRACTION")
+    ok = _cli("evaluate", *args, "--preprocess", "stretch")
+    assert ok.returncode == 0, ok.stderr
+    assert "stretch" in ok.stdout and "published label" in ok.stdout

@@ -18,10 +18,15 @@ from engine_build.evaluate import (
     compare,
     evaluate_engine,
     evaluate_predictions,
+    group_bootstrap_interval,
+    override_preprocessing,
+    published_outcome,
+    wilson_interval,
 )
 from engine_build.imagefolder import path_sources, sample_photo
 from stream_worker.backends.registry import open_backend
 from stream_worker.errors import ConfigError
+from stream_worker.preprocess import PreprocessSpec
 from stream_worker.taxonomy import Taxonomy
 from tests.unit.engine_fixtures import COMMITTED_ONNX
 
@@ -126,3 +131,82 @@ def test_compare_an_engine_with_itself_agrees_exactly(fp32_engine: Path) -> None
     assert result.label_agreement == 1.0
     assert result.published_label_agreement == 1.0
     assert result.max_abs_diff < 1e-6
+
+
+@pytest.mark.parametrize(
+    ("truth", "published", "outcome"),
+    [
+        ("bicycle", "bicycle", "leaf"),
+        ("bicycle", "vehicle", "ancestor"),
+        ("cat", "animal", "ancestor"),
+        ("bicycle", "car", "wrong"),
+        ("cat", "vehicle", "wrong"),
+        ("cat", "unknown", "unknown"),
+        ("unknown", "unknown", "leaf"),
+        ("unknown", "animal", "wrong"),
+    ],
+)
+def test_published_label_is_right_when_it_is_the_truth_or_one_of_its_parents(
+    truth: str, published: str, outcome: str
+) -> None:
+    assert published_outcome(Taxonomy.load(), truth, published) == outcome
+
+
+def test_wilson_interval_matches_the_textbook_values() -> None:
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_group_bootstrap_moves_whole_groups() -> None:
+    # One scene of 30 frames: resampling scenes cannot tell anything beyond that scene.
+    assert group_bootstrap_interval(np.array([1.0] * 20 + [0.0] * 10), ["a"] * 30) == pytest.approx(
+        (2 / 3, 2 / 3)
+    )
+    # Two scenes, all right and all wrong: the interval spans both.
+    low, high = group_bootstrap_interval(np.array([1.0] * 20 + [0.0] * 10), ["a"] * 20 + ["b"] * 10)
+    assert low == 0.0 and high == 1.0
+
+
+def test_a_bad_preprocess_value_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="expected crop:FRACTION"):
+        override_preprocessing(PreprocessSpec(), "fit")
+
+
+@needs_model
+def test_evaluate_scores_the_published_label_with_unknown_images_and_groups(
+    fp32_engine: Path, tmp_path: Path
+) -> None:
+    for label, photo in [("cat", "chelsea.png"), ("unknown", "coffee.png"), ("unknown", "rocket.jpg")]:
+        (tmp_path / label).mkdir(exist_ok=True)
+        shutil.copy(sample_photo(photo), tmp_path / label / photo)
+    (tmp_path / "manifest.csv").write_text(
+        "path,label,source,group\n"
+        "cat/chelsea.png,cat,skimage,chelsea\n"
+        "unknown/coffee.png,unknown,skimage,table\n"
+        "unknown/rocket.jpg,unknown,skimage,table\n"
+    )
+    backend = open_backend(fp32_engine)
+    report = evaluate_engine(backend, tmp_path, Taxonomy.for_engine(backend.info))
+    assert report.n == 1 and report.accuracy == 1.0  # best-leaf metrics: leaf images only
+    published = report.published
+    assert published is not None
+    assert (published.overall.n, published.overall.right, published.overall.wrong) == (3, 3, 0)
+    assert published.per_label["unknown"].leaf == 2
+    assert set(published.per_group) == {"chelsea", "table"} and published.per_group["table"].n == 2
+    assert report.to_dict()["published"]["accuracy_wilson95"][1] == 1.0
+    assert report.meta["preprocess"] == backend.info.spec.describe()
+
+
+@needs_model
+def test_a_preprocess_override_changes_what_the_engine_sees(fp32_engine: Path, tmp_path: Path) -> None:
+    from engine_build.imagefolder import clip_frame_sources
+
+    # A wide street frame (bikes.mp4 #60, a taxi): the centre crop and the letterbox differ.
+    sources = clip_frame_sources("bikes.mp4", keep=lambda i: i == 60)
+    a, b = open_backend(fp32_engine), open_backend(fp32_engine)
+    same = compare(a, b, sources, Taxonomy.for_engine(a.info))
+    letterbox = override_preprocessing(b.info.spec, "letterbox")
+    changed = compare(a, b, sources, Taxonomy.for_engine(a.info), spec_b=letterbox)
+    assert same.max_abs_diff < 1e-6
+    assert changed.max_abs_diff > 0.01
