@@ -285,6 +285,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     )
     auc = "n/a (needs two labels)" if report.auc_roc_macro is None else f"{report.auc_roc_macro:.4f}"
     print(f"AUC-ROC  {auc} (one-vs-rest, macro)")
+    cal = report.meta["calibration"]
+    for name, title in (("top_label", "best leaf"), ("published", "published label")):
+        print(
+            f"ECE      {cal['before'][name]['ece']:.4f} -> {cal['after'][name]['ece']:.4f} ({title}, 15 bins;"
+            f" before -> at serving temperature {cal['serving_temperature']:.3g})"
+        )
     print()
     print(f"{'label':<12} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>7} {'auc':>7}")
     for label, m in report.per_class.items():

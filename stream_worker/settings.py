@@ -414,7 +414,7 @@ class LabelSettings:
     rollup_threshold: float = opt(
         0.4,
         "LOOKOUT_ROLLUP_THRESHOLD",
-        "a leaf under this score rolls up to its parent (default: the engine's fitted one, else 0.4)",
+        "a leaf under this score rolls up to its parent; unset, a calibrated engine's fitted one",
         rule=SHARE,
     )
     label_thresholds: dict[str, float] = opt(
@@ -452,7 +452,7 @@ class CountSettings:
     review_threshold: float = opt(
         0.3,
         "LOOKOUT_REVIEW_THRESHOLD",
-        "frames whose best score is under this may go to review (default: the engine's fitted one, else 0.3)",
+        "frames whose best score is under this may go to review; unset, a calibrated engine's fitted one",
         rule=SHARE,
     )
     review_sample_rate: float = opt(
