@@ -124,6 +124,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="the worker's single-label roll-up threshold for the published label (default: the worker's)",
     )
 
+    calibrate = sub.add_parser(
+        "calibrate",
+        help="fit a serving temperature and the roll-up/review thresholds on a labelled dev set",
+        description="Fit a serving temperature (on the true label's score, grouped cross-fitting) and "
+        "the roll-up and review thresholds (from precision/recall curves) on DIR, and write them into "
+        "a copy of the model's metadata (key 'calibration'); the weights stay byte-identical. Workers "
+        "serving an engine built from OUT use them unless you set the threshold yourself.",
+    )
+    calibrate.add_argument(
+        "--onnx", type=Path, default=None, help="model to calibrate (default: the committed model)"
+    )
+    calibrate.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="DIR/<label>/*.jpg|png (any taxonomy label, or unknown); DIR/manifest.csv (path,label,group) "
+        "gives the groups, else the file stem without its frame number",
+    )
+    calibrate.add_argument("--out", type=Path, required=True, help="calibrated ONNX model to write")
+    calibrate.add_argument(
+        "--target-precision",
+        type=float,
+        default=0.95,
+        help="roll-up threshold: the lowest whose published-label precision reaches this (0.95)",
+    )
+    calibrate.add_argument(
+        "--min-label-frames",
+        type=_positive_int,
+        default=20,
+        help="frames (from 2+ groups) a label needs for a roll-up threshold of its own (20)",
+    )
+    calibrate.add_argument("--threads", type=_positive_int, default=None, help="ONNX Runtime threads")
+    calibrate.add_argument("--json", action="store_true", help="print one JSON object")
+
     compare = sub.add_parser("compare", help="agreement of two engines on the same images")
     compare.add_argument("--a", type=Path, required=True, help="first engine")
     compare.add_argument("--b", type=Path, required=True, help="second engine")
@@ -267,14 +301,26 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     if not args.data.is_dir():
         raise ConfigError(f"data folder not found: {args.data}")
-    threshold = LabelSettings().rollup_threshold if args.rollup_threshold is None else args.rollup_threshold
-    if not 0.0 < threshold <= 1.0:
-        raise ConfigError(f"--rollup-threshold must be in (0, 1], got {threshold:g}")
+    if args.rollup_threshold is not None and not 0.0 < args.rollup_threshold <= 1.0:
+        raise ConfigError(f"--rollup-threshold must be in (0, 1], got {args.rollup_threshold:g}")
     backend = open_backend(args.engine, threads=args.threads)
     try:
         spec = override_preprocessing(backend.info.spec, args.preprocess)
         taxonomy = Taxonomy.for_engine(backend.info)
-        report = evaluate_engine(backend, args.data, taxonomy, spec=spec, rollup_threshold=threshold)
+        # As the worker would publish: the engine's fitted roll-up thresholds unless one is given.
+        calibration = backend.info.calibration
+        threshold, per_label = args.rollup_threshold, {}
+        if threshold is None:
+            threshold = calibration.rollup_threshold or LabelSettings().rollup_threshold
+            per_label = dict(calibration.rollup_label_thresholds) if calibration.rollup_threshold else {}
+        report = evaluate_engine(
+            backend,
+            args.data,
+            taxonomy,
+            spec=spec,
+            rollup_threshold=threshold,
+            rollup_label_thresholds=per_label,
+        )
     finally:
         backend.close()
     if args.json:
@@ -289,6 +335,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     )
     auc = "n/a (needs two labels)" if report.auc_roc_macro is None else f"{report.auc_roc_macro:.4f}"
     print(f"AUC-ROC  {auc} (one-vs-rest, macro)")
+    cal = report.meta["calibration"]
+    for name, title in (("top_label", "best leaf"), ("published", "published label")):
+        print(
+            f"ECE      {cal['before'][name]['ece']:.4f} -> {cal['after'][name]['ece']:.4f} ({title}, 15 bins;"
+            f" before -> at serving temperature {cal['serving_temperature']:.3g})"
+        )
     print()
     print(f"{'label':<12} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>7} {'auc':>7}")
     for label, m in report.per_class.items():
@@ -338,6 +390,65 @@ def _print_published(published: PublishedReport) -> None:
             f"{group[:34]:<34} {published.group_label[group]:<12} {c.n:4d} {c.right:5d} {c.unknown:7d} "
             f"{c.wrong:5d} {published.best_leaf_right[group]:9d}"
         )
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from engine_build.calibrate import calibrate_model
+    from engine_build.default import default_onnx_path
+
+    onnx_path = args.onnx or default_onnx_path()
+    fit = calibrate_model(
+        onnx_path,
+        args.data,
+        args.out,
+        target_precision=args.target_precision,
+        min_label_frames=args.min_label_frames,
+        threads=args.threads,
+    )
+    if args.json:
+        print(json.dumps(fit.to_dict(), indent=2))
+        return 0
+    cal = fit.calibration
+    counts = ", ".join(f"{label} {n}" for label, n in sorted(fit.counts.items()))
+    print(f"data         {fit.n} images in {fit.groups} groups ({counts}), {fit.folds} grouped folds")
+    bound = " (at its bound)" if fit.temperature_at_bound else ""
+    folds = ", ".join(f"{t:.3f}" for t in fit.fold_temperatures)
+    print(f"temperature  {cal.serving_temperature:.4f}{bound}; per fold (fitted without it): {folds}")
+    print()
+    print(f"{'':26} {'before':>8} {'after':>8}")
+    print(f"{'NLL of the true label':26} {fit.nll['before']:8.4f} {fit.nll['after_cross_fitted']:8.4f}")
+    for name, title in (("top_label", "ECE, best leaf"), ("published", "ECE, published label")):
+        e = fit.ece[name]
+        print(f"{title:26} {e['before']:8.4f} {e['after_cross_fitted']:8.4f}")
+    print("before: raw output at the built-in roll-up threshold 0.4; after: each fold at a T fitted")
+    print("without it (cross-fitted) and at the fitted thresholds")
+    print()
+    print(f"{'roll-up t':>9} {'precision':>9} {'coverage':>8} {'recall':>7} {'published':>9}")
+    for p in fit.rollup_curve:
+        mark = "  <- chosen" if p.threshold == cal.rollup_threshold else ""
+        print(
+            f"{p.threshold:9.2f} {p.precision:9.3f} {p.coverage:8.3f} {p.recall:7.3f} {p.published:9d}{mark}"
+        )
+    reached = (
+        ""
+        if fit.target_reached
+        else f" (no threshold reaches precision {fit.target_precision}: most precise)"
+    )
+    per_label = dict(cal.rollup_label_thresholds) or "none"
+    print(f"roll-up threshold {cal.rollup_threshold:g}{reached}; per label: {per_label}")
+    held = fit.held_out_rule
+    print(
+        f"  the rule, chosen without each fold and applied to it: precision {held['precision']:.3f}, "
+        f"coverage {held['coverage']:.3f}"
+    )
+    chosen = next(p for p in fit.review_curve if p.threshold == cal.review_threshold)
+    print(
+        f"review threshold {cal.review_threshold:g}: highest F1 {chosen.f1:.3f} at finding wrong labels "
+        f"(precision {chosen.precision:.3f}, recall {chosen.recall:.3f})"
+    )
+    print(f"wrote {args.out} (data sha256 {fit.data_sha256[:12]})")
+    print(f"next: engine-build build --onnx {args.out} --out ENGINE.onnx")
+    return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -421,6 +532,7 @@ COMMANDS = {
     "build": _cmd_build,
     "finetune": _cmd_finetune,
     "evaluate": _cmd_evaluate,
+    "calibrate": _cmd_calibrate,
     "compare": _cmd_compare,
     "set-preprocess": _cmd_set_preprocess,
     "info": _cmd_info,

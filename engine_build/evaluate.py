@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +22,7 @@ import numpy.typing as npt
 
 from engine_build.imagefolder import ImageSource, iter_batches, labelled_images, path_sources
 from stream_worker.backends.base import Backend
+from stream_worker.calibration import Calibration
 from stream_worker.errors import ConfigError
 from stream_worker.preprocess import PreprocessSpec
 from stream_worker.settings import LabelSettings
@@ -208,6 +209,7 @@ def evaluate_engine(
     *,
     spec: PreprocessSpec | None = None,
     rollup_threshold: float = LabelSettings().rollup_threshold,
+    rollup_label_thresholds: Mapping[str, float] | None = None,
 ) -> EvaluationReport:
     """Evaluate ``backend`` on ``data_dir/<leaf label>/*.jpg|png`` through the taxonomy.
 
@@ -216,6 +218,8 @@ def evaluate_engine(
     A folder named ``unknown`` holds images in which no label is in view: they have no best leaf
     to get right, so only the published-label scores (``report.published``) count them.
     ``spec`` overrides the engine's preprocessing; ``rollup_threshold`` is the worker's.
+    Both are taken at the engine's serving temperature; ``meta["calibration"]`` holds the expected
+    calibration error before and after it (:func:`calibration_section`).
     """
     leaves = tuple(taxonomy.leaves)
     items = labelled_images(data_dir, (*leaves, UNKNOWN))
@@ -228,6 +232,8 @@ def evaluate_engine(
     if all(label == UNKNOWN for _, label in items):
         raise ConfigError(f"{data_dir}: only {UNKNOWN}/ images; the best-leaf metrics need some leaf folders")
     probs = run_engine(backend, path_sources([path for path, _ in items]), spec=spec)
+    # Measured as served: at the engine's serving temperature (none: the same array).
+    raw, probs = probs, backend.info.calibration.apply(probs)
     scores = leaf_scores(taxonomy, probs)
     predicted = [leaves[j] for j in scores.argmax(axis=1)]
     on_leaf = [i for i, (_, label) in enumerate(items) if label != UNKNOWN]
@@ -238,7 +244,15 @@ def evaluate_engine(
     published = score_published(
         taxonomy,
         [label for _, label in items],
-        [f.labels[0].label for f in taxonomy.classify(probs, rollup_threshold=rollup_threshold, top_k=0)],
+        [
+            f.labels[0].label
+            for f in taxonomy.classify(
+                probs,
+                rollup_threshold=rollup_threshold,
+                rollup_label_thresholds=rollup_label_thresholds or None,
+                top_k=0,
+            )
+        ],
         predicted,
         [groups.get(path.resolve(), str(path.relative_to(data_dir))) for path, _ in items],
         rollup_threshold=rollup_threshold,
@@ -251,6 +265,9 @@ def evaluate_engine(
         "model": f"{backend.info.model_name} {backend.info.model_version}",
         "taxonomy_version": str(taxonomy.version),
         "preprocess": (spec or backend.info.spec).describe(),
+        "calibration": calibration_section(
+            taxonomy, raw, [label for _, label in items], backend.info.calibration
+        ),
     }
     return EvaluationReport(**{**_fields(report), "meta": meta, "published": published})
 
@@ -549,3 +566,156 @@ def score_published(
             )
         ),
     )
+
+
+# -- calibration: expected calibration error and reliability diagrams ----------------------------
+
+CALIBRATION_BINS = 15
+"""Equal-width confidence bins of the expected calibration error (Guo et al. 2017 use 15)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReliabilityBin:
+    """One bin of a reliability diagram: confidences in ``(lower, upper]`` (the first bin takes 0)."""
+
+    lower: float
+    upper: float
+    count: int
+    confidence: float
+    """Mean confidence of the bin's examples (0 when empty)."""
+    accuracy: float
+    """Share of the bin's examples that are right (0 when empty)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reliability:
+    """Expected calibration error (ECE) of a set of confident predictions, with its bins.
+
+    ``ECE = sum over bins of count / n * |accuracy - confidence|``: 0 when, in every bin, the
+    share of right predictions equals their mean confidence.
+    """
+
+    ece: float
+    n: int
+    bins: tuple[ReliabilityBin, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict; empty bins are kept, so the bins are always the same 15."""
+        return {
+            "ece": self.ece,
+            "n": self.n,
+            "bins": [
+                {
+                    "lower": b.lower,
+                    "upper": b.upper,
+                    "count": b.count,
+                    "confidence": b.confidence,
+                    "accuracy": b.accuracy,
+                }
+                for b in self.bins
+            ],
+        }
+
+
+def reliability(
+    confidence: npt.ArrayLike, correct: npt.ArrayLike, *, bins: int = CALIBRATION_BINS
+) -> Reliability:
+    """ECE and reliability bins of predictions with ``confidence`` in [0, 1] and ``correct`` flags."""
+    conf = np.clip(np.asarray(confidence, dtype=np.float64), 0.0, 1.0)
+    right = np.asarray(correct, dtype=np.bool_)
+    if conf.shape != right.shape or conf.ndim != 1 or len(conf) == 0:
+        raise ConfigError("reliability needs one confidence and one right/wrong flag per example")
+    which = np.clip(np.ceil(conf * bins).astype(np.int64) - 1, 0, bins - 1)
+    count = np.bincount(which, minlength=bins)
+    conf_sum: FloatArray = np.bincount(which, weights=conf, minlength=bins).astype(np.float64)
+    right_sum: FloatArray = np.bincount(which, weights=right.astype(np.float64), minlength=bins).astype(
+        np.float64
+    )
+    mean_conf = _safe_ratio(conf_sum, count.astype(np.float64))
+    accuracy = _safe_ratio(right_sum, count.astype(np.float64))
+    ece = float(np.sum(count / len(conf) * np.abs(accuracy - mean_conf)))
+    return Reliability(
+        ece=ece,
+        n=len(conf),
+        bins=tuple(
+            ReliabilityBin(i / bins, (i + 1) / bins, int(count[i]), float(mean_conf[i]), float(accuracy[i]))
+            for i in range(bins)
+        ),
+    )
+
+
+def published_labels(
+    taxonomy: Taxonomy,
+    probs: npt.NDArray[np.float32],
+    *,
+    rollup_threshold: float,
+    rollup_label_thresholds: Mapping[str, float] | None = None,
+) -> tuple[list[str], FloatArray]:
+    """The label single mode publishes for each row (a leaf, a parent or ``unknown``) and its score."""
+    frames = taxonomy.classify(
+        probs, rollup_threshold=rollup_threshold, rollup_label_thresholds=rollup_label_thresholds, top_k=0
+    )
+    return [f.labels[0].label for f in frames], np.array([f.labels[0].score for f in frames])
+
+
+def published_correct(
+    taxonomy: Taxonomy, published: Sequence[str], truths: Sequence[str]
+) -> npt.NDArray[np.bool_]:
+    """Whether each published label is right: the true label or one of its ancestors (``unknown``
+    is right only for a frame whose truth is ``unknown``)."""
+    return np.array([p in taxonomy.path(t) for p, t in zip(published, truths, strict=True)], dtype=np.bool_)
+
+
+def calibration_reliability(
+    taxonomy: Taxonomy,
+    probs: npt.NDArray[np.float32],
+    truths: Sequence[str],
+    *,
+    rollup_threshold: float,
+    rollup_label_thresholds: Mapping[str, float] | None = None,
+) -> dict[str, Reliability]:
+    """ECE of one set of probabilities, two ways.
+
+    ``top_label``: the best leaf's score as the confidence that the best leaf is the true label.
+    ``published``: the score of the label single mode publishes at these thresholds (``unknown``'s
+    score, the unmapped mass, when it publishes ``unknown``) as the confidence that it is right
+    (the true label or an ancestor of it): labels are what lookout sells.
+    """
+    leaf = leaf_scores(taxonomy, probs)
+    best_leaf = [taxonomy.leaves[j] for j in leaf.argmax(axis=1)]
+    published, scores = published_labels(
+        taxonomy, probs, rollup_threshold=rollup_threshold, rollup_label_thresholds=rollup_label_thresholds
+    )
+    return {
+        "top_label": reliability(leaf.max(axis=1), [b == t for b, t in zip(best_leaf, truths, strict=True)]),
+        "published": reliability(scores, published_correct(taxonomy, published, truths)),
+    }
+
+
+def calibration_section(
+    taxonomy: Taxonomy, raw_probs: npt.NDArray[np.float32], truths: Sequence[str], calibration: Calibration
+) -> dict[str, Any]:
+    """The ``calibration`` part of ``evaluate --json``: ECE before and after the engine's calibration.
+
+    Before: the engine's raw probabilities at the built-in roll-up threshold. After: at its
+    serving temperature and its fitted thresholds (the built-in ones where it has none). On the
+    data the calibration was fitted on, "after" is optimistic; ``engine-build calibrate`` reports
+    grouped cross-fitted figures instead.
+    """
+    default = LabelSettings().rollup_threshold
+    before = calibration_reliability(taxonomy, raw_probs, truths, rollup_threshold=default)
+    after = calibration_reliability(
+        taxonomy,
+        calibration.apply(raw_probs),
+        truths,
+        rollup_threshold=default if calibration.rollup_threshold is None else calibration.rollup_threshold,
+        rollup_label_thresholds=calibration.rollup_label_thresholds or None,
+    )
+    return {
+        "serving_temperature": calibration.serving_temperature,
+        "rollup_threshold": calibration.rollup_threshold,
+        "review_threshold": calibration.review_threshold,
+        "bins": CALIBRATION_BINS,
+        "before": {name: r.to_dict() for name, r in before.items()},
+        "after": {name: r.to_dict() for name, r in after.items()},
+    }

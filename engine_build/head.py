@@ -233,29 +233,61 @@ def train_head(
 
 def fit_temperature(
     logits: FloatArray,
-    targets: IntArray,
+    targets: IntArray | npt.NDArray[np.bool_],
     *,
     low: float = MIN_TEMPERATURE,
     high: float = MAX_TEMPERATURE,
 ) -> float:
     """The ``T`` in ``[low, high]`` minimising the mean NLL of ``softmax(logits / T)``.
 
-    With ``beta = 1 / T`` the NLL is convex (a log-sum-exp of a linear function of ``beta``
-    minus a linear term) and its derivative, ``mean(E_p[z] - z_y)``, increases with ``beta``:
-    bisection on the derivative's sign, in log space, to a relative precision of about 1e-6.
+    ``targets`` is either one class index per row, or a boolean mask ``(rows, classes)`` of the
+    classes that are right for each row: the likelihood of a row is then the probability mass of
+    its right classes (``engine-build calibrate`` fits the shipped ImageNet model this way, on
+    the taxonomy label's score). With ``beta = 1 / T`` the slope of the mean NLL is
+    ``mean(E_p[z] - E_p[z | right])``. For one right class per row the NLL is convex in ``beta``
+    (a log-sum-exp of a linear function of ``beta`` minus a linear term); for a set of right
+    classes it is a difference of two such terms and need not be. So the slope is evaluated on a
+    grid of ``_TEMPERATURE_GRID`` values of ``beta``, evenly spaced in log space; every bracket
+    where it turns from negative to non-negative is refined by bisection, in log space, to a
+    relative precision of about 1e-6, and the local minimum (or bound) with the lowest NLL wins.
+    In the convex case there is exactly one, so the grid changes nothing but the starting interval.
     """
     z = np.asarray(logits, dtype=np.float64)
-    picked = z[np.arange(len(targets)), targets]
+    right = _right_classes(targets, z.shape)
+    if not right.any(axis=1).all():
+        raise ConfigError("every row needs at least one right class to fit a temperature")
+
+    def nll(beta: float) -> float:
+        logp = log_softmax(beta * z)
+        return float(-np.mean(_masked_logsumexp(logp, right)))
 
     def slope(beta: float) -> float:
-        p = np.exp(log_softmax(beta * z))
-        return float(np.mean((p * z).sum(axis=1) - picked))
+        logp = log_softmax(beta * z)
+        p = np.exp(logp)
+        # The distribution restricted to the right classes, renormalised, in log space.
+        q = np.exp(logp - _masked_logsumexp(logp, right)[:, None]) * right
+        return float(np.mean((p * z).sum(axis=1) - (q * z).sum(axis=1)))
 
-    lo, hi = np.log(1.0 / high), np.log(1.0 / low)
-    if slope(float(np.exp(lo))) >= 0:
-        return high
-    if slope(float(np.exp(hi))) <= 0:
-        return low
+    grid = np.linspace(np.log(1.0 / high), np.log(1.0 / low), _TEMPERATURE_GRID)
+    slopes = [slope(float(np.exp(g))) for g in grid]
+    candidates = []
+    if slopes[0] >= 0:
+        candidates.append(high)
+    if slopes[-1] <= 0:
+        candidates.append(low)
+    for i in range(len(grid) - 1):
+        if slopes[i] < 0 <= slopes[i + 1]:
+            candidates.append(_bisect(slope, float(grid[i]), float(grid[i + 1])))
+    # Convex: exactly one candidate. Otherwise the local minimum with the lowest NLL (first on ties).
+    return min(candidates, key=lambda t: nll(1.0 / t))
+
+
+_TEMPERATURE_GRID = 49
+"""Grid points over ``log(1 / T)``, from ``1 / MAX_TEMPERATURE`` to ``1 / MIN_TEMPERATURE``."""
+
+
+def _bisect(slope: Callable[[float], float], lo: float, hi: float) -> float:
+    """``1 / exp(x)`` at the sign change of ``slope(exp(x))`` between ``lo`` and ``hi``."""
     for _ in range(60):
         mid = (lo + hi) / 2
         if slope(float(np.exp(mid))) < 0:
@@ -263,6 +295,30 @@ def fit_temperature(
         else:
             hi = mid
     return float(1.0 / np.exp((lo + hi) / 2))
+
+
+def _right_classes(
+    targets: IntArray | npt.NDArray[np.bool_], shape: tuple[int, ...]
+) -> npt.NDArray[np.bool_]:
+    """A boolean ``(rows, classes)`` mask from class indices or from a mask of that shape."""
+    array = np.asarray(targets)
+    if array.dtype == np.bool_:
+        if array.shape != shape:
+            raise ConfigError(f"a mask of right classes must be {shape} like the logits, not {array.shape}")
+        return np.asarray(array, dtype=np.bool_)
+    if array.shape != shape[:1]:
+        raise ConfigError(f"one target per row expected ({shape[0]}), got {array.shape}")
+    mask = np.zeros(shape, dtype=np.bool_)
+    mask[np.arange(shape[0]), array.astype(np.int64)] = True
+    return mask
+
+
+def _masked_logsumexp(logp: FloatArray, mask: npt.NDArray[np.bool_]) -> FloatArray:
+    """Row-wise ``log(sum(exp(logp)))`` over the ``mask``ed entries (each row has one)."""
+    masked = np.where(mask, logp, -np.inf)
+    top = masked.max(axis=1, keepdims=True)
+    result: FloatArray = (top + np.log(np.exp(masked - top).sum(axis=1, keepdims=True)))[:, 0]
+    return result
 
 
 class _Standardised:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from stream_worker.backends.sidecar import Sidecar, sha256_file, sidecar_path
+from stream_worker.calibration import CALIBRATION_KEY, Calibration
 from stream_worker.errors import EngineError
 from stream_worker.preprocess import PreprocessSpec
 from stream_worker.taxonomy import Taxonomy
@@ -34,6 +35,8 @@ class OnnxModelInfo:
     """Version of the taxonomy that will label the model (its own, else the packaged one)."""
     taxonomy: dict[str, Any] | None = None
     """The model's own taxonomy document (metadata key ``taxonomy``, JSON), when it has one."""
+    calibration: dict[str, Any] | None = None
+    """The model's calibration document (metadata key ``calibration``, JSON), when it has one."""
 
 
 def read_onnx_model_info(onnx_path: Path) -> OnnxModelInfo:
@@ -75,7 +78,15 @@ def read_onnx_model_info(onnx_path: Path) -> OnnxModelInfo:
         class_names=class_names,
         taxonomy_version=str(labelled_by.version),
         taxonomy=taxonomy,
+        calibration=_calibration(meta, onnx_path),
     )
+
+
+def _calibration(meta: Mapping[str, str], onnx_path: Path) -> dict[str, Any] | None:
+    """The checked calibration document, or ``None`` when the model has none."""
+    if CALIBRATION_KEY not in meta:
+        return None
+    return Calibration.from_json(meta[CALIBRATION_KEY], origin=str(onnx_path)).to_document()
 
 
 def _own_taxonomy(meta: Mapping[str, str], onnx_path: Path) -> dict[str, Any] | None:
@@ -149,4 +160,5 @@ def make_sidecar(
         created_at=utc_now_iso(),
         build=dict(build or {}),
         taxonomy=model.taxonomy,
+        calibration=model.calibration,
     )

@@ -106,7 +106,7 @@ def frames_agent(
     async def open_lookout() -> None:
         await pipeline.open()
         sinks = Outputs(
-            settings,
+            pipeline.settings,  # with the engine's fitted thresholds where none was set
             model=lambda: pipeline.model,
             metrics=metrics,
             executor=pipeline.decode_pool,

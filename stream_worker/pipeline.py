@@ -9,8 +9,15 @@ Kafka record: the worker's aiokafka records, the Faust agent's events) and leave
   preallocated buffer. A slot points back to its frame (``Batch.slot_frames``), so one frame may
   one day fill several slots (per-camera zones) without the batch changing shape.
 * :meth:`Pipeline.classify` waits for the decodes, runs the engine on the one inference thread
-  that owns it, applies the taxonomy the engine's own class names bind, and derives the
-  counted-frame records per partition and the drift snapshot per source.
+  that owns it, applies the engine's serving temperature (``stream_worker.calibration``) and the
+  taxonomy the engine's own class names bind, and derives the counted-frame records per
+  partition and the drift snapshot per source.
+
+Thresholds: an engine calibrated by ``engine-build calibrate`` carries a roll-up threshold (with
+per-label exceptions) and a review threshold fitted on its calibrated scores. :meth:`Pipeline.open`
+uses them in place of the built-in defaults, never in place of a value the user set
+(``stream_worker.settings.with_engine_calibration``); :attr:`Pipeline.settings` is the result, the
+tree the sinks must use.
 
 An ONNX Runtime engine may be opened as several sessions (``--inference-sessions``), each owned
 by a thread of its own: consecutive batches then run side by side, each on one session, and a
@@ -22,6 +29,7 @@ go into a batch now, so the caller never waits.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -40,7 +48,7 @@ from stream_worker.decode import DecodeLimits, decode_into
 from stream_worker.errors import BadFrame, LookoutError
 from stream_worker.frames import Frame, FrameLabels, Prediction, SourceKind
 from stream_worker.observability import Metrics
-from stream_worker.settings import Settings, check_label_thresholds
+from stream_worker.settings import Settings, check_label_thresholds, with_engine_calibration
 from stream_worker.stages import StageClock
 from stream_worker.taxonomy import Taxonomy
 
@@ -70,6 +78,8 @@ def usable_cores() -> int:
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
 
+
+log = logging.getLogger("lookout.pipeline")
 
 PartitionKey = tuple[str, int]
 """(topic, partition); equal to, and hashed like, aiokafka's ``TopicPartition``."""
@@ -171,11 +181,8 @@ class Pipeline:
         # One thread per engine session; the first is opened before the layout is known.
         self._infer_pools = [ThreadPoolExecutor(1, thread_name_prefix="lookout-infer")]
         self._free_sessions: asyncio.Queue[int] | None = None
-        self._drift = counting.DriftTracker(
-            settings.counts.drift_window_frames,
-            settings.counts.review_threshold,
-            limits=settings.counts.source_limits,
-        )
+        self._drift = self._drift_tracker(settings)
+        self._rollup_label_thresholds: dict[str, float] = {}
         self._backends: list[Backend] = []
         self._taxonomy: Taxonomy | None = None
         self._buffers: list[FloatArray] = []
@@ -212,12 +219,55 @@ class Pipeline:
         check_label_thresholds(
             self._settings, self._taxonomy.labels, f"taxonomy {self._taxonomy.version} of engine {info.path}"
         )
+        self._use_engine_calibration(info)
         self.max_batch = max(1, min(self._settings.batch.max_batch, info.max_batch))
         shape = (self.max_batch, 3, info.spec.height, info.spec.width)
         self._buffers = [
             np.zeros(shape, dtype=np.float32) for _ in range(len(self._backends) + SPARE_BUFFERS)
         ]
         return info
+
+    def _use_engine_calibration(self, info: EngineInfo) -> None:
+        """Take the engine's fitted thresholds where the user set none, and say which were taken."""
+        calibration = info.calibration
+        settings, taken = with_engine_calibration(self._settings, calibration, info.path.name)
+        per_label = dict(calibration.rollup_label_thresholds)
+        # Fitted together with the engine's roll-up threshold: a roll-up threshold the user set
+        # replaces them as well.
+        if settings.origin("labels", "rollup_threshold").kind != "engine":
+            per_label = {}
+        unknown = sorted(set(per_label) - set(self.taxonomy.labels))
+        if unknown:
+            raise LookoutError(
+                f"engine {info.path}: its calibration names label(s) {', '.join(unknown)}, "
+                f"which taxonomy {self.taxonomy.version} does not have; recalibrate it"
+            )
+        self._settings, self._rollup_label_thresholds = settings, per_label
+        self._drift = self._drift_tracker(settings)
+        if calibration.serving_temperature != 1.0 or taken:
+            values = {"rollup_threshold": settings.labels.rollup_threshold}
+            values["review_threshold"] = settings.counts.review_threshold
+            fitted = ", ".join(f"{name} {values[name]:g}" for name in taken) or "no threshold (yours are set)"
+            log.info(
+                "engine %s is calibrated: serving temperature %.4g; thresholds from the engine: %s%s",
+                info.path.name,
+                calibration.serving_temperature,
+                fitted,
+                f", per-label roll-up {per_label}" if per_label else "",
+            )
+
+    @staticmethod
+    def _drift_tracker(settings: Settings) -> counting.DriftTracker:
+        return counting.DriftTracker(
+            settings.counts.drift_window_frames,
+            settings.counts.review_threshold,
+            limits=settings.counts.source_limits,
+        )
+
+    @property
+    def settings(self) -> Settings:
+        """The settings in force: the user's, with the engine's fitted thresholds where none was set."""
+        return self._settings
 
     async def close(self) -> None:
         """Release the engine's sessions (each on its thread) and the thread pools."""
@@ -368,11 +418,13 @@ class Pipeline:
         probs = backend.infer(buffer[:slots])
         if len(good) != slots:
             probs = probs[good]
+        probs = backend.info.calibration.apply(probs)
         lab = self._settings.labels
         return self.taxonomy.classify(
             probs,
             mode=lab.label_mode,  # type: ignore[arg-type]
             rollup_threshold=lab.rollup_threshold,
+            rollup_label_thresholds=self._rollup_label_thresholds or None,
             thresholds=lab.label_thresholds or None,
             default_threshold=lab.default_label_threshold,
             top_k=lab.top_k,

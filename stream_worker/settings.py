@@ -29,6 +29,7 @@ from typing import Any, Literal, get_type_hints
 import yaml
 
 from stream_worker.backends.cache import default_cache_dir
+from stream_worker.calibration import Calibration
 from stream_worker.counting import WindowSpec, parse_duration_ms
 from stream_worker.errors import ConfigError
 from stream_worker.sources import SourceLimits
@@ -421,7 +422,7 @@ class LabelSettings:
     rollup_threshold: float = opt(
         0.4,
         "LOOKOUT_ROLLUP_THRESHOLD",
-        "a leaf under this score rolls up to its parent",
+        "a leaf under this score rolls up to its parent; unset, a calibrated engine's fitted one",
         rule=SHARE,
     )
     label_thresholds: dict[str, float] = opt(
@@ -459,7 +460,7 @@ class CountSettings:
     review_threshold: float = opt(
         0.3,
         "LOOKOUT_REVIEW_THRESHOLD",
-        "frames whose best score is under this may go to review",
+        "frames whose best score is under this may go to review; unset, a calibrated engine's fitted one",
         rule=SHARE,
     )
     review_sample_rate: float = opt(
@@ -605,7 +606,7 @@ SECTIONS: dict[str, type[Any]] = {
 }
 
 
-OriginKind = Literal["flag", "env", "file", "default"]
+OriginKind = Literal["flag", "env", "file", "engine", "default"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -613,8 +614,9 @@ class Origin:
     """Where one option's value came from, and the name a message gives the setting there.
 
     ``name`` is the flag (``--windows``), the environment variable (``LOOKOUT_WINDOWS``), the key
-    in the settings file (``counts.windows in /etc/lookout.yaml``), or, for a default, the flag
-    and variable that would set it. ``raw`` is the value as written there.
+    in the settings file (``counts.windows in /etc/lookout.yaml``), the engine whose calibration
+    supplied it (:func:`with_engine_calibration`), or, for a default, the flag and variable that
+    would set it. ``raw`` is the value as written there.
     """
 
     kind: OriginKind
@@ -1040,6 +1042,38 @@ def check_engine_labels(settings: Settings) -> None:
     check_label_thresholds(
         settings, declared_labels(sidecar.taxonomy), taxonomy or f"the packaged taxonomy engine {engine} uses"
     )
+
+
+ENGINE_CALIBRATED = (("labels", "rollup_threshold"), ("counts", "review_threshold"))
+"""The options an engine's calibration may supply when nobody set them."""
+
+
+def with_engine_calibration(
+    settings: Settings, calibration: Calibration, engine: str
+) -> tuple[Settings, tuple[str, ...]]:
+    """``settings`` with the engine's fitted thresholds where the user set none; and which those are.
+
+    An option of :data:`ENGINE_CALIBRATED` whose value is the built-in default (no flag, no
+    environment variable, no settings-file key) takes the value the engine's calibration carries,
+    with an ``engine`` origin; a value the user set always wins. The returned names are the
+    options taken from the engine, for the start-up log.
+    """
+    fitted = {"rollup_threshold": calibration.rollup_threshold}
+    fitted["review_threshold"] = calibration.review_threshold
+    origins = dict(settings.origins)
+    changes: dict[str, dict[str, float]] = {}
+    taken: list[str] = []
+    for section, option in ENGINE_CALIBRATED:
+        value = fitted[option]
+        if value is None or settings.origin(section, option).kind != "default":
+            continue
+        changes.setdefault(section, {})[option] = value
+        origins[f"{section}.{option}"] = Origin("engine", f"{option} fitted into engine {engine}", value)
+        taken.append(option)
+    if not taken:
+        return settings, ()
+    sections = {name: dataclasses.replace(getattr(settings, name), **kw) for name, kw in changes.items()}
+    return dataclasses.replace(settings, **sections, origins=origins), tuple(taken)
 
 
 def frame_topic_config(settings: Settings) -> dict[str, str]:

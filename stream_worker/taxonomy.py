@@ -296,6 +296,17 @@ class Taxonomy:
         except KeyError:
             raise ConfigError(f"unknown taxonomy label {label!r}; known: {', '.join(self.labels)}") from None
 
+    def label_classes(self, label: str) -> npt.NDArray[np.bool_]:
+        """Which of the model's classes count towards ``label``: its own and its descendants'.
+
+        For ``unknown``, the classes no label maps. ``scores(probs)`` of a label is the sum of the
+        probabilities of exactly these classes (``engine-build calibrate`` fits on it).
+        """
+        if label == UNKNOWN:
+            return np.asarray(self._mapped == 0)
+        self.path(label)  # a one-line ConfigError for a label the taxonomy lacks
+        return np.asarray(self._membership[:, self.labels.index(label)] > 0)
+
     # -- scoring -----------------------------------------------------------------------------
 
     def scores(self, probs: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float32]:
@@ -317,6 +328,7 @@ class Taxonomy:
         *,
         mode: Literal["single", "multi"] = "single",
         rollup_threshold: float = 0.5,
+        rollup_label_thresholds: Mapping[str, float] | None = None,
         thresholds: Mapping[str, float] | None = None,
         default_threshold: float = 0.5,
         top_k: int = 5,
@@ -324,7 +336,9 @@ class Taxonomy:
         """Turn a batch of class probabilities into one :class:`FrameLabels` per frame.
 
         ``single``: the most specific label whose score reaches ``rollup_threshold`` (the best
-        leaf if it passes, else its parent, then grandparent), or ``unknown``.
+        leaf if it passes, else its parent, then grandparent), or ``unknown``;
+        ``rollup_label_thresholds`` gives some labels a threshold of their own (an engine's
+        calibration fits them), the others use ``rollup_threshold``.
         ``multi``: every label (leaf or parent) whose score reaches its threshold
         (``thresholds[label]``, else ``default_threshold``), best first, or ``unknown``.
         ``top_k`` raw classes are attached for debugging; ``best_score`` is the best leaf score.
@@ -337,7 +351,10 @@ class Taxonomy:
         best_leaf = scores[:, : len(self.leaves)].max(axis=1) if self.leaves else np.zeros(len(batch))
         tops = self._top_k(batch, top_k)
         if mode == "single":
-            chosen = self._single(scores, _check_threshold("rollup_threshold", rollup_threshold))
+            chosen = self._single(
+                scores,
+                self._threshold_vector(rollup_label_thresholds, rollup_threshold, name="rollup_threshold"),
+            )
             picks: list[list[int]] = [[int(j)] if j >= 0 else [] for j in chosen]
         elif mode == "multi":
             picks = self._multi(scores, self._threshold_vector(thresholds, default_threshold))
@@ -356,7 +373,9 @@ class Taxonomy:
             results.append(FrameLabels(labels=labels, top_k=tops[row], best_score=float(best_leaf[row])))
         return results
 
-    def _single(self, scores: npt.NDArray[np.float32], threshold: float) -> npt.NDArray[np.intp]:
+    def _single(
+        self, scores: npt.NDArray[np.float32], threshold: npt.NDArray[np.float32]
+    ) -> npt.NDArray[np.intp]:
         # Specificity dominates score: a step of 2 per tree level exceeds any score difference
         # (scores lie in [0, 1] up to rounding), so the argmax is the best of the most specific
         # passing labels.
@@ -373,9 +392,9 @@ class Taxonomy:
         return [order[row][ranked[row]].tolist() for row in range(len(scores))]
 
     def _threshold_vector(
-        self, thresholds: Mapping[str, float] | None, default: float
+        self, thresholds: Mapping[str, float] | None, default: float, *, name: str = "default_threshold"
     ) -> npt.NDArray[np.float32]:
-        vector = np.full(len(self.labels), _check_threshold("default_threshold", default), dtype=np.float32)
+        vector = np.full(len(self.labels), _check_threshold(name, default), dtype=np.float32)
         for label, value in (thresholds or {}).items():
             if label not in self.labels:
                 raise ConfigError(

@@ -127,6 +127,8 @@ class Worker:
         """Load the engine (on the inference thread), allocate the batch buffers, connect the sinks."""
         await self._pipeline.open()
         self._policy = BatchPolicy(self._pipeline.max_batch, self.settings.batch.max_wait_ms)
+        # The engine may supply thresholds the user left at their defaults (its calibration).
+        self.settings = self._pipeline.settings
         self._outputs = Outputs(
             self.settings,
             model=lambda: self._pipeline.model,

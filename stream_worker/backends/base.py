@@ -11,7 +11,7 @@ threads, open one per thread instead.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stream_worker.backends.sidecar import Sidecar
+from stream_worker.calibration import Calibration
 from stream_worker.errors import EngineError
 from stream_worker.preprocess import PreprocessSpec
 
@@ -44,6 +45,8 @@ class EngineInfo:
     """The model's own taxonomy document, when it carries one (see ``Sidecar.taxonomy``)."""
     engine_sha256: str = ""
     """SHA-256 of the engine file (checked against the file when it is opened)."""
+    calibration: Calibration = field(default_factory=Calibration)
+    """Serving temperature and fitted thresholds (``Sidecar.calibration``); none by default."""
 
     @classmethod
     def from_sidecar(cls, path: Path, sidecar: Sidecar) -> EngineInfo:
@@ -64,6 +67,7 @@ class EngineInfo:
             taxonomy_version=sidecar.taxonomy_version,
             taxonomy=sidecar.taxonomy,
             engine_sha256=sidecar.engine_sha256,
+            calibration=Calibration.from_document(sidecar.calibration, origin=f"engine {path}"),
         )
 
     @property

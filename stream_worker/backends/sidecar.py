@@ -50,6 +50,10 @@ class Sidecar:
     of a model that carries its own label set, e.g. one made by fine-tuning; ``None`` means the
     packaged taxonomy. Sidecars written before the field existed read as ``None``, and it is left
     out of the JSON when ``None``, so such sidecars stay byte-for-byte what they were.
+
+    ``calibration`` is the model's calibration document (``stream_worker.calibration``: serving
+    temperature and fitted thresholds, from the ONNX metadata key ``calibration``); ``None``, and
+    left out of the JSON, when the model has none.
     """
 
     backend: str
@@ -72,6 +76,7 @@ class Sidecar:
     created_at: str = ""
     build: dict[str, Any] = field(default_factory=dict)
     taxonomy: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None
     format: int = SIDECAR_FORMAT
 
     @property
@@ -85,6 +90,8 @@ class Sidecar:
         data["class_names"] = list(self.class_names)
         if self.taxonomy is None:
             del data["taxonomy"]
+        if self.calibration is None:
+            del data["calibration"]
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
@@ -97,6 +104,8 @@ class Sidecar:
             data["class_names"] = tuple(data["class_names"])
             if data.get("taxonomy") is not None and not isinstance(data["taxonomy"], dict):
                 raise EngineError(f"{origin}: the embedded taxonomy must be a mapping")
+            if data.get("calibration") is not None and not isinstance(data["calibration"], dict):
+                raise EngineError(f"{origin}: the embedded calibration must be a mapping")
             return cls(**data)
         except EngineError:
             raise
