@@ -14,7 +14,10 @@ What is fitted, and how (every rule fixed here, before any data is seen):
   stem without a trailing frame number (``bikes_062.png`` is group ``bikes``). Groups are dealt
   into ``k = min(5, groups)`` folds (sorted, shuffled with seed 0, round-robin). Every "after"
   figure is *cross-fitted*: each frame is calibrated by a ``T`` fitted on the other folds only. The
-  ``T`` written into the model is fitted on every frame.
+  ``T`` written into the model is fitted on every frame, and **kept only when the cross-fitted
+  likelihood beats ``T = 1``** (lower mean negative log score on held-out folds); otherwise the
+  model is written with ``T = 1`` and the thresholds below are chosen on its raw scores. A
+  temperature that does not generalise across scenes would only move the thresholds around.
 * **Roll-up threshold** (single mode: a label is published when its calibrated score reaches it,
   else its parent, else ``unknown``). On the cross-fitted calibrated scores, for each threshold of
   ``THRESHOLD_GRID``: *precision* = published labels that are right (the true label or one of its
@@ -387,6 +390,10 @@ def fit_calibration(
         fold_temperatures.append(t)
         cross[held] = temperature_scale(probs[held], t)
     temperature = fit_label_temperature(probs, right)
+    nll = {"before": label_nll(probs, right), "after_cross_fitted": label_nll(cross, right)}
+    temperature_kept = nll["after_cross_fitted"] < nll["before"]
+    if not temperature_kept:
+        temperature, cross = 1.0, np.asarray(probs, dtype=np.float32)
 
     curve = rollup_curve(taxonomy, cross, truths)
     rollup, reached = choose_rollup(curve, target_precision)
@@ -406,7 +413,6 @@ def fit_calibration(
         counts[label] = counts.get(label, 0) + 1
     groups = len({item.group for item in items})
     data_sha256 = devset_sha256(items)
-    nll = {"before": label_nll(probs, right), "after_cross_fitted": label_nll(cross, right)}
     ece = {
         name: {"before": before[name].ece, "after_cross_fitted": after[name].ece}
         for name in ("top_label", "published")
@@ -417,9 +423,11 @@ def fit_calibration(
         "folds": len(folds),
         "data_sha256": data_sha256,
         "label_nll": nll,
+        "temperature_kept": temperature_kept,
         "ece": ece,
         "rules": {
-            "temperature": "NLL of the true label's score, grouped cross-fitting for the reported figures",
+            "temperature": "NLL of the true label's score, grouped cross-fitting for the reported figures; "
+            "kept only when the cross-fitted NLL beats T = 1",
             "rollup_threshold": f"lowest with precision >= {target_precision} (else most precise)",
             "review_threshold": "highest F1 of best leaf score < t as a detector of wrong labels",
         },

@@ -14,8 +14,10 @@ import pytest
 
 from engine_build.calibrate import (
     CurvePoint,
+    DevItem,
     calibrate_model,
     choose_rollup,
+    fit_calibration,
     fit_label_temperature,
     group_folds,
     group_of,
@@ -224,9 +226,10 @@ def test_calibrate_writes_metadata_that_serving_reads_back(devset: Path, tmp_pat
 
     before, after = onnx.load(str(COMMITTED_ONNX)), onnx.load(str(out))
     assert after.graph.SerializeToString() == before.graph.SerializeToString()  # weights byte-identical
-    kept = {p.key: p.value for p in before.metadata_props}
+    kept = {p.key: p.value for p in before.metadata_props if p.key != "calibration"}
     written = {p.key: p.value for p in after.metadata_props}
-    assert {k: v for k, v in written.items() if k != "calibration"} == kept
+    assert {k: v for k, v in written.items() if k != "calibration"} == kept  # replaced, not added twice
+    assert [p.key for p in after.metadata_props].count("calibration") == 1
 
     engine = tmp_path / "engine.onnx"
     build_cpu_engine(out, engine, precision="fp32")
@@ -269,3 +272,41 @@ def test_calibrate_command_prints_json_and_refuses_a_foreign_label(
         assert "kitten" in capsys.readouterr().err
     finally:
         shutil.rmtree(devset / "kitten")
+
+
+def _frames_of(
+    taxonomy: Taxonomy, label: str, n: int, group: str, temperature: float, seed: int, root: Path
+) -> tuple[np.ndarray, list[DevItem]]:
+    """``n`` frames whose truth is drawn from softmax(logits) over the real taxonomy's 1000
+    classes; the engine reports softmax(logits * temperature)."""
+    rng = np.random.default_rng(seed)
+    classes = np.flatnonzero(taxonomy.label_classes(label))
+    logits = rng.normal(0, 2, (n, 1000))
+    logits[:, classes] += 3.0  # the label is likely
+    truth = [label] * n
+    probs = softmax(logits * temperature).astype(np.float32)
+    items = [DevItem(root / f"{group}_{i:03d}.png", t, group) for i, t in enumerate(truth)]
+    for i, item in enumerate(items):
+        item.path.write_bytes(f"{seed}-{i}".encode())  # the fit records the data's digest
+    return probs, items
+
+
+def test_a_temperature_is_served_only_when_it_beats_none_on_held_out_scenes(tmp_path: Path) -> None:
+    taxonomy = Taxonomy.load()
+    # Every scene miscalibrated alike: a temperature fitted without a scene helps it too.
+    parts = [_frames_of(taxonomy, "car", 40, f"scene{g}", 2.5, seed=g, root=tmp_path) for g in range(5)]
+    fit = fit_calibration(taxonomy, np.concatenate([p for p, _ in parts]), [i for _, x in parts for i in x])
+    assert fit.nll["after_cross_fitted"] < fit.nll["before"]
+    assert fit.calibration.fitted["temperature_kept"] is True
+    assert fit.calibration.serving_temperature not in (1.0, pytest.approx(1.0, abs=0.1))
+
+    # Two scenes that disagree (one very overconfident, one very underconfident): what is fitted
+    # on one is wrong for the other, so T = 1 is served and the thresholds use raw scores.
+    parts = [
+        _frames_of(taxonomy, "car", 40, f"scene{g}", 4.0 if g == 0 else 0.25, seed=10 + g, root=tmp_path)
+        for g in range(2)
+    ]
+    fit = fit_calibration(taxonomy, np.concatenate([p for p, _ in parts]), [i for _, x in parts for i in x])
+    assert fit.nll["after_cross_fitted"] >= fit.nll["before"]
+    assert fit.calibration.fitted["temperature_kept"] is False
+    assert fit.calibration.serving_temperature == 1.0
