@@ -33,6 +33,7 @@ from stream_worker.sources import RecentSources, SourceLimits
 if TYPE_CHECKING:
     from stream_worker.pipeline import Batch
     from stream_worker.settings import Settings
+    from stream_worker.stages import StageClock
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -225,10 +226,13 @@ class Metrics:
     def delivered(self, batch: Batch, *, sink_seconds: float, now_ms: int) -> None:
         """Every sink has the batch and its offsets are committed."""
         self.sink_seconds.observe(sink_seconds)
-        for stage, seconds in batch.clock.stages():
-            self.stage_seconds.labels(stage).observe(seconds)
         for p in batch.predictions:
             self.e2e_seconds.observe(max(0.0, (now_ms - p.frame.captured_at_ms) / 1000))
+
+    def staged(self, clock: StageClock) -> None:
+        """A committed batch's time in each stage of the worker."""
+        for stage, seconds in clock.stages():
+            self.stage_seconds.labels(stage).observe(seconds)
 
     def backpressure(self, *, in_flight: int, in_flight_bytes: int, paused: bool | None = None) -> None:
         """Frames and bytes in flight, and whether the partitions are paused (when the caller knows)."""

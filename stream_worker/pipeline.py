@@ -154,6 +154,27 @@ class Batch:
         """Buffer slots in use."""
         return len(self.slot_frames)
 
+    @classmethod
+    def merged(cls, batches: Sequence[Batch]) -> Batch:
+        """Classified batches, in the order they were closed, as one delivery to the sinks.
+
+        Every sink write is idempotent per frame and the Redis watermark is per partition, so
+        writing several batches as one changes nothing but the number of round trips: one
+        produce flush, one Redis call per partition and one commit for all of them.
+        """
+        out = cls(opened_at=batches[0].opened_at)
+        for batch in batches:
+            out.frames += batch.frames
+            out.dead += batch.dead
+            out.predictions += batch.predictions
+            out.offsets.update(batch.offsets)  # a later batch holds a partition's later offsets
+            out.records += batch.records
+            out.bytes += batch.bytes
+            for key, counted in batch.counted.items():
+                out.counted.setdefault(key, []).extend(counted)
+            out.drift.update(batch.drift)  # a later snapshot of a source replaces an earlier one
+        return out
+
 
 class Pipeline:
     """Fills batches from records and classifies them on the engine's own thread."""

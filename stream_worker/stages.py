@@ -95,8 +95,9 @@ class TraceWriter:
             if self._file is not None:
                 self._file.write("\n".join(texts) + "\n")
 
-    def batch(self, clock: StageClock, *, frames: int, records: int) -> None:
-        """A finished batch: its stamps relative to its first one, and where its first record came from."""
+    def batch(self, clock: StageClock, *, frames: int, records: int, delivered_with: int = 1) -> None:
+        """A finished batch: its stamps relative to its first one, where its first record came from,
+        and how many batches (itself included) went to the sinks together."""
         if not clock.stamps:
             return
         origin = clock.stamps[0][1]
@@ -106,6 +107,7 @@ class TraceWriter:
                 "at": round(origin, 6),
                 "frames": frames,
                 "records": records,
+                "delivered_with": delivered_with,
                 "kafka_ms": clock.first_kafka_ms,
                 "fetched_ms": clock.first_fetched_ms,
             }

@@ -360,24 +360,49 @@ class Worker:
     async def _sink_loop(self) -> None:
         outputs = self._outputs
         assert outputs is not None
-        while (item := await self._sink_q.get()) is not None:
-            batch, classified = item
+        waiting: collections.deque[tuple[Batch, asyncio.Task[None]] | None] = collections.deque()
+        while True:
+            if not waiting:
+                waiting.append(await self._sink_q.get())
+            head = waiting.popleft()
+            if head is None:
+                return
+            batch, classified = head
             await classified
-            started = time.monotonic()
-            batch.clock.stamp("sinking", started)
-            await deliver(batch, outputs, self._retrier)
-            await self._commit(batch)
-            batch.clock.stamp("commit")
-            self.metrics.delivered(
-                batch, sink_seconds=time.monotonic() - started, now_ms=int(time.time() * 1000)
-            )
+            # Group delivery: the batches already classified behind this one go with it, so
+            # their sinks and commit cost one round trip each instead of queueing up one batch
+            # at a time (under load, many small batches would otherwise wait here).
+            while not self._sink_q.empty():
+                waiting.append(self._sink_q.get_nowait())
+            group = [batch]
+            while waiting and waiting[0] is not None and waiting[0][1].done():
+                later, done = waiting.popleft()  # type: ignore[misc]
+                done.result()  # a failed classification stops the worker, as before
+                group.append(later)
+            await self._deliver(group, outputs)
+
+    async def _deliver(self, group: list[Batch], outputs: Outputs) -> None:
+        """Every sink, then the commit, for ``group`` as one delivery; then the live view."""
+        delivery = group[0] if len(group) == 1 else Batch.merged(group)
+        started = time.monotonic()
+        delivery.clock.stamp("sinking", started)
+        await deliver(delivery, outputs, self._retrier)
+        await self._commit(delivery)
+        delivery.clock.stamp("commit")
+        now_ms = int(time.time() * 1000)
+        self.metrics.delivered(delivery, sink_seconds=time.monotonic() - started, now_ms=now_ms)
+        for batch in group:
+            if batch is not delivery:
+                batch.clock.stamps += delivery.clock.stamps
+            self.metrics.staged(batch.clock)
             if self._trace is not None:
-                self._trace.batch(batch.clock, frames=len(batch.predictions), records=batch.records)
-            await outputs.live.write(batch)
-            self._in_flight.release(batch.records, batch.bytes)
-            self._report_in_flight()
-            if self._in_flight.count == 0:
-                self._drained.set()
+                frames, records = len(batch.predictions), batch.records
+                self._trace.batch(batch.clock, frames=frames, records=records, delivered_with=len(group))
+        await outputs.live.write(delivery)
+        self._in_flight.release(delivery.records, delivery.bytes)
+        self._report_in_flight()
+        if self._in_flight.count == 0:
+            self._drained.set()
 
     async def _commit(self, batch: Batch) -> None:
         consumer = self._consumer

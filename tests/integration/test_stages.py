@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 from pathlib import Path
 
+import pytest
+import redis.asyncio as aioredis
+
+from stream_worker import codec
+from stream_worker.pipeline import Batch
+from stream_worker.sinks.counts import CountsReader
+from stream_worker.sinks.topics import FrameTopicsSink
 from tests.conftest import Services, TopicFactory
 from tests.support.media import street_jpegs
 from tests.support.pipeline import produce_frames, read_topic, running_worker, worker_settings
@@ -44,3 +52,36 @@ async def test_every_batch_is_traced_through_every_stage_in_order(
         line = f'lookout_stage_seconds_count{{stage="{stage}"}}'
         counted = [float(x.split()[-1]) for x in metrics.splitlines() if x.startswith(line)]
         assert counted and counted[0] >= len(batches), stage
+
+
+async def test_batches_waiting_for_a_slow_output_are_delivered_together_and_counted_exactly(
+    services: Services,
+    make_topic: TopicFactory,
+    key_prefix: str,
+    redis_client: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A labels topic that takes 150 ms per write (a slow or distant broker): one batch at a time,
+    # 20 two-frame batches would queue for 3 s behind it, and latency would grow with the queue.
+    deliveries: list[int] = []
+    write = FrameTopicsSink.write
+
+    async def slow_write(self: FrameTopicsSink, batch: Batch) -> None:
+        deliveries.append(len(batch.predictions))
+        await asyncio.sleep(0.15)
+        await write(self, batch)
+
+    monkeypatch.setattr(FrameTopicsSink, "write", slow_write)
+    topic = await make_topic("frames", partitions=1)
+    ids = await produce_frames(services.bootstrap, topic, [("cam-a", f) for f in street_jpegs(40)])
+    settings = worker_settings(
+        services.bootstrap, services.redis_url, topic, key_prefix, max_batch=2, max_wait_ms=5
+    )
+    async with running_worker(settings):
+        labels = await read_topic(services.bootstrap, settings.topics.labels_topic, len(ids))
+
+    assert sorted(codec.parse_label_record(r.value)["frame_id"] for r in labels) == sorted(ids)
+    assert sum(deliveries) == len(ids)  # each frame written once
+    assert len(deliveries) <= len(ids) // 4, f"{len(deliveries)} deliveries of {deliveries}"
+    counts = CountsReader(redis_client, key_prefix=key_prefix)
+    assert sum(w.frames for w in await counts.read("cam-a", "1m")) == len(ids)

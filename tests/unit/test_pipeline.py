@@ -302,3 +302,22 @@ async def test_a_threshold_for_a_label_the_engines_taxonomy_lacks_is_refused_whe
             await pipeline.open()
     finally:
         await pipeline.close()
+
+
+async def test_batches_merged_for_one_delivery_keep_their_order_and_last_offsets() -> None:
+    engine = StandInEngine([SPORTS_CAR])
+    pipeline = await opened(engine)
+    batches = []
+    for offsets in ([(0, 0), (1, 5)], [(0, 1), (0, 2)], [(1, 6)]):
+        batch = Batch(opened_at=0.0)
+        for partition, offset in offsets:
+            pipeline.add(batch, frame_record(offset, f"cam-{partition}", partition=partition))
+        await pipeline.classify(batch)
+        batches.append(batch)
+    await pipeline.close()
+    merged = Batch.merged(batches)
+    assert merged.offsets == {("frames", 0): 2, ("frames", 1): 6}  # what the commit takes
+    assert [c.offset for c in merged.counted[("frames", 0)]] == [0, 1, 2]  # watermark order
+    assert [c.offset for c in merged.counted[("frames", 1)]] == [5, 6]
+    assert merged.records == 5 and len(merged.predictions) == 5
+    assert merged.bytes == sum(b.bytes for b in batches)
