@@ -415,7 +415,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     folds = ", ".join(f"{t:.3f}" for t in fit.fold_temperatures)
     print(f"temperature  {cal.serving_temperature:.4f}{bound}; per fold (fitted without it): {folds}")
     if not cal.fitted.get("temperature_kept", True):
-        print("             not kept: held out, the fitted T did not beat T = 1 (NLL below), so T = 1 is served")
+        print("             not kept: held out, it did not beat T = 1 (NLL below), so T = 1 is served")
     print()
     print(f"{'':26} {'before':>8} {'after':>8}")
     print(f"{'NLL of the true label':26} {fit.nll['before']:8.4f} {fit.nll['after_cross_fitted']:8.4f}")
