@@ -1,9 +1,12 @@
 """A/B of worker settings: drain throughput of one worker process per setting, same frames.
 
-    .venv/bin/python -m bench.knobs [--frames 1000] NAME=ENV=VALUE[,ENV=VALUE] ...
+    .venv/bin/python -m bench.knobs [--frames 1000] [--rounds 3] [--out FILE] NAME=ENV=VALUE[,...] ...
 
 e.g. ``default= decode1=LOOKOUT_DECODE_THREADS=1 batch4=LOOKOUT_MAX_BATCH=4``. Prints frames/s
-and the worker's CPU-ms per frame for each, run one after another on a fresh topic each.
+and the worker's CPU-ms per frame for each, run one after another on a fresh topic each; with
+``--rounds`` the variants are interleaved round by round (so a drift of the machine's load hits
+them alike) and the median and spread of each are reported. ``--out`` writes the JSON, with the
+CPU model and flags.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ import argparse
 import asyncio
 import json
 import signal
+import statistics
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from bench.e2e import (
@@ -27,7 +32,7 @@ from bench.e2e import (
     worker_ready,
 )
 from bench.frames import frames_file as cached_frames
-from bench.host import cache_dir, cpu_seconds, free_port, service_endpoints
+from bench.host import cache_dir, cpu_model, cpu_seconds, free_port, service_endpoints
 from stream_worker.settings import TopicSettings
 
 
@@ -72,23 +77,46 @@ def main() -> None:
     """Command line."""
     parser = argparse.ArgumentParser(prog="python -m bench.knobs")
     parser.add_argument("--frames", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds (median reported)")
+    parser.add_argument("--out", type=Path, default=None, help="write the results JSON here")
     parser.add_argument("variants", nargs="+", help="NAME=ENV=VALUE[,ENV=VALUE] or NAME=")
     args = parser.parse_args()
     bootstrap, redis_url = service_endpoints()
-    results = {}
+    variants = {}
     for variant in args.variants:
         name, _, spec = variant.partition("=")
-        extra = dict(item.split("=", 1) for item in spec.split(",") if item)
+        variants[name] = dict(item.split("=", 1) for item in spec.split(",") if item)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    for round_no in range(args.rounds):
+        for name, extra in variants.items():
+            run = asyncio.run(drain_rate(bootstrap, redis_url, args.frames, extra))
+            runs[name].append(run)
+            print(
+                f"round {round_no + 1} {name:<12} {run['fps']:7.1f} frames/s  "
+                f"{run['worker_cpu_ms_per_frame']:6.1f} worker CPU-ms/frame  {extra}",
+                flush=True,
+            )
+    results: dict[str, Any] = {}
+    for name, extra in variants.items():
+        fps = [r["fps"] for r in runs[name]]
+        cpu = [r["worker_cpu_ms_per_frame"] for r in runs[name]]
         results[name] = {
             "env": extra,
-            **asyncio.run(drain_rate(bootstrap, redis_url, args.frames, extra)),
+            "fps": statistics.median(fps),
+            "fps_spread_pct": 100 * (max(fps) - min(fps)) / statistics.median(fps),
+            "worker_cpu_ms_per_frame": statistics.median(cpu),
+            "runs": runs[name],
         }
         print(
-            f"{name:<12} {results[name]['fps']:7.1f} frames/s  "
-            f"{results[name]['worker_cpu_ms_per_frame']:6.1f} worker CPU-ms/frame  {extra}",
+            f"median {name:<12} {results[name]['fps']:7.1f} frames/s "
+            f"(spread {results[name]['fps_spread_pct']:.0f} %)  "
+            f"{results[name]['worker_cpu_ms_per_frame']:6.1f} worker CPU-ms/frame",
             flush=True,
         )
-    print(json.dumps(results))
+    document = {"frames": args.frames, "rounds": args.rounds, "cpu": cpu_model(), "variants": results}
+    if args.out is not None:
+        args.out.write_text(json.dumps(document, indent=2) + "\n")
+    print(json.dumps(document))
 
 
 if __name__ == "__main__":
