@@ -222,16 +222,16 @@ class Pipeline:
         e = self._settings.engine
         # Each backend is created on its inference thread: it owns the engine (and a CUDA context).
         # The first one tells which backend this is, and so how many sessions it may have.
-        backend = self._wrap_backend(await loop.run_in_executor(self._infer_pools[0], self._backend_factory))
-        self._backends = [backend]
-        info = backend.info
+        opened = [await loop.run_in_executor(self._infer_pools[0], self._backend_factory)]
+        info = opened[0].info
         sessions, _ = inference_layout(
             e.inference_sessions, e.inference_threads, info.backend, usable_cores()
         )
         for i in range(1, sessions):
             pool = ThreadPoolExecutor(1, thread_name_prefix=f"lookout-infer-{i}")
             self._infer_pools.append(pool)
-            self._backends.append(self._wrap_backend(await loop.run_in_executor(pool, self._backend_factory)))
+            opened.append(await loop.run_in_executor(pool, self._backend_factory))
+        self._backends = [self._wrap_backend(b) for b in opened]
         self._free_sessions = asyncio.Queue()
         for i in range(len(self._backends)):
             self._free_sessions.put_nowait(i)
@@ -246,7 +246,36 @@ class Pipeline:
         self._buffers = [
             np.zeros(shape, dtype=np.float32) for _ in range(len(self._backends) + SPARE_BUFFERS)
         ]
+        await self._warm_up(opened)
         return info
+
+    async def _warm_up(self, backends: list[Backend]) -> None:
+        """Run a full batch twice on every session before the first frame.
+
+        An engine allocates its working memory on first use: ONNX Runtime's arena grows to the
+        largest batch it has run (133 MB per session for the shipped model at batch 16), and
+        the second run of a shape adds the block its memory pattern planned on the first (30 MB
+        more); TensorRT sets up its execution context. Done here, that memory is held from
+        start-up instead of appearing during the first busy minute, and no real batch is the
+        slow first one. The unwrapped backends run it, so fault injection never counts it.
+        """
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        zeros = np.zeros_like(self._buffers[0])
+
+        def twice(backend: Backend) -> None:
+            backend.infer(zeros)
+            backend.infer(zeros)
+
+        await asyncio.gather(
+            *(loop.run_in_executor(pool, twice, b) for pool, b in zip(self._infer_pools, backends, strict=True))
+        )
+        log.info(
+            "engine warmed up: %d session(s), batch %d in %.0f ms",
+            len(backends),
+            self.max_batch,
+            (time.perf_counter() - started) * 1000,
+        )
 
     def _use_engine_calibration(self, info: EngineInfo) -> None:
         """Take the engine's fitted thresholds where the user set none, and say which were taken."""

@@ -364,7 +364,9 @@ async def test_a_burst_of_1000_bad_frames_keeps_memory_bounded_and_good_frames_f
         after_second = held_memory()
 
     first_mb, second_mb = (after_first - before) / 2**20, (after_second - after_first) / 2**20
-    assert first_mb < 150, f"the worker held {first_mb:.0f} MB more after a burst of 1,000 bad frames"
+    # The engine's sessions allocate their working memory at start-up (Pipeline._warm_up); before,
+    # a second session's arena and memory pattern (about 150 MB) landed in the first busy minute.
+    assert first_mb < 60, f"the worker held {first_mb:.0f} MB more after a burst of 1,000 bad frames"
     assert second_mb < 30, f"a second burst of 1,000 bad frames grew the worker by {second_mb:.0f} MB"
     labels = await read_topic(services.bootstrap, settings.topics.labels_topic, len(goods), settle_s=0)
     labelled = Counter(codec.parse_label_record(r.value)["frame_id"] for r in labels)

@@ -26,7 +26,7 @@ from stream_worker.frames import SourceKind
 from stream_worker.observability import Metrics
 from stream_worker.pipeline import Batch, Pipeline, inference_layout
 from stream_worker.preprocess import PreprocessSpec
-from stream_worker.settings import LabelSettings, Settings
+from stream_worker.settings import LabelSettings, Settings, load_settings
 from stream_worker.sinks import Retrier, deliver
 from stream_worker.taxonomy import load_class_names
 from tests.unit import images
@@ -84,7 +84,23 @@ class StandInEngine:
 async def opened(engine: StandInEngine) -> Pipeline:
     pipeline = Pipeline(Settings(), lambda: engine, metrics=Metrics())
     await pipeline.open()
+    engine.calls.clear()  # the warm-up batches (test_every_session_runs_a_full_batch_before_the_first_frame)
     return pipeline
+
+
+async def test_every_session_runs_a_full_batch_before_the_first_frame() -> None:
+    # The engine's working memory is allocated at start-up, not during the first busy minute.
+    engines: list[StandInEngine] = []
+
+    def factory() -> StandInEngine:
+        engines.append(StandInEngine([TABBY], max_batch=4))
+        return engines[-1]
+
+    settings = load_settings(flags={"inference_sessions": "2"}, env={})
+    pipeline = Pipeline(settings, factory, metrics=Metrics())
+    await pipeline.open()
+    await pipeline.close()
+    assert [e.calls for e in engines] == [[4, 4], [4, 4]]
 
 
 async def test_records_become_labelled_frames_counted_per_partition() -> None:
