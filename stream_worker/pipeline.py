@@ -267,9 +267,8 @@ class Pipeline:
             backend.infer(zeros)
             backend.infer(zeros)
 
-        await asyncio.gather(
-            *(loop.run_in_executor(pool, twice, b) for pool, b in zip(self._infer_pools, backends, strict=True))
-        )
+        pools = zip(self._infer_pools, backends, strict=True)
+        await asyncio.gather(*(loop.run_in_executor(pool, twice, b) for pool, b in pools))
         log.info(
             "engine warmed up: %d session(s), batch %d in %.0f ms",
             len(backends),
