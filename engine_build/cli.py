@@ -294,9 +294,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from engine_build.evaluate import evaluate_engine, override_preprocessing
+    from engine_build.evaluate import evaluate_engine, override_preprocessing, served_rollup
     from stream_worker.backends.registry import open_backend
-    from stream_worker.settings import LabelSettings
     from stream_worker.taxonomy import Taxonomy
 
     if not args.data.is_dir():
@@ -308,11 +307,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         spec = override_preprocessing(backend.info.spec, args.preprocess)
         taxonomy = Taxonomy.for_engine(backend.info)
         # As the worker would publish: the engine's fitted roll-up thresholds unless one is given.
-        calibration = backend.info.calibration
-        threshold, per_label = args.rollup_threshold, {}
-        if threshold is None:
-            threshold = calibration.rollup_threshold or LabelSettings().rollup_threshold
-            per_label = dict(calibration.rollup_label_thresholds) if calibration.rollup_threshold else {}
+        threshold, per_label = served_rollup(backend.info.calibration, args.rollup_threshold)
         report = evaluate_engine(
             backend,
             args.data,
@@ -479,7 +474,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         print(f"preprocessing     a: {spec_a.describe()}, b: {spec_b.describe()}")
     print(f"top-1 agreement   {result.top1_agreement:.4f} (the model's own classes)")
     print(f"label agreement   {result.label_agreement:.4f} (best taxonomy leaf)")
-    print(f"published label   {result.published_label_agreement:.4f} (the label the worker publishes)")
+    print(
+        f"published label   {result.published_label_agreement:.4f} "
+        "(the label the worker publishes with each engine's fitted thresholds)"
+    )
     print(f"max |p_a - p_b|   {result.max_abs_diff:.6f}")
     print(f"mean |p_a - p_b|  {result.mean_abs_diff:.6f}")
     for name in result.disagreements[:10]:

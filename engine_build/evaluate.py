@@ -301,13 +301,50 @@ class Comparison:
         }
 
 
+def served_rollup(
+    calibration: Calibration, rollup_threshold: float | None = None
+) -> tuple[float, dict[str, float]]:
+    """The roll-up threshold and per-label thresholds the worker publishes with, as it picks them.
+
+    A ``rollup_threshold`` given by the user replaces the engine's fitted ones, per-label ones
+    included (``stream_worker.settings.with_engine_calibration``); else the engine's fitted
+    thresholds; else the settings' default.
+    """
+    if rollup_threshold is not None:
+        return rollup_threshold, {}
+    if calibration.rollup_threshold is None:
+        return LabelSettings().rollup_threshold, {}
+    return calibration.rollup_threshold, dict(calibration.rollup_label_thresholds)
+
+
+def served_labels(
+    backend: Backend,
+    taxonomy: Taxonomy,
+    probs: npt.NDArray[np.float32],
+    rollup_threshold: float | None = None,
+) -> list[str]:
+    """The single-mode labels the worker publishes for ``probs`` from ``backend``, as it serves it.
+
+    At the engine's serving temperature and its roll-up thresholds (:func:`served_rollup`).
+    """
+    calibration = backend.info.calibration
+    threshold, per_label = served_rollup(calibration, rollup_threshold)
+    frames = taxonomy.classify(
+        calibration.apply(probs),
+        rollup_threshold=threshold,
+        rollup_label_thresholds=per_label or None,
+        top_k=0,
+    )
+    return [f.labels[0].label for f in frames]
+
+
 def compare(
     a: Backend,
     b: Backend,
     sources: Sequence[ImageSource],
     taxonomy: Taxonomy,
     *,
-    rollup_threshold: float = LabelSettings().rollup_threshold,
+    rollup_threshold: float | None = None,
     spec_a: PreprocessSpec | None = None,
     spec_b: PreprocessSpec | None = None,
 ) -> Comparison:
@@ -315,9 +352,11 @@ def compare(
 
     ``label_agreement`` compares the best taxonomy leaf, however low its score; on frames where
     no label is likely that is a tie among near-zero scores. ``published_label_agreement``
-    compares the label the worker publishes (single mode at ``rollup_threshold``: the leaf, its
-    parent, or ``unknown``). ``spec_a`` and ``spec_b`` override each engine's preprocessing (the
-    same engine twice with two resize modes measures what a mode change does to the labels).
+    compares the label the worker publishes with each engine (single mode, at the engine's
+    serving temperature and fitted roll-up thresholds, per label where it has them, unless
+    ``rollup_threshold`` replaces them: the leaf, its parent, or ``unknown``). ``spec_a`` and
+    ``spec_b`` override each engine's preprocessing (the same engine twice with two resize modes
+    measures what a mode change does to the labels).
     """
     if _input_of(a.info.spec) != _input_of(b.info.spec):
         raise ConfigError("the two engines expect different preprocessing; they are not the same model")
@@ -330,10 +369,8 @@ def compare(
     top_a, top_b = probs_a.argmax(axis=1), probs_b.argmax(axis=1)
     leaf_a = leaf_scores(taxonomy, probs_a).argmax(axis=1)
     leaf_b = leaf_scores(taxonomy, probs_b).argmax(axis=1)
-    published_a, published_b = (
-        [f.labels[0].label for f in taxonomy.classify(p, rollup_threshold=rollup_threshold, top_k=0)]
-        for p in (probs_a, probs_b)
-    )
+    published_a = served_labels(a, taxonomy, probs_a, rollup_threshold)
+    published_b = served_labels(b, taxonomy, probs_b, rollup_threshold)
     diff = np.abs(probs_a.astype(np.float64) - probs_b.astype(np.float64))
     return Comparison(
         n=len(sources),

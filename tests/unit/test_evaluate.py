@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from engine_build.calibrate import write_calibrated_model
 from engine_build.cpu import build_cpu_engine
 from engine_build.evaluate import (
     auc_roc,
@@ -25,6 +26,7 @@ from engine_build.evaluate import (
 )
 from engine_build.imagefolder import path_sources, sample_photo
 from stream_worker.backends.registry import open_backend
+from stream_worker.calibration import Calibration
 from stream_worker.errors import ConfigError
 from stream_worker.preprocess import PreprocessSpec
 from stream_worker.taxonomy import Taxonomy
@@ -131,6 +133,24 @@ def test_compare_an_engine_with_itself_agrees_exactly(fp32_engine: Path) -> None
     assert result.label_agreement == 1.0
     assert result.published_label_agreement == 1.0
     assert result.max_abs_diff < 1e-6
+
+
+@needs_model
+def test_compare_publishes_with_each_engines_fitted_thresholds(fp32_engine: Path, tmp_path: Path) -> None:
+    # The same weights, one model calibrated to publish nothing under 0.99: on a motorbike
+    # (vehicle well above 0.4, below 0.99) the worker would publish a label with one engine and
+    # `unknown` with the other, so their published labels must not agree.
+    strict = tmp_path / "strict.onnx"
+    write_calibrated_model(COMMITTED_ONNX, strict, Calibration(rollup_threshold=0.99))
+    build_cpu_engine(strict, tmp_path / "strict-fp32.onnx", precision="fp32")
+    sources = path_sources([sample_photo("motorcycle_left.png")])
+    a, b = open_backend(fp32_engine), open_backend(tmp_path / "strict-fp32.onnx")
+    taxonomy = Taxonomy.for_engine(a.info)
+    served = compare(a, b, sources, taxonomy)
+    assert served.top1_agreement == 1.0 and served.max_abs_diff < 1e-6
+    assert served.published_label_agreement == 0.0
+    # A roll-up threshold given for both replaces the engines' own, as a user's setting does.
+    assert compare(a, b, sources, taxonomy, rollup_threshold=0.4).published_label_agreement == 1.0
 
 
 @pytest.mark.parametrize(
