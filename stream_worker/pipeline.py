@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import cv2
@@ -72,11 +74,56 @@ def inference_layout(sessions: int, threads: int, backend: str, cores: int) -> t
 
 
 def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity), at least one."""
+    """The cores this process may use: its CPU affinity, capped by a cgroup CPU quota; at least one.
+
+    A container's CPU limit (Kubernetes ``resources.limits.cpu``, ``docker --cpus``) is a CFS
+    quota, not an affinity: the process still sees every core of the node. Sizing thread pools
+    by the node (16 intra-op threads in a 2-CPU pod) makes them fight for the quota and get
+    throttled, so the quota, rounded up to whole cores, caps the count.
+    """
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_quota_cores(
+        _read_text(CGROUP_V2_CPU_MAX), _read_text(CGROUP_V1_QUOTA), _read_text(CGROUP_V1_PERIOD)
+    )
+    return max(1, min(cores, quota) if quota else cores)
+
+
+CGROUP_V2_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+CGROUP_V1_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
+CGROUP_V1_PERIOD = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+
+
+def cgroup_cpu_quota_cores(v2_cpu_max: str | None, v1_quota: str | None, v1_period: str | None) -> int | None:
+    """Whole cores a cgroup CPU quota allows (rounded up), or ``None`` when there is no quota.
+
+    cgroup v2 ``cpu.max`` reads ``"max 100000"`` (no limit) or ``"200000 100000"`` (2 CPUs);
+    cgroup v1 splits the two numbers into ``cpu.cfs_quota_us`` (``-1``: no limit) and
+    ``cpu.cfs_period_us``. Anything unreadable counts as no quota.
+    """
+    quota, period = None, None
+    if v2_cpu_max:
+        parts = v2_cpu_max.split()
+        if len(parts) == 2 and parts[0] != "max":
+            quota, period = parts
+    elif v1_quota and v1_period:
+        quota, period = v1_quota.strip(), v1_period.strip()
+    try:
+        q, p = int(quota or "-1"), int(period or "0")
+    except ValueError:
+        return None
+    if q <= 0 or p <= 0:
+        return None
+    return max(1, math.ceil(q / p))
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
 
 
 log = logging.getLogger("lookout.pipeline")

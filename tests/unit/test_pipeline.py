@@ -24,7 +24,7 @@ from stream_worker.errors import ConfigError, LookoutError, ServiceUnavailable
 from stream_worker.faust_agent import EventRecord
 from stream_worker.frames import SourceKind
 from stream_worker.observability import Metrics
-from stream_worker.pipeline import Batch, Pipeline, inference_layout
+from stream_worker.pipeline import Batch, Pipeline, cgroup_cpu_quota_cores, inference_layout
 from stream_worker.preprocess import PreprocessSpec
 from stream_worker.settings import LabelSettings, Settings, load_settings
 from stream_worker.sinks import Retrier, deliver
@@ -337,3 +337,15 @@ async def test_batches_merged_for_one_delivery_keep_their_order_and_last_offsets
     assert [c.offset for c in merged.counted[("frames", 1)]] == [5, 6]
     assert merged.records == 5 and len(merged.predictions) == 5
     assert merged.bytes == sum(b.bytes for b in batches)
+
+
+def test_a_container_cpu_limit_caps_the_cores_threads_are_sized_by() -> None:
+    # A 2-CPU pod on a 64-core node sees 64 cores; its threads must be sized by the 2.
+    assert cgroup_cpu_quota_cores("200000 100000\n", None, None) == 2
+    assert cgroup_cpu_quota_cores("150000 100000", None, None) == 2  # 1.5 CPUs: round up
+    assert cgroup_cpu_quota_cores("50000 100000", None, None) == 1
+    assert cgroup_cpu_quota_cores("max 100000", None, None) is None
+    assert cgroup_cpu_quota_cores(None, "400000\n", "100000\n") == 4  # cgroup v1
+    assert cgroup_cpu_quota_cores(None, "-1", "100000") is None
+    assert cgroup_cpu_quota_cores(None, None, None) is None
+    assert cgroup_cpu_quota_cores("garbage", None, None) is None
