@@ -259,10 +259,11 @@ Providers = Callable[[str], EngineProvider]
 
 @dataclass(frozen=True, slots=True)
 class Served:
-    """The default engine to serve and why."""
+    """The default engine to serve and why (``decision``: the cached decision file it came from)."""
 
     path: Path
     choice: Choice
+    decision: Path | None = None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -304,6 +305,8 @@ def serve_default(
         served = _auto(cache_dir, threads, batch, providers, measure, cpu, runtime_version)
     if served.choice.reason == "int8-unavailable":
         log.warning("%s", served.choice.line)
+    elif served.decision is not None:
+        log.info("%s (decided at an earlier start: %s)", served.choice.line, served.decision)
     else:
         log.info("%s", served.choice.line)
     return served
@@ -334,7 +337,7 @@ def _auto(
         path = decision_path(cache_dir, key)
         cached = read_decision(path)
         if cached is not None:
-            return Served(int8 if cached.precision == "int8" else fp32, cached)
+            return Served(int8 if cached.precision == "int8" else fp32, cached, path)
         timings: list[Timing] = []
 
         def timed() -> Timing:

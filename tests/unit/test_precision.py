@@ -208,7 +208,9 @@ def auto(engines: Engines, cache: Path, measure: Timer, **kwargs: Any) -> Any:
     return serve_default(cache, "auto", measure=measure, **(options | kwargs))
 
 
-def test_auto_measures_once_then_serves_the_cached_decision(engines: Engines, tmp_path: Path) -> None:
+def test_auto_measures_once_then_serves_the_cached_decision(
+    engines: Engines, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     cache = tmp_path / "cache"
     fast = Timer(10.0, 5.0)
     served = auto(engines, cache, fast)
@@ -221,8 +223,10 @@ def test_auto_measures_once_then_serves_the_cached_decision(engines: Engines, tm
 
     # A restart on the same machine: the decision file answers, nothing is measured.
     again = Timer(10.0, 50.0)
-    assert auto(engines, cache, again).choice == served.choice
+    with caplog.at_level(logging.INFO, logger="lookout.engine"):
+        assert auto(engines, cache, again).choice == served.choice
     assert again.calls == []
+    assert caplog.messages == [f"{served.choice.line} (decided at an earlier start: {decision})"]
 
 
 def test_a_change_of_threads_cpu_or_engine_measures_again(engines: Engines, tmp_path: Path) -> None:
