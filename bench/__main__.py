@@ -6,7 +6,8 @@
 2. inference ceiling: each CPU engine (fp32, int8) at batch 1, 8, 32 and the worker's default;
 3. end to end: frames produced by a separate process to the real broker, labelled, published and
    counted by a worker process: maximum sustained throughput, then latency (captured-at to label
-   record) at 50% and 80% of it, and where the CPU went (worker, broker, Redis);
+   record) at 50% and 80% of it, and where the CPU went (worker, broker, Redis); the maximum
+   throughput again with the int8 engine, and which precision ``--precision auto`` would serve;
 4. the naive consumer (one message at a time) against the same broker and frames;
 5. ratios; 6. the worker's peak RSS and its growth over a soak at 80% load.
 

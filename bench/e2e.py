@@ -4,7 +4,9 @@
    and where the CPU went (worker, broker, Redis);
 4. the naive consumer (one message at a time) against the same broker and frames;
 6. the worker's peak RSS and its growth over a soak at 80% load;
-and, on request, one worker process against two in one group.
+and the maximum sustained throughput alone with another engine (:func:`drain_rate`: the int8
+engine in ``python -m bench``, any settings in ``bench.knobs``); on request, one worker process
+against two in one group.
 
 Every run gets its own topics (named after its frames topic, as the worker's settings name them),
 consumer group and Redis key prefix.
@@ -174,6 +176,7 @@ def start_worker(
     env = {
         **os.environ,
         "LOOKOUT_ENGINE": str(engine),
+        "LOOKOUT_PRECISION": "auto",  # the engine file decides (a pinned one must match it)
         "LOOKOUT_METRICS_PORT": str(port),
         "KAFKA_BOOTSTRAP": bootstrap,
         "REDIS_URL": redis_url,
@@ -213,6 +216,51 @@ def drain_fps(labels: list[dict[str, Any]]) -> float:
     first = min(float(r["processed_at"]) for r in labels)
     last = max(float(r["processed_at"]) for r in labels)
     return (len(labels) - 1) / max(1e-3, (last - first) / 1000)
+
+
+async def drain_rate(
+    bootstrap: str,
+    redis_url: str,
+    frames: int,
+    engine: Path,
+    *,
+    size: str = "720p",
+    extra_env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Pre-fill a frames topic (partitioned as in the main benchmark), start one worker on
+    ``engine``, measure the first-to-last label rate and the worker's CPU per frame."""
+    frames_path = frames_file(size, 250, cache_dir())
+    run = uuid.uuid4().hex[:8]
+    topic = f"bench-drain-{run}"
+    await create_topics(bootstrap, {topic: TOPIC_PARTITIONS})
+    await produce(frames_path, topic, bootstrap, "drain", count=frames)
+    port = free_port()
+    worker = start_worker(engine, bootstrap, redis_url, topic, run, port, **(extra_env or {}))
+    labels_topic = TopicSettings.named_after(topic).labels_topic
+    labels = LabelReader(bootstrap, labels_topic)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not worker_ready(port):
+            if worker.poll() is not None:
+                raise RuntimeError(f"worker exited with {worker.returncode}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"worker not ready in {READY_TIMEOUT_S} s")
+            await asyncio.sleep(0.3)
+        await wait_topic(bootstrap, labels_topic)
+        await labels.start()
+        cpu0, t0 = cpu_seconds(worker.pid), time.monotonic()
+        got = await labels.wait_for("drain", frames, timeout_s=60 + frames)
+        cpu = cpu_seconds(worker.pid) - cpu0
+        return {
+            "engine": engine.name,
+            "frames": len(got),
+            "fps": drain_fps(got),
+            "worker_cpu_ms_per_frame": 1000 * cpu / frames,
+            "wall_s": time.monotonic() - t0,
+        }
+    finally:
+        await labels.stop()
+        stop_worker(worker)
 
 
 async def end_to_end(

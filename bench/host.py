@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from stream_worker.backends.precision import CPU_FLAGS, read_cpu
 from stream_worker.settings import load_settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,20 +83,12 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float:
     return 0.0
 
 
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile")
-"""The instruction sets that decide inference and decode speed, reported with every figure."""
-
-
 def cpu_model() -> dict[str, object]:
-    """The CPU's model name, core count and which of :data:`CPU_FLAGS` it has (from /proc/cpuinfo)."""
-    name, flags = "unknown", set[str]()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and name == "unknown":
-                name = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    return {"model": name, "cpus": os.cpu_count(), "flags": {f: f in flags for f in CPU_FLAGS}}
+    """The CPU's model name, core count, which of :data:`CPU_FLAGS` it has and its best int8 instructions."""
+    cpu = read_cpu()
+    return {
+        "model": cpu.model,
+        "cpus": os.cpu_count(),
+        "flags": {f: f in cpu.flags for f in CPU_FLAGS},
+        "int8_instructions": cpu.int8_instructions,
+    }

@@ -55,48 +55,38 @@ from typing import Any
 
 import cv2
 import numpy as np
-import numpy.typing as npt
 import onnxruntime as ort
 
 from bench.engines import measure
+from engine_build.agreement import (
+    BATCH,
+    ROLLUP,
+    Images,
+    Labeller,
+    agreements,
+    held_out_sources,
+    preprocessed,
+    probabilities,
+)
 from engine_build.cpu import QuantOptions, quantize_int8, repo_devset_dir
 from engine_build.default import default_onnx_path
-from engine_build.evaluate import evaluate_predictions, leaf_scores, published_outcome, served_rollup
+from engine_build.evaluate import evaluate_predictions, leaf_scores, published_outcome
 from engine_build.imagefolder import (
-    CALIBRATION_FRAME_STEP,
     ImageSource,
     bundled_street_and_photo_sources,
-    clip_frame_sources,
     folder_sources,
-    iter_batches,
     labelled_images,
     path_sources,
     real_frame_sources,
 )
 from stream_worker.backends.onnxruntime import session_options
+from stream_worker.backends.precision import CPU_FLAGS, read_cpu
 from stream_worker.calibration import Calibration
 from stream_worker.preprocess import PreprocessSpec
-from stream_worker.settings import BatchSettings, LabelSettings
 from stream_worker.taxonomy import UNKNOWN, Taxonomy
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BATCH = BatchSettings().max_batch  # the worker's default batch size
-ROLLUP = LabelSettings().rollup_threshold  # the worker's default roll-up threshold
 JPEG_QUALITY = 95
-Images = npt.NDArray[np.float32]
-
-HELD_OUT_CLIPS = {
-    "street": "bikes.mp4",
-    "carphone": "carphone_pristine.mp4",
-    "cartoon": "bigbuckbunny.mp4",
-}
-"""Agreement sets: every frame whose number is not a multiple of ``CALIBRATION_FRAME_STEP`` (5);
-the bundled calibration set uses frames 0, 5, 10, ... of the street and in-car clips."""
-
-CPU_FLAGS = (
-    "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
-    "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16",
-)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,23 +150,12 @@ VARIANTS: dict[str, Variant] = {
 
 def cpu_description() -> dict[str, Any]:
     """The CPU's model name, its vector/int8 instruction-set flags, and the core count."""
-    model, flags = platform.processor() or "unknown", set[str]()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
-    present = [f for f in CPU_FLAGS if f in flags]
+    cpu = read_cpu()
     return {
-        "model": model,
-        "flags": present,
-        "flags_absent": [f for f in CPU_FLAGS if f not in flags],
-        "vnni": bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags),
+        "model": cpu.model,
+        "flags": [f for f in CPU_FLAGS if f in cpu.flags],
+        "flags_absent": [f for f in CPU_FLAGS if f not in cpu.flags],
+        "vnni": bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu.flags),
         "logical_cpus": os.cpu_count(),
     }
 
@@ -190,25 +169,12 @@ def isa_tag(cpu: Mapping[str, Any]) -> str:
     return "avx2" if "avx2" in flags else "x86"
 
 
-def preprocessed(sources: Sequence[ImageSource], spec: PreprocessSpec) -> Images:
-    """Every source through the serving preprocessing, as one array."""
-    return np.concatenate([b.copy() for _, b in iter_batches(sources, spec, 32)])
-
-
 def calibration_sets() -> dict[str, list[ImageSource]]:
     """The calibration image sets the variants choose from."""
     sets = {"frames": real_frame_sources(), "street": bundled_street_and_photo_sources(256)}
     if repo_devset_dir().is_dir():
         sets["devset"] = folder_sources(repo_devset_dir())
     return sets
-
-
-def held_out_sources() -> dict[str, list[ImageSource]]:
-    """The agreement sets: the clips' frames that no calibration set contains."""
-    return {
-        name: clip_frame_sources(clip, keep=lambda i: i % CALIBRATION_FRAME_STEP != 0)
-        for name, clip in HELD_OUT_CLIPS.items()
-    }
 
 
 def session(
@@ -227,107 +193,6 @@ def ort_runner(s: ort.InferenceSession) -> Callable[[Images], Images]:
     """Batch-at-a-time inference through an ONNX Runtime session."""
     name = s.get_inputs()[0].name
     return lambda x: np.asarray(s.run(None, {name: x})[0])
-
-
-def probabilities(run: Callable[[Images], Images], images: Images) -> Images:
-    """Class probabilities of every image, at the worker's batch size."""
-    return np.concatenate([run(images[i : i + BATCH]) for i in range(0, len(images), BATCH)])
-
-
-@dataclass(frozen=True, slots=True)
-class Labeller:
-    """What lookout makes of probabilities: the published and served labels and the best leaf."""
-
-    taxonomy: Taxonomy
-    calibration: Calibration = field(default_factory=Calibration)
-    """The model's: serving temperature and fitted roll-up thresholds (none: the defaults)."""
-
-    def published(self, probs: Images) -> npt.NDArray[np.str_]:
-        """The single-mode label at the worker's default roll-up threshold, without calibration."""
-        frames = self.taxonomy.classify(probs, mode="single", rollup_threshold=ROLLUP, top_k=0)
-        return np.array([f.labels[0].label for f in frames])
-
-    def served(self, probs: Images) -> npt.NDArray[np.str_]:
-        """The label the worker writes to the labels topic with this model's calibration."""
-        threshold, per_label = served_rollup(self.calibration)
-        frames = self.taxonomy.classify(
-            self.calibration.apply(probs),
-            mode="single",
-            rollup_threshold=threshold,
-            rollup_label_thresholds=per_label or None,
-            top_k=0,
-        )
-        return np.array([f.labels[0].label for f in frames])
-
-    def best_leaf(self, probs: Images) -> npt.NDArray[np.int64]:
-        """Index of the best-scoring taxonomy leaf (no roll-up threshold)."""
-        return np.asarray(leaf_scores(self.taxonomy, probs).argmax(axis=1), dtype=np.int64)
-
-
-def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion ``hits / n``."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = hits / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (round(float(centre - half), 4), round(float(centre + half), 4))
-
-
-def agreement(
-    labeller: Labeller, reference: Images, got: Images, names: Sequence[str] | None = None
-) -> dict[str, Any]:
-    """How often ``got`` gives FP32's (``reference``'s) class, published and served label, best leaf.
-
-    With ``names`` (one per frame) it also lists the frames whose published or served label
-    differs, so two variants can be compared frame by frame (paired) from the results file.
-    """
-    same = {
-        "top1": reference.argmax(axis=1) == got.argmax(axis=1),
-        "label": labeller.published(reference) == labeller.published(got),
-        "served": labeller.served(reference) == labeller.served(got),
-        "leaf": labeller.best_leaf(reference) == labeller.best_leaf(got),
-    }
-    out: dict[str, Any] = {"n": len(reference)}
-    for key, hits in same.items():
-        out[key] = round(float(hits.mean()), 4)
-        out[f"{key}_disagreements"] = int((~hits).sum())
-    out["label_95ci"] = wilson_interval(int(same["label"].sum()), len(reference))
-    out["served_95ci"] = wilson_interval(int(same["served"].sum()), len(reference))
-    if names is not None:
-        for key in ("label", "served"):
-            out[f"{key}_differs"] = [names[int(i)] for i in np.flatnonzero(~same[key])]
-    return out
-
-
-POOLS = {"all": tuple(HELD_OUT_CLIPS), "street+cartoon": ("street", "cartoon")}
-"""Pooled agreement sets. At the roll-up threshold 0.4 FP32 publishes ``unknown`` for every
-carphone frame (ImageNet has no person class), so carphone cannot disagree on that label (the
-served label can, where a model's fitted thresholds publish ``vehicle`` from a low score);
-``street+cartoon`` leaves it out."""
-
-
-def agreements(
-    labeller: Labeller,
-    reference: Mapping[str, Images],
-    got: Mapping[str, Images],
-    frame_names: Mapping[str, Sequence[str]] | None = None,
-) -> dict[str, Any]:
-    """Agreement per held-out set (with the differing frames, given ``frame_names``) and pooled."""
-    out = {
-        name: agreement(
-            labeller, reference[name], got[name], None if frame_names is None else frame_names[name]
-        )
-        for name in reference
-    }
-    for pool, names in POOLS.items():
-        present = [k for k in names if k in reference]
-        out[pool] = agreement(
-            labeller,
-            np.concatenate([reference[k] for k in present]),
-            np.concatenate([got[k] for k in present]),
-        )
-    return out
 
 
 def jpeg_round_trip(sources: Sequence[ImageSource], quality: int) -> list[ImageSource]:
@@ -491,7 +356,7 @@ def main() -> None:
     spec = PreprocessSpec.from_metadata(fp32.get_modelmeta().custom_metadata_map)
     metadata = fp32.get_modelmeta().custom_metadata_map
     calibration = Calibration.from_json(metadata.get("calibration"), origin=str(onnx_path))
-    labeller = Labeller(Taxonomy.load(), calibration)
+    labeller = Labeller.for_calibration(Taxonomy.load(), calibration)
     held_out_frames = held_out_sources()
     held_out = {k: preprocessed(v, spec) for k, v in held_out_frames.items()}
     frame_names = {k: [s.name for s in v] for k, v in held_out_frames.items()}

@@ -14,63 +14,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import statistics
-import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.e2e import (
-    TOPIC_PARTITIONS,
-    LabelReader,
-    create_topics,
-    drain_fps,
-    produce,
-    start_worker,
-    wait_topic,
-    worker_ready,
-)
-from bench.frames import frames_file as cached_frames
-from bench.host import cache_dir, cpu_model, cpu_seconds, free_port, service_endpoints
-from stream_worker.settings import TopicSettings
-
-
-async def drain_rate(
-    bootstrap: str, redis_url: str, frames: int, extra_env: dict[str, str]
-) -> dict[str, Any]:
-    """Pre-fill a frames topic (partitioned as in the main benchmark), start one worker, measure
-    the first-to-last label rate."""
-    frames_file = cached_frames("720p", 250, cache_dir())
-    run = uuid.uuid4().hex[:8]
-    topic = f"bench-knob-{run}"
-    await create_topics(bootstrap, {topic: TOPIC_PARTITIONS})
-    await produce(frames_file, topic, bootstrap, "knob", count=frames)
-    port = free_port()
-    worker = start_worker(
-        cache_dir() / "engine-fp32.onnx", bootstrap, redis_url, topic, run, port, **extra_env
-    )
-    labels_topic = TopicSettings.named_after(topic).labels_topic
-    labels = LabelReader(bootstrap, labels_topic)
-    try:
-        while not worker_ready(port):
-            if worker.poll() is not None:
-                raise RuntimeError(f"worker exited with {worker.returncode}")
-            await asyncio.sleep(0.3)
-        await wait_topic(bootstrap, labels_topic)
-        await labels.start()
-        cpu0, t0 = cpu_seconds(worker.pid), time.monotonic()
-        got = await labels.wait_for("knob", frames, timeout_s=60 + frames)
-        cpu = cpu_seconds(worker.pid) - cpu0
-        return {
-            "fps": drain_fps(got),
-            "worker_cpu_ms_per_frame": 1000 * cpu / frames,
-            "wall_s": time.monotonic() - t0,
-        }
-    finally:
-        await labels.stop()
-        worker.send_signal(signal.SIGTERM)
-        worker.wait(timeout=60)
+from bench.e2e import drain_rate
+from bench.host import cache_dir, cpu_model, service_endpoints
 
 
 def main() -> None:
@@ -89,7 +38,8 @@ def main() -> None:
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     for round_no in range(args.rounds):
         for name, extra in variants.items():
-            run = asyncio.run(drain_rate(bootstrap, redis_url, args.frames, extra))
+            engine = cache_dir() / "engine-fp32.onnx"
+            run = asyncio.run(drain_rate(bootstrap, redis_url, args.frames, engine, extra_env=extra))
             runs[name].append(run)
             print(
                 f"round {round_no + 1} {name:<12} {run['fps']:7.1f} frames/s  "

@@ -113,7 +113,7 @@ def flame_svg(stacks: Counter[str], title: str, width: int = 1400, row: int = 17
         hue = 20 + (hash(name.split(" ")[0]) % 40)
         text = html.escape(name if len(name) * 6.5 < w else name[: max(0, int(w / 6.5) - 2)] + "..")
         rects.append(
-            f'<g><title>{label} ({node["n"]} samples, {share:.1f} %)</title>'
+            f"<g><title>{label} ({node['n']} samples, {share:.1f} %)</title>"
             f'<rect x="{x:.1f}" y="DEPTH{depth}" width="{w:.1f}" height="{row - 1}" '
             f'fill="hsl({hue},85%,60%)"/>'
             + (f'<text x="{x + 2:.1f}" y="TEXT{depth}">{text}</text>' if w > 20 else "")
@@ -161,8 +161,22 @@ async def profile(frames: int, size: str, seconds: float, out: Path) -> dict[str
         await labels.start()
         cpu0, t0 = cpu_seconds(worker.pid), time.monotonic()
         spy = subprocess.Popen(
-            [py_spy, "record", "--pid", str(worker.pid), "--format", "raw", "--rate", "200",
-             "--duration", str(int(seconds)), "--output", str(raw), "--threads", "--nonblocking"],
+            [
+                py_spy,
+                "record",
+                "--pid",
+                str(worker.pid),
+                "--format",
+                "raw",
+                "--rate",
+                "200",
+                "--duration",
+                str(int(seconds)),
+                "--output",
+                str(raw),
+                "--threads",
+                "--nonblocking",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )

@@ -14,20 +14,31 @@ from pathlib import Path
 from typing import Any
 
 from bench.ceilings import decode_ceiling, gpu_section, inference_ceiling
-from bench.e2e import TOPIC_PARTITIONS, end_to_end, scaling
+from bench.e2e import TOPIC_PARTITIONS, drain_rate, end_to_end, scaling
 from bench.frames import encoded_frames
 from bench.host import REPO, cache_dir, cpu_model, log, service_endpoints, start_services
+from engine_build.agreement import engine_files_agreement
 from engine_build.cpu import build_cpu_engine
 from engine_build.default import default_onnx_path
 from stream_worker.backends.base import EngineInfo
+from stream_worker.backends.precision import (
+    AGREEMENT_BAR,
+    SPEEDUP_BAR,
+    Timing,
+    decide,
+    measure_cpu_time,
+    read_cpu,
+)
 from stream_worker.backends.registry import verify_engine
 from stream_worker.errors import EngineError
-from stream_worker.settings import load_settings
+from stream_worker.pipeline import inference_layout, usable_cores
+from stream_worker.settings import Settings, load_settings
 
 RESULTS = REPO / "bench" / "results"
 # The figures a run reports, in the order the summary prints them.
 HEADLINE = (
     "e2e_fps",
+    "e2e_fps_int8",
     "naive_fps",
     "ceiling_fps",
     "p99_ms_at_50pct",
@@ -53,6 +64,36 @@ def cpu_engines() -> dict[str, Path]:
     return engines
 
 
+def auto_precision(engines: dict[str, Path], settings: Settings) -> dict[str, Any]:
+    """What ``--precision auto`` would serve on this machine, by its own rule, with these engines.
+
+    The int8 engine's agreement with fp32 is measured here on the held-out frames (the benchmark's
+    engines are built without it), the speed as a worker measures it at start-up: the worker's
+    batch size and threads per session, CPU time, interleaved.
+    """
+    agreement = engine_files_agreement(engines["fp32"], engines["int8"])
+    e = settings.engine
+    _, threads = inference_layout(e.inference_sessions, e.inference_threads, "onnxruntime", usable_cores())
+    timings: list[Timing] = []
+
+    def measure() -> Timing:
+        batch = settings.batch.max_batch
+        timings.append(measure_cpu_time(engines["fp32"], engines["int8"], batch=batch, threads=threads))
+        return timings[-1]
+
+    choice = decide(agreement["published_label"], measure, read_cpu())
+    return {
+        "precision": choice.precision,
+        "reason": choice.reason,
+        "line": choice.line,
+        "bars": {"speedup": SPEEDUP_BAR, "published_label_agreement": AGREEMENT_BAR},
+        "agreement": agreement,
+        "speedup": timings[0].speedup if timings else None,
+        "threads": threads,
+        "batch": settings.batch.max_batch,
+    }
+
+
 async def run(*, quick: bool, size: str, with_scaling: bool, services_up: bool) -> dict[str, Any]:
     """Run every section and assemble the results.
 
@@ -62,7 +103,8 @@ async def run(*, quick: bool, size: str, with_scaling: bool, services_up: bool) 
         start_services()
     bootstrap, redis_url = service_endpoints()
     # The batching the benchmark's workers run with: they inherit this process's environment.
-    batch = load_settings().batch
+    settings = load_settings()
+    batch = settings.batch
 
     engines = cpu_engines()
     spec = EngineInfo.from_sidecar(engines["fp32"], verify_engine(engines["fp32"])).spec
@@ -79,7 +121,13 @@ async def run(*, quick: bool, size: str, with_scaling: bool, services_up: bool) 
     gpu = gpu_section(1.0 if quick else 4.0, batch.max_batch)
     if "skipped" in gpu:
         log(f"GPU section skipped: {gpu['skipped']}")
+    log("what --precision auto would serve here")
+    auto = auto_precision(engines, settings)
+    log(auto["line"])
     e2e = await end_to_end(bootstrap, redis_url, engines["fp32"], size=size, quick=quick)
+    log("e2e: max sustained throughput with the int8 engine")
+    e2e_int8 = await drain_rate(bootstrap, redis_url, e2e["max"]["frames"], engines["int8"], size=size)
+    log(f"e2e: int8 max sustained {e2e_int8['fps']:.1f} frames/s")
     scale = await scaling(bootstrap, redis_url, engines["fp32"], 600, size) if with_scaling else {}
 
     def row(precision: str, batch_size: int) -> dict[str, Any]:
@@ -102,13 +150,15 @@ async def run(*, quick: bool, size: str, with_scaling: bool, services_up: bool) 
             "note": "broker, Redis, producer and worker share the cores",
         },
         "settings": {
-            "engine": "onnxruntime fp32 (default)",
+            "engine": "onnxruntime fp32 (e2e_fps and every phase) and int8 (e2e_fps_int8: the drain only)",
             "max_batch": batch.max_batch,
             "max_wait_ms": batch.max_wait_ms,
             "frames_partitions": TOPIC_PARTITIONS,
             "frames": size,
         },
         "e2e_fps": e2e["max"]["e2e_fps"],
+        "e2e_fps_int8": e2e_int8["fps"],
+        "auto_precision": auto,
         "live_capacity_fps": e2e["live"]["fps"],
         "naive_fps": e2e["naive"]["fps"],
         "ceiling_fps": ceiling,
@@ -120,6 +170,7 @@ async def run(*, quick: bool, size: str, with_scaling: bool, services_up: bool) 
         "rss_growth_pct": e2e["soak"]["rss_growth_pct"],
         "ratios": {
             "e2e_vs_naive": e2e["max"]["e2e_fps"] / e2e["naive"]["fps"],
+            "e2e_int8_vs_fp32": e2e_int8["fps"] / e2e["max"]["e2e_fps"],
             "e2e_vs_ceiling": e2e["max"]["e2e_fps"] / ceiling,
         },
         "decode": decode,
@@ -127,6 +178,7 @@ async def run(*, quick: bool, size: str, with_scaling: bool, services_up: bool) 
         "gpu": gpu,
         "scaling": scale,
         "end_to_end": e2e,
+        "end_to_end_int8": e2e_int8,
     }
 
 
@@ -145,7 +197,9 @@ def summary(result: dict[str, Any]) -> str:
     """The headline figures and ratios as a small table."""
     lines = [f"  {key:<24} {result[key]:10.2f}" for key in HEADLINE]
     lines.append(f"  {'e2e / naive':<24} {result['ratios']['e2e_vs_naive']:10.2f}")
+    lines.append(f"  {'e2e int8 / fp32':<24} {result['ratios']['e2e_int8_vs_fp32']:10.2f}")
     lines.append(f"  {'e2e / CPU ceiling':<24} {result['ratios']['e2e_vs_ceiling']:10.2f}")
+    lines.append(f"  {'--precision auto':<24} {result['auto_precision']['line']}")
     return "\n".join(lines)
 
 
@@ -159,9 +213,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     e2e = result["end_to_end"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     ax = axes[0]
-    names = ["naive", "lookout e2e", "CPU ceiling"]
-    values = [result["naive_fps"], result["e2e_fps"], result["ceiling_fps"]]
-    ax.bar(names, values, color=["#999999", "#2b7bb9", "#c7e0f4"])
+    names = ["naive", "lookout e2e", "e2e int8", "CPU ceiling"]
+    values = [result["naive_fps"], result["e2e_fps"], result["e2e_fps_int8"], result["ceiling_fps"]]
+    ax.bar(names, values, color=["#999999", "#2b7bb9", "#5aa05a", "#c7e0f4"])
     ax.set_ylabel("frames/s")
     machine = ", 2-core machine" if os.cpu_count() == 2 else ""
     ax.set_title(f"Throughput ({result['settings']['frames']} frames{machine})")

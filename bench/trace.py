@@ -68,9 +68,7 @@ def summarise(kinds: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     total = [sum(stages.values()) for stages in per]
     order = np.argsort(total)
     slow = order[-max(1, int(len(order) * SLOW_SHARE)) :]
-    windows = [
-        (b["at"], b["at"] + max(b["batch"].values()) / 1000) for b in (batches[i] for i in slow)
-    ]
+    windows = [(b["at"], b["at"] + max(b["batch"].values()) / 1000) for b in (batches[i] for i in slow)]
     gc_pauses = kinds["gc"]
     in_slow = [g for g in gc_pauses if any(lo <= g["at"] <= hi for lo, hi in windows)]
     pauses = [e for e in kinds["event"] if e["event"] == "pause"]

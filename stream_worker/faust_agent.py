@@ -90,10 +90,9 @@ def frames_agent(
     else:
         source = app.topic(*settings.topics.frames_topic, key_serializer="raw", value_serializer="raw")
     if backend_factory is None:
-        from stream_worker.service import backend_factory as default_factory
+        from stream_worker.service import EngineOpener
 
-        def backend_factory() -> Backend:
-            return default_factory(settings)
+        backend_factory = EngineOpener(settings)
 
     metrics = metrics or Metrics.from_settings(settings)
     faults = Faults(settings.faults)

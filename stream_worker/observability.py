@@ -31,6 +31,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from stream_worker.sources import RecentSources, SourceLimits
 
 if TYPE_CHECKING:
+    from stream_worker.backends.base import EngineInfo
     from stream_worker.pipeline import Batch
     from stream_worker.settings import Settings
     from stream_worker.stages import StageClock
@@ -147,6 +148,12 @@ class Metrics:
             ["source", "label"],
             registry=r,
         )
+        self.engine_info = Gauge(
+            "lookout_engine_info",
+            "1 for the engine being served: its backend, precision, model and why it was chosen",
+            ["backend", "precision", "model", "reason"],
+            registry=r,
+        )
         self.counts_skipped = Counter(
             "lookout_counts_replayed_frames",
             "Frames the Redis watermark recognised as already counted",
@@ -157,6 +164,12 @@ class Metrics:
     def from_settings(cls, settings: Settings) -> Metrics:
         """The worker's metrics: per-source series capped by ``--max-metric-sources``."""
         return cls(max_sources=settings.ops.max_metric_sources, source_idle_s=settings.counts.source_idle_s)
+
+    def serving(self, info: EngineInfo) -> None:
+        """The engine is open: ``lookout_engine_info`` says which, and why (its ``reason``)."""
+        self.engine_info.clear()
+        model = f"{info.model_name}:{info.model_version}" if info.model_version else info.model_name
+        self.engine_info.labels(info.backend, info.precision, model, info.reason or "unknown").set(1)
 
     # One call per event of a batch's life: the pipeline, the sinks and the worker report
     # through these, never frame by frame.

@@ -282,6 +282,7 @@ class Pipeline:
         self._free_sessions = asyncio.Queue()
         for i in range(len(self._backends)):
             self._free_sessions.put_nowait(i)
+        self._metrics.serving(info)
         self._taxonomy = Taxonomy.for_engine(info)
         # Settings were checked against the taxonomy the sidecar named; this is the one bound.
         check_label_thresholds(

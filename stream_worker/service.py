@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
 from stream_worker.aio import unless_set
 from stream_worker.backends.base import Backend
+from stream_worker.backends.precision import serve_default
 from stream_worker.backends.registry import default_engine_provider, open_backend
-from stream_worker.errors import ConfigError, LookoutError, ServiceUnavailable
+from stream_worker.backends.sidecar import read_sidecar
+from stream_worker.errors import ConfigError, EngineError, LookoutError, ServiceUnavailable
 from stream_worker.hints import start_hint
 from stream_worker.kafka import check_kafka, ensure_topics, partitions_of
 from stream_worker.observability import HealthServer, Metrics
@@ -61,28 +64,82 @@ async def prepare_topics(settings: Settings) -> None:
 def check_engine(settings: Settings) -> Path | None:
     """The configured engine file (None: the default CPU engine); one line when it does not exist.
 
-    With no engine named, one line too when no provider of the default engine is installed.
+    With no engine named, one line too when no provider of the default engine is installed
+    (for ``--precision int8``, of the int8 one). With one named, ``--precision fp32`` or ``int8``
+    may only repeat what the engine file is: it picks the default engine and converts nothing.
     """
     e = settings.engine
     engine = Path(e.engine) if e.engine else None
     if engine is None:
-        default_engine_provider()
+        default_engine_provider("int8" if e.precision == "int8" else "fp32")
     elif not engine.exists():
         raise ConfigError(
             f"engine {engine} does not exist: build it with `engine-build build ... --out {engine}` "
             "or leave --engine empty for the default CPU engine"
         )
+    elif e.precision != "auto":
+        try:
+            built = read_sidecar(engine).precision
+        except EngineError:
+            return engine  # opening it says what is wrong with it
+        if built != e.precision:
+            where = settings.where("engine", "precision")
+            raise ConfigError(
+                f"{where} is {e.precision}, but the engine file {engine} is {built}: {where} chooses "
+                f"the default engine and converts no file; drop {where} (the file decides), or name "
+                f"a {e.precision} engine (`engine-build build --precision {e.precision} ...`)"
+            )
     return engine
 
 
+class EngineOpener:
+    """Opens the worker's engine sessions, one per call, all on the one engine.
+
+    The engine is resolved on the first call (on an inference thread): the named file, or the
+    default engine in ``--precision``, for ``auto`` chosen by ``stream_worker.backends.precision``
+    (which may build the int8 engine and time both, then logs which is served and why). Later
+    sessions open the same file without deciding again.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        """Prepare to open the engine ``settings`` name."""
+        self._settings = settings
+        e = settings.engine
+        # Threads per session as the pipeline lays the sessions out (an ONNX Runtime setting; a
+        # TensorRT engine ignores it and gets one session).
+        _, self._threads = inference_layout(
+            e.inference_sessions, e.inference_threads, "onnxruntime", usable_cores()
+        )
+        self._lock = threading.Lock()
+        self._engine: tuple[Path, str] | None = None
+
+    def _resolve(self) -> tuple[Path, str]:
+        settings = self._settings
+        engine = check_engine(settings)
+        if engine is not None:
+            return engine, "named"
+        served = serve_default(
+            Path(settings.engine.cache_dir),
+            settings.engine.precision,
+            threads=self._threads,
+            batch=settings.batch.max_batch,
+        )
+        return served.path, served.choice.reason
+
+    def __call__(self) -> Backend:
+        """Open one more session of the engine."""
+        with self._lock:
+            if self._engine is None:
+                self._engine = self._resolve()
+            path, reason = self._engine
+        return open_backend(
+            path, threads=self._threads, cache_dir=Path(self._settings.engine.cache_dir), reason=reason
+        )
+
+
 def backend_factory(settings: Settings) -> Backend:
-    """Open the configured engine (default: the CPU engine, built on first use)."""
-    e = settings.engine
-    engine = check_engine(settings)
-    # Threads per session as the pipeline lays the sessions out (an ONNX Runtime setting; a
-    # TensorRT engine ignores it and gets one session).
-    _, threads = inference_layout(e.inference_sessions, e.inference_threads, "onnxruntime", usable_cores())
-    return open_backend(engine, threads=threads, cache_dir=Path(e.cache_dir))
+    """Open the configured engine (default: the CPU engine, built on first use) in one session."""
+    return EngineOpener(settings)()
 
 
 async def run_worker(settings: Settings, stop: asyncio.Event, *, create_topics: bool = True) -> int:
@@ -99,7 +156,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event, *, create_topics: 
     metrics = Metrics.from_settings(settings)
     worker = Worker(
         settings,
-        backend_factory=lambda: backend_factory(settings),
+        backend_factory=EngineOpener(settings),
         metrics=metrics,
         create_topics=create_topics,
     )

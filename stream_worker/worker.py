@@ -165,6 +165,7 @@ class Worker:
             "worker started",
             extra={
                 "engine": info.path.name,
+                "precision": info.precision,
                 "max_batch": self.max_batch,
                 "group": s.topics.group,
                 "inference_sessions": self._pipeline.sessions,

@@ -7,6 +7,10 @@ cache, ``.state/test-cache``, never into the user's ``~/.cache/lookout`` (or the
 ``LOOKOUT_CACHE_DIR``): ``LOOKOUT_CACHE_DIR`` is set for the whole session, before lookout is
 imported, so every worker, bench and CLI the tests start inherits it. ``scripts/services`` keeps
 using the user's cache for the Kafka jars it fetches (:data:`TOOLS_CACHE`, passed to it explicitly).
+
+Workers the tests start serve the fp32 default engine (``LOOKOUT_PRECISION=fp32``, set the same
+way): ``auto`` would build the int8 engine and time both at every first start. The tests of
+``auto`` and ``int8`` set the precision themselves.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ TOOLS_CACHE = os.environ.get("LOOKOUT_CACHE_DIR") or str(Path.home() / ".cache" 
 TEST_CACHE = REPO / ".state" / "test-cache"
 TEST_CACHE.mkdir(parents=True, exist_ok=True)
 os.environ["LOOKOUT_CACHE_DIR"] = str(TEST_CACHE)
+os.environ["LOOKOUT_PRECISION"] = "fp32"
 
 
 def services_env(**extra: str) -> dict[str, str]:

@@ -47,9 +47,12 @@ class EngineInfo:
     """SHA-256 of the engine file (checked against the file when it is opened)."""
     calibration: Calibration = field(default_factory=Calibration)
     """Serving temperature and fitted thresholds (``Sidecar.calibration``); none by default."""
+    reason: str = ""
+    """Why this engine is served, one of ``stream_worker.backends.precision.REASONS`` (the
+    ``reason`` label of ``lookout_engine_info``); empty when nobody said."""
 
     @classmethod
-    def from_sidecar(cls, path: Path, sidecar: Sidecar) -> EngineInfo:
+    def from_sidecar(cls, path: Path, sidecar: Sidecar, *, reason: str = "") -> EngineInfo:
         """Describe the engine at ``path`` from its already-read sidecar."""
         return cls(
             path=path,
@@ -68,6 +71,7 @@ class EngineInfo:
             taxonomy=sidecar.taxonomy,
             engine_sha256=sidecar.engine_sha256,
             calibration=Calibration.from_document(sidecar.calibration, origin=f"engine {path}"),
+            reason=reason,
         )
 
     @property

@@ -1,11 +1,12 @@
 """Open an engine: verify its sidecar against this machine, then hand it to the backend it names.
 
 When no engine is named, the default one comes from a provider registered under the
-``lookout.engines`` entry-point group (name ``default``): a callable taking the cache directory
-and returning the path of a ready engine. The engine builder's package registers the one that
-builds the default CPU engine on first use (see ``pyproject.toml``); serving never imports the
-builder, so the contract between the two flows one way. The backends are imported lazily, so a
-CPU-only install never touches TensorRT.
+``lookout.engines`` entry-point group (name ``default`` for fp32, ``default-int8`` for int8): a
+callable taking the cache directory and returning the path of a ready engine. The engine
+builder's package registers the ones that build the default CPU engines on first use (see
+``pyproject.toml``); serving never imports the builder, so the contract between the two flows
+one way. Which of the two is served is decided in ``stream_worker.backends.precision``. The
+backends are imported lazily, so a CPU-only install never touches TensorRT.
 """
 
 from __future__ import annotations
@@ -22,18 +23,25 @@ from stream_worker.errors import EngineError
 ENGINE_PROVIDERS = "lookout.engines"
 """Entry-point group of engine providers; the one named ``default`` supplies the default engine."""
 
+DEFAULT_PROVIDERS = {"fp32": "default", "int8": "default-int8"}
+"""The provider of the default engine in each precision, by entry-point name."""
+
 EngineProvider = Callable[[Path], Path]
 
 
-def default_engine_provider() -> EngineProvider:
-    """The installed provider of the default engine, or a one-line ``EngineError`` without one."""
-    found = entry_points(group=ENGINE_PROVIDERS, name="default")
+def default_engine_provider(precision: str = "fp32") -> EngineProvider:
+    """The installed provider of the default ``precision`` engine; without one, a one-line ``EngineError``."""
+    name = DEFAULT_PROVIDERS[precision]
+    found = entry_points(group=ENGINE_PROVIDERS, name=name)
     hint = (
-        "pass --engine PATH, an engine built with `engine-build build --backend onnxruntime "
-        "--precision fp32 --out PATH`"
+        f"pass --engine PATH, an engine built with `engine-build build --backend onnxruntime "
+        f"--precision {precision} --out PATH`"
     )
     if not found:
-        raise EngineError(f"no default engine provider is installed ({ENGINE_PROVIDERS}): {hint}")
+        raise EngineError(
+            f"no default {precision} engine provider is installed ({ENGINE_PROVIDERS}: {name}; "
+            f"reinstall lookout): {hint}"
+        )
     entry = sorted(found, key=lambda e: e.value)[0]
     try:
         provider: EngineProvider = entry.load()
@@ -44,9 +52,10 @@ def default_engine_provider() -> EngineProvider:
     return provider
 
 
-def default_engine(cache_dir: Path | None = None) -> Path:
-    """Path of the default engine in ``cache_dir`` (default: ``~/.cache/lookout``), made on first use."""
-    return default_engine_provider()(cache_dir or default_cache_dir())
+def default_engine(cache_dir: Path | None = None, precision: str = "fp32") -> Path:
+    """Path of the default engine in ``precision`` in ``cache_dir`` (default: ``~/.cache/lookout``),
+    made on first use."""
+    return default_engine_provider(precision)(cache_dir or default_cache_dir())
 
 
 def _runtime_version(backend: str) -> tuple[str, str | None]:
@@ -87,15 +96,17 @@ def open_backend(
     *,
     threads: int | None = None,
     cache_dir: Path | None = None,
+    reason: str = "",
 ) -> Backend:
     """Open the engine at ``engine_path`` with the backend its sidecar names.
 
-    ``None`` means the default engine in ``cache_dir`` (see :func:`default_engine`).
-    ``threads`` sets ONNX Runtime's intra-op threads (``None``: one per core).
+    ``None`` means the default fp32 engine in ``cache_dir`` (see :func:`default_engine`).
+    ``threads`` sets ONNX Runtime's intra-op threads (``None``: one per core). ``reason`` says
+    why this engine is served (``EngineInfo.reason``).
     """
     path = default_engine(cache_dir) if engine_path is None else engine_path
     sidecar = verify_engine(path)
-    info = EngineInfo.from_sidecar(path, sidecar)
+    info = EngineInfo.from_sidecar(path, sidecar, reason=reason)
     if sidecar.backend == "onnxruntime":
         from stream_worker.backends.onnxruntime import OnnxRuntimeBackend
 

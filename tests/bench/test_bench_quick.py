@@ -15,6 +15,7 @@ from tests.conftest import REPO, Services
 
 KEYS = (
     "e2e_fps",
+    "e2e_fps_int8",
     "live_capacity_fps",
     "naive_fps",
     "ceiling_fps",
@@ -41,6 +42,12 @@ def test_quick_benchmark_reports_every_figure(services: Services, tmp_path: Path
         assert isinstance(data[key], float) and math.isfinite(data[key]), key
     assert data["e2e_fps"] > 0 and data["naive_fps"] > 0
     assert data["end_to_end"]["max"]["frames"] == 300  # every produced frame was labelled
+    assert (
+        data["end_to_end_int8"]["frames"] == 300 and data["end_to_end_int8"]["engine"] == "engine-int8.onnx"
+    )
+    auto = data["auto_precision"]  # what --precision auto would serve here, and why
+    assert auto["precision"] in ("fp32", "int8") and auto["line"].startswith(f"serving {auto['precision']}: ")
+    assert auto["agreement"]["frames"] == 401
     # The latency phase is taken apart by stage from the worker's own trace.
     stages = data["end_to_end"]["load50"]["runs"][0]["stages"]
     assert stages["frames"] > 0 and {"inference", "decode_wait", "sink:labels"} <= stages["stages_ms"].keys()

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.conftest import REPO, Services
+from engine_build.default import ensure_default_engine
+from tests.conftest import REPO, TEST_CACHE, Services
 
 pytestmark = pytest.mark.usefixtures("services")
 
@@ -69,6 +70,18 @@ def test_a_missing_engine(tmp_path: Path, services: Services) -> None:
         run("run", "--engine", str(missing), "--redis-url", services.redis_url),
         str(missing),
         "engine-build build",
+    )
+
+
+def test_a_precision_that_contradicts_the_named_engine_file(services: Services) -> None:
+    engine = ensure_default_engine(TEST_CACHE)  # an fp32 engine
+    assert_one_line(
+        run("run", "--engine", str(engine), "--precision", "int8", "--redis-url", services.redis_url),
+        f"--precision is int8, but the engine file {engine} is fp32",
+        "drop --precision (the file decides)",
+    )
+    assert_one_line(
+        run("run", "--precision", "int4"), "--precision must be one of auto, fp32, int8, not 'int4'"
     )
 
 
@@ -195,6 +208,8 @@ def test_run_help_lists_the_env_only_settings_and_no_dashboard_flags() -> None:
 
 
 def test_each_command_help_lists_the_settings_it_uses_with_their_env() -> None:
+    run_help = help_text("run")
+    assert "--precision" in run_help and "env LOOKOUT_PRECISION; default auto" in run_help
     verify = help_text("verify")
     assert "--redis-url" in verify and "env REDIS_URL" in verify and "--windows" in verify
     assert "--max-batch" not in verify and "--group" not in verify

@@ -166,7 +166,7 @@ class Secured:
 
 def clean_env() -> dict[str, str]:
     """The environment without lookout/Kafka/Redis settings, so only the flags configure the worker."""
-    keep = {"LOOKOUT_CACHE_DIR"}
+    keep = {"LOOKOUT_CACHE_DIR", "LOOKOUT_PRECISION"}  # the test session's cache and fp32 (conftest)
     return {
         k: v for k, v in os.environ.items() if k in keep or not k.startswith(("LOOKOUT_", "KAFKA_", "REDIS_"))
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -31,7 +32,8 @@ MODEL = {
 def worker_settings(
     bootstrap: str, redis_url: str, frames_topic: str, key_prefix: str, **flags: Any
 ) -> Settings:
-    """Settings for a test worker: its own topics, group and key prefix; no metrics port."""
+    """Settings for a test worker: its own topics, group and key prefix; no metrics port; the
+    session's engine precision (fp32, ``tests/conftest.py``) unless ``flags`` say otherwise."""
     topics = TopicSettings.named_after(frames_topic)
     base = {
         "bootstrap": bootstrap,
@@ -49,7 +51,7 @@ def worker_settings(
         "drain_deadline_s": 15,
     }
     base.update({k: str(v) if not isinstance(v, str) else v for k, v in flags.items()})
-    return load_settings(flags=base, env={})
+    return load_settings(flags=base, env={"LOOKOUT_PRECISION": os.environ.get("LOOKOUT_PRECISION", "fp32")})
 
 
 @contextlib.asynccontextmanager

@@ -125,9 +125,10 @@ class WorkerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: Any = None
 
-    def start(self, **env: str) -> WorkerProcess:
-        """Start the worker; ``env`` adds to (and overrides) the constructor's environment."""
-        keep = {"LOOKOUT_CACHE_DIR"}  # the test session's cache (see tests/conftest.py)
+    def start(self, *flags: str, **env: str) -> WorkerProcess:
+        """Start the worker; ``flags`` follow (and override) the pipeline's, ``env`` adds to (and
+        overrides) the constructor's environment."""
+        keep = {"LOOKOUT_CACHE_DIR", "LOOKOUT_PRECISION"}  # the test session's cache and fp32 (conftest)
         child_env = {
             k: v
             for k, v in os.environ.items()
@@ -140,7 +141,7 @@ class WorkerProcess:
         self._log.write(f"\n===== start {time.strftime('%H:%M:%S')} env={env}\n".encode())
         self._log.flush()
         self.proc = subprocess.Popen(
-            [str(WORKER_BIN), "run", *self.pipeline.flags()],
+            [str(WORKER_BIN), "run", *self.pipeline.flags(), *flags],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=child_env,

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from engine_build.cpu import build_cpu_engine
-from engine_build.default import default_engine_path, ensure_default_engine
+from engine_build.default import default_engine_path, ensure_default_engine, ensure_default_int8_engine
 from engine_build.imagefolder import path_sources, sample_photo
 from engine_build.metadata import write_sidecar
 from stream_worker.backends import registry
@@ -121,6 +121,8 @@ def test_default_engine_is_rebuilt_when_only_the_models_preprocessing_changes(tm
 
 def test_the_default_engine_comes_from_engine_build_through_its_entry_point() -> None:
     assert default_engine_provider() is ensure_default_engine
+    # pyproject.toml registers it: after changing entry points, reinstall (scripts/setup).
+    assert default_engine_provider("int8") is ensure_default_int8_engine
 
 
 def test_without_a_default_engine_provider_the_error_says_to_pass_an_engine(
