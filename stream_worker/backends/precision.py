@@ -13,8 +13,9 @@ With no ``--engine``, ``--precision`` (``LOOKOUT_PRECISION``) picks the default 
      (:func:`measure_cpu_time`: a few batches of each engine, interleaved, median CPU time),
      because the CPU's flags only say which kernels ONNX Runtime may use: with 8-bit dot products
      (AVX512-VNNI, AVX-VNNI, AMX) INT8 has measured about 2x FP32's speed, on AVX2 alone it has
-     measured slower than FP32 (``docs/MODEL_CARD.md``). The flags go into the log line and the
-     cache key.
+     measured slower than FP32 (``docs/MODEL_CARD.md``), so on an x86 CPU with AVX2 and neither
+     VNNI nor AMX ``auto`` serves FP32 without building or timing INT8. The flags go into the log
+     line and the cache key.
 
 The decision is kept in ``<cache_dir>/engines/precision-<key>.json``, the key made of both engines'
 sha256, the CPU's model and flags, ONNX Runtime's version, the threads and the batch size, so a
@@ -86,6 +87,16 @@ class CpuInfo:
             if flag in self.flags:
                 return name
         return "AVX2, no VNNI" if "avx2" in self.flags else "no AVX2"
+
+    @property
+    def lacks_int8_dot_products(self) -> bool:
+        """An x86 CPU with AVX2 but no VNNI or AMX, where ONNX Runtime's int8 has measured slower.
+
+        On the AVX2-only EPYC every int8 recipe ran at 0.53-0.93x fp32 (``docs/MODEL_CARD.md``), so
+        ``auto`` neither builds nor times one there. A CPU without AVX2 flags (another
+        architecture, say an ARM core with its own dot-product instructions) is measured.
+        """
+        return "avx2" in self.flags and not self.flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
 
     def describe(self) -> str:
         """``Intel Xeon ... (avx512_vnni)``: what the start-up line says of the CPU."""
@@ -322,10 +333,16 @@ def _auto(
     runtime_version: str | None,
 ) -> Served:
     fp32 = providers("fp32")(cache_dir)  # the fallback itself: its failure stops the worker
+    cpu = cpu or read_cpu()
+    if cpu.lacks_int8_dot_products:
+        why = (
+            f"{cpu.describe()} has no 8-bit dot-product instructions (VNNI, AMX), where int8 runs "
+            "no faster than fp32; --precision int8 serves it anyway"
+        )
+        return Served(fp32, Choice("fp32", "int8-slower", why))
     try:
         int8 = providers("int8")(cache_dir)
         fp32_sidecar, int8_sidecar = verify_engine(fp32), verify_engine(int8)
-        cpu = cpu or read_cpu()
         if runtime_version is None:
             import onnxruntime
 

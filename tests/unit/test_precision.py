@@ -52,6 +52,7 @@ flags\t\t: fpu sse2 avx avx2 fma
 """
 ICE_LAKE = CpuInfo("Intel(R) Xeon(R) Processor", frozenset({"avx2", "avx512f", "avx512_vnni"}))
 AVX2 = CpuInfo("AMD EPYC 7B12", frozenset({"avx2", "fma"}))
+SAPPHIRE_RAPIDS = CpuInfo("Intel(R) Xeon(R) Platinum 8480+", frozenset({"avx2", "avx512_vnni", "amx_int8"}))
 
 
 def never_measured() -> Timing:
@@ -234,7 +235,7 @@ def test_a_change_of_threads_cpu_or_engine_measures_again(engines: Engines, tmp_
     auto(engines, cache, Timer(10.0, 5.0))
     slow = Timer(10.0, 9.0)
     assert auto(engines, cache, slow, threads=2).choice.reason == "int8-slower"
-    assert auto(engines, cache, slow, cpu=AVX2).path == engines.fp32
+    assert auto(engines, cache, slow, cpu=SAPPHIRE_RAPIDS).path == engines.fp32
     assert len(slow.calls) == 2
     # A rebuilt int8 engine (another file, another sha256) is a new question too.
     engines.int8.write_bytes(engines.fp32.read_bytes())
@@ -341,3 +342,19 @@ def test_a_pinned_precision_must_match_the_named_engine_file(engines: Engines) -
     assert "\n" not in message
     assert message.startswith(f"--precision is int8, but the engine file {engines.fp32} is fp32")
     assert "drop --precision (the file decides)" in message
+
+
+def test_a_cpu_without_vnni_or_amx_serves_fp32_without_building_or_timing_int8(
+    engines: Engines, tmp_path: Path
+) -> None:
+    built: list[Path] = []
+
+    def build_int8(cache: Path) -> Path:
+        built.append(cache)
+        return engines.int8
+
+    timer = Timer(10.0, 5.0)  # int8 would "pay" if it were timed
+    served = auto(engines, tmp_path, timer, cpu=AVX2, providers=engines.providers(int8=build_int8))
+    assert (served.path, served.choice.reason) == (engines.fp32, "int8-slower")
+    assert "AMD EPYC 7B12" in served.choice.line and "VNNI" in served.choice.line
+    assert built == [] and timer.calls == []
