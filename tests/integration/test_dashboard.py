@@ -198,6 +198,23 @@ async def test_page_shows_the_fed_counts_thumbnails_and_health_of_each_source_li
             )
             await page.select_option("#source", NORTH)
             await shows(NORTH, 34, dead=1)
+            # Opened with nothing chosen, the page shows the camera that sent a frame last, not
+            # the first name in the list (a newcomer's live camera among long-stopped ones).
+            await produce_frames(
+                services.bootstrap, topic, [(SOUTH, images[0])], start_ms=int(time.time() * 1000)
+            )
+            await wait_for(
+                lambda: _frames_counted(redis_client, key_prefix, SOUTH, 17),
+                "the last south frame was not counted",
+            )
+            fresh = await browser.new_page(viewport={"width": 1440, "height": 1000})
+            try:
+                await fresh.goto(server.url, wait_until="load")
+                await fresh.wait_for_function(
+                    "want => document.body.dataset.counts === want", arg=f"{SOUTH}|1m|17", timeout=30_000
+                )
+            finally:
+                await fresh.close()
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             await page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
             assert problems == [], f"the page logged errors: {problems}"
@@ -265,6 +282,10 @@ async def test_cli_dashboard_with_a_token_wants_it_on_every_route_but_the_probes
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def _frames_counted(client: aioredis.Redis, key_prefix: str, source: str, frames: int) -> bool:
+    return bool((await counts_in_redis(client, key_prefix, source, "1m"))["_frames"] == frames)
 
 
 def test_throughput_is_the_counter_slope_over_the_last_seconds() -> None:

@@ -418,10 +418,22 @@
     if (!state.window) state.window = data.windows.includes(wanted.window) ? wanted.window : data.windows[0];
     const ids = data.sources.map((s) => s.id);
     if (!state.source || !ids.includes(state.source)) {
-      state.source = ids.includes(wanted.source) ? wanted.source : (ids[0] || null);
+      state.source = ids.includes(wanted.source) ? wanted.source : freshest(ids);
       writeHash();
     }
     renderControls();
+  }
+
+  // With nothing chosen, the page opens on the source that sent a frame last: where Redis still
+  // holds sources that stopped long ago, a newcomer sees the live camera, not the first name.
+  function freshest(ids) {
+    let best = null;
+    let when = -Infinity;
+    for (const id of ids) {
+      const s = state.stats.get(id);
+      if (s && typeof s.updated_ms === "number" && s.updated_ms > when) { best = id; when = s.updated_ms; }
+    }
+    return best || ids[0] || null;
   }
 
   async function refreshStats() {
@@ -442,6 +454,7 @@
 
   async function poll() {
     try {
+      if (!state.source) await refreshStats(); // freshest() picks the default from them
       if (state.polls % SOURCES_EVERY === 0 || !state.source) await refreshSources();
       await Promise.all([refreshStats(), refreshCounts()]);
       setStatus(true, "live · " + new Date().toLocaleTimeString());
