@@ -113,6 +113,15 @@ RAW_7_BIT = QuantOptions(reduce_range=True, bias_correction=False, keep_first_co
 RAW_8_BIT = replace(RAW_7_BIT, reduce_range=False)
 DEFAULT = QuantOptions()  # 8-bit, bias correction, first conv and classifier fp32
 ALL_CONVS = replace(DEFAULT, keep_first_conv_fp32=False)  # bias correction, every conv int8
+SENSITIVE_CONVS = (
+    "/inner/_blocks.0/_depthwise_conv/Conv",
+    "/inner/_blocks.1/_expand_conv/Conv",
+    "/inner/_blocks.0/_project_conv/Conv",
+    "/inner/_blocks.2/_expand_conv/Conv",
+)
+"""The shipped EfficientNet-Lite0's int8 convolutions that cost most, most first: each alone back
+in fp32 takes the most output KL from fp32 on the 80 calibration frames
+(``python -m bench.int8_sensitivity``, 2026-12-03-int8-sensitivity-frames.json)."""
 
 VARIANTS: dict[str, Variant] = {
     "old default: 7-bit weights, dev-set calibration": Variant(RAW_7_BIT, "devset"),
@@ -155,6 +164,14 @@ VARIANTS: dict[str, Variant] = {
         replace(ALL_CONVS, calibrate_method="percentile", calibrate_percentile=99.999), "street"
     ),
     "default, dev-set calibration (20 images)": Variant(DEFAULT, "devset"),
+    # Layers chosen by bench.int8_sensitivity on the calibration frames (output KL from fp32 with
+    # that convolution alone back in float), never on the held-out frames measured here.
+    "default, first depthwise fp32": Variant(replace(DEFAULT, keep_first_depthwise_fp32=True)),
+    "default, first depthwise fp32, street calibration": Variant(
+        replace(DEFAULT, keep_first_depthwise_fp32=True), "street"
+    ),
+    "default, 2 most sensitive convs fp32": Variant(replace(DEFAULT, keep_nodes_fp32=SENSITIVE_CONVS[:2])),
+    "default, 4 most sensitive convs fp32": Variant(replace(DEFAULT, keep_nodes_fp32=SENSITIVE_CONVS[:4])),
 }
 
 
@@ -279,8 +296,8 @@ def agreement(
 ) -> dict[str, Any]:
     """How often ``got`` gives FP32's (``reference``'s) class, published and served label, best leaf.
 
-    With ``names`` (one per frame) it also lists the frames whose published or served label
-    differs, so two variants can be compared frame by frame (paired) from the results file.
+    With ``names`` (one per frame) it also lists the frames whose top-1 class, published or
+    served label differs, so two variants can be compared frame by frame (paired) from the results file.
     """
     same = {
         "top1": reference.argmax(axis=1) == got.argmax(axis=1),
@@ -292,10 +309,14 @@ def agreement(
     for key, hits in same.items():
         out[key] = round(float(hits.mean()), 4)
         out[f"{key}_disagreements"] = int((~hits).sum())
+    # KL(FP32 || INT8) per frame, averaged: the output error itself, which moves far less from
+    # frame to frame than a label flip does, so two variants can be told apart on fewer frames.
+    p, q = np.clip(reference, 1e-12, 1), np.clip(got, 1e-12, 1)
+    out["mean_kl"] = round(float(np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=1))), 6)
     out["label_95ci"] = wilson_interval(int(same["label"].sum()), len(reference))
     out["served_95ci"] = wilson_interval(int(same["served"].sum()), len(reference))
     if names is not None:
-        for key in ("label", "served"):
+        for key in ("top1", "label", "served"):
             out[f"{key}_differs"] = [names[int(i)] for i in np.flatnonzero(~same[key])]
     return out
 
