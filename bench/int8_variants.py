@@ -103,6 +103,15 @@ RAW_7_BIT = QuantOptions(reduce_range=True, bias_correction=False, keep_first_co
 RAW_8_BIT = replace(RAW_7_BIT, reduce_range=False)
 DEFAULT = QuantOptions()  # 8-bit, bias correction, first conv and classifier fp32
 ALL_CONVS = replace(DEFAULT, keep_first_conv_fp32=False)  # bias correction, every conv int8
+SENSITIVE_CONVS = (
+    "/inner/_blocks.0/_depthwise_conv/Conv",
+    "/inner/_blocks.1/_expand_conv/Conv",
+    "/inner/_blocks.0/_project_conv/Conv",
+    "/inner/_blocks.2/_expand_conv/Conv",
+)
+"""The shipped EfficientNet-Lite0's int8 convolutions that cost most, most first: each alone back
+in fp32 takes the most output KL from fp32 on the 80 calibration frames
+(``python -m bench.int8_sensitivity``, 2026-12-03-int8-sensitivity-frames.json)."""
 
 VARIANTS: dict[str, Variant] = {
     "old default: 7-bit weights, dev-set calibration": Variant(RAW_7_BIT, "devset"),
@@ -145,6 +154,14 @@ VARIANTS: dict[str, Variant] = {
         replace(ALL_CONVS, calibrate_method="percentile", calibrate_percentile=99.999), "street"
     ),
     "default, dev-set calibration (20 images)": Variant(DEFAULT, "devset"),
+    # Layers chosen by bench.int8_sensitivity on the calibration frames (output KL from fp32 with
+    # that convolution alone back in float), never on the held-out frames measured here.
+    "default, first depthwise fp32": Variant(replace(DEFAULT, keep_first_depthwise_fp32=True)),
+    "default, first depthwise fp32, street calibration": Variant(
+        replace(DEFAULT, keep_first_depthwise_fp32=True), "street"
+    ),
+    "default, 2 most sensitive convs fp32": Variant(replace(DEFAULT, keep_nodes_fp32=SENSITIVE_CONVS[:2])),
+    "default, 4 most sensitive convs fp32": Variant(replace(DEFAULT, keep_nodes_fp32=SENSITIVE_CONVS[:4])),
 }
 
 
@@ -402,7 +419,7 @@ def main() -> None:
                 k: round(float(np.median(p.max(axis=1))), 3) for k, p in reference.items()
             },
             "published_labels": {
-                k: dict(zip(*np.unique(labeller.published(p), return_counts=True), strict=True))
+                k: dict(zip(*np.unique(labeller.at_default(p), return_counts=True), strict=True))
                 for k, p in reference.items()
             },
         },

@@ -96,7 +96,7 @@ class Labeller:
         """Label as a worker with default settings serving the engine ``info`` does."""
         return cls.for_calibration(Taxonomy.for_engine(info), info.calibration)
 
-    def published(self, probs: Images) -> npt.NDArray[np.str_]:
+    def served(self, probs: Images) -> npt.NDArray[np.str_]:
         """The label the worker writes to the labels topic (single mode) with this calibration."""
         frames = self.taxonomy.classify(
             self.calibration.apply(probs),
@@ -145,17 +145,21 @@ def agreement(
     same = {
         "top1": reference.argmax(axis=1) == got.argmax(axis=1),
         "label": labeller.at_default(reference) == labeller.at_default(got),
-        "served": labeller.published(reference) == labeller.published(got),
+        "served": labeller.served(reference) == labeller.served(got),
         "leaf": labeller.best_leaf(reference) == labeller.best_leaf(got),
     }
     out: dict[str, Any] = {"n": len(reference)}
     for key, hits in same.items():
         out[key] = round(float(hits.mean()), 4)
         out[f"{key}_disagreements"] = int((~hits).sum())
+    # KL(FP32 || INT8) per frame, averaged: the output error itself, which moves far less from
+    # frame to frame than a label flip does, so two variants can be told apart on fewer frames.
+    p, q = np.clip(reference, 1e-12, 1), np.clip(got, 1e-12, 1)
+    out["mean_kl"] = round(float(np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=1))), 6)
     out["label_95ci"] = wilson_interval(int(same["label"].sum()), len(reference))
     out["served_95ci"] = wilson_interval(int(same["served"].sum()), len(reference))
     if names is not None:
-        for key in ("label", "served"):
+        for key in ("top1", "label", "served"):
             out[f"{key}_differs"] = [names[int(i)] for i in np.flatnonzero(~same[key])]
     return out
 

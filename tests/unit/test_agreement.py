@@ -51,7 +51,7 @@ def test_agreement_counts_classes_and_published_labels_separately() -> None:
     assert result["n"] == 3
     assert (result["top1"], result["top1_disagreements"]) == (round(2 / 3, 4), 1)
     assert (result["label"], result["label_disagreements"]) == (round(2 / 3, 4), 1)
-    assert list(labeller.published(fp32)) == ["car", "cat", "cat"]
+    assert list(labeller.served(fp32)) == ["car", "cat", "cat"]
     assert agreement(labeller, fp32, fp32)["label"] == 1.0
 
 
@@ -71,8 +71,8 @@ def test_labels_are_published_as_the_engine_serves_them(tmp_path: Path) -> None:
     assert (served.rollup_threshold, dict(served.rollup_label_thresholds)) == (0.6, {"car": 0.05})
     faint_car = np.stack([spread((SPORTS_CAR, 0.1))])
     # The engine's per-label threshold publishes a car the worker's plain roll-up would not.
-    assert served.published(faint_car)[0] == "car"
-    assert Labeller(served.taxonomy).published(faint_car)[0] != "car"
+    assert served.served(faint_car)[0] == "car"
+    assert Labeller(served.taxonomy).served(faint_car)[0] != "car"
 
 
 def test_engine_agreement_pools_every_set_into_the_figures_a_sidecar_keeps() -> None:

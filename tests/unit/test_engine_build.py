@@ -187,7 +187,8 @@ def test_int8_can_keep_depthwise_convolutions_in_fp32(tmp_path: Path) -> None:
     assert len(depthwise) == 16 and len(pointwise) == 32  # EfficientNet-Lite0's 49 convolutions
     assert not any(n.input[1] in dequantized for n in [first, *depthwise])  # float weights, float kernel
     assert all(n.input[1] in dequantized for n in pointwise)  # int8 weights everywhere else
-    assert dataclasses.asdict(options) == read_sidecar(int8).build["quantization"]
+    recorded = json.loads(json.dumps(dataclasses.asdict(options)))  # the sidecar is JSON: lists
+    assert recorded == read_sidecar(int8).build["quantization"]
     assert _top_class_and_leaf(int8, "chelsea.png")[1] == "cat"
     # Served, the depthwise convolutions really run in fp32: ONNX Runtime's WeightBiasQuantization
     # would round their weights per tensor (the worker's session options turn it off), and the
@@ -200,6 +201,43 @@ def test_int8_can_keep_depthwise_convolutions_in_fp32(tmp_path: Path) -> None:
         None, {backend.info.input_name: frames}
     )[0]
     assert np.abs(backend.infer(frames) - simulated).sum(axis=1).mean() < 0.15
+
+
+@pytest.mark.skipif(not COMMITTED_ONNX.is_file(), reason=f"{COMMITTED_ONNX} not exported yet")
+def test_int8_can_keep_the_first_depthwise_convolution_in_fp32_without_adding_quantize_nodes(
+    tmp_path: Path,
+) -> None:
+    """The most quantisation-sensitive layer (bench/int8_sensitivity.py) joins the first
+    convolution's fp32 island: every other convolution stays int8 and the engine has no more
+    QuantizeLinear/DequantizeLinear nodes than the default one (each extra pair costs speed)."""
+    import onnx
+
+    graphs = {}
+    for keep in (False, True):
+        engine = tmp_path / f"int8-{keep}.onnx"
+        options = QuantOptions(keep_first_depthwise_fp32=keep)
+        build_cpu_engine(
+            COMMITTED_ONNX, engine, precision="int8", progress=False, calibration_limit=8, quant=options
+        )
+        graphs[keep] = onnx.load(str(engine)).graph
+    graph = graphs[True]
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    first_depthwise = next(n for n in convs if any(a.name == "group" and a.i > 1 for a in n.attribute))
+    in_float = [n.name for n in convs if n.input[1] not in dequantized]
+    assert in_float == [convs[0].name, first_depthwise.name]
+
+    def quantize_nodes(g: Any) -> int:
+        return sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in g.node)
+
+    assert quantize_nodes(graphs[True]) <= quantize_nodes(graphs[False])
+    assert _top_class_and_leaf(tmp_path / "int8-True.onnx", "chelsea.png")[1] == "cat"
+
+
+@pytest.mark.skipif(not COMMITTED_ONNX.is_file(), reason=f"{COMMITTED_ONNX} not exported yet")
+def test_keeping_a_node_the_model_does_not_have_in_fp32_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="no_such_conv"):
+        nodes_kept_fp32(COMMITTED_ONNX, QuantOptions(keep_nodes_fp32=("no_such_conv",)))
 
 
 def _weight_and_bias_dequantizers(engine: Path) -> list[tuple[Any, Any, np.ndarray, np.ndarray, np.ndarray]]:
