@@ -101,8 +101,12 @@ class Variant:
 RAW_7_BIT = QuantOptions(reduce_range=True, bias_correction=False, keep_first_conv_fp32=False)
 """The default until 2026-12-02."""
 RAW_8_BIT = replace(RAW_7_BIT, reduce_range=False)
-DEFAULT = QuantOptions()  # 8-bit, bias correction, first conv and classifier fp32
-ALL_CONVS = replace(DEFAULT, keep_first_conv_fp32=False)  # bias correction, every conv int8
+DEFAULT = QuantOptions()  # 8-bit, bias correction, first conv, first depthwise and classifier fp32
+PREVIOUS = replace(DEFAULT, keep_first_depthwise_fp32=False)
+"""The default until 2026-12-03, with the first depthwise convolution int8. The rows named
+``default, ...`` are variations of it: they were measured before the first depthwise
+convolution was kept in fp32, and keep their meaning."""
+ALL_CONVS = replace(PREVIOUS, keep_first_conv_fp32=False)  # bias correction, every conv int8
 SENSITIVE_CONVS = (
     "/inner/_blocks.0/_depthwise_conv/Conv",
     "/inner/_blocks.1/_expand_conv/Conv",
@@ -119,49 +123,50 @@ VARIANTS: dict[str, Variant] = {
     "8-bit weights": Variant(RAW_8_BIT),
     "8-bit, first conv fp32": Variant(replace(RAW_8_BIT, keep_first_conv_fp32=True)),
     "8-bit, bias correction": Variant(ALL_CONVS),
-    "default: 8-bit, bias correction, first conv fp32": Variant(DEFAULT),
-    "7-bit, bias correction, first conv fp32": Variant(replace(DEFAULT, reduce_range=True)),
+    "default: 8-bit, bias correction, first conv + first depthwise fp32": Variant(DEFAULT),
+    "previous default: 8-bit, bias correction, first conv fp32": Variant(PREVIOUS),
+    "7-bit, bias correction, first conv fp32": Variant(replace(PREVIOUS, reduce_range=True)),
     "8-bit, bias correction, depthwise fp32": Variant(replace(ALL_CONVS, keep_depthwise_fp32=True)),
     "8-bit, bias correction, first conv + depthwise fp32": Variant(
-        replace(DEFAULT, keep_depthwise_fp32=True)
+        replace(PREVIOUS, keep_depthwise_fp32=True)
     ),
     "8-bit, first conv + depthwise fp32": Variant(
         replace(RAW_8_BIT, keep_first_conv_fp32=True, keep_depthwise_fp32=True)
     ),
-    "default, int8 classifier too": Variant(replace(DEFAULT, keep_head_fp32=False)),
-    "default, per-tensor weights": Variant(replace(DEFAULT, per_channel=False)),
-    "default, percentile 99.99": Variant(replace(DEFAULT, calibrate_method="percentile")),
+    "default, int8 classifier too": Variant(replace(PREVIOUS, keep_head_fp32=False)),
+    "default, per-tensor weights": Variant(replace(PREVIOUS, per_channel=False)),
+    "default, percentile 99.99": Variant(replace(PREVIOUS, calibrate_method="percentile")),
     "default, percentile 99.999": Variant(
-        replace(DEFAULT, calibrate_method="percentile", calibrate_percentile=99.999)
+        replace(PREVIOUS, calibrate_method="percentile", calibrate_percentile=99.999)
     ),
     "8-bit, bias correction, percentile 99.999": Variant(
         replace(ALL_CONVS, calibrate_method="percentile", calibrate_percentile=99.999)
     ),
-    "default, entropy": Variant(replace(DEFAULT, calibrate_method="entropy")),
+    "default, entropy": Variant(replace(PREVIOUS, calibrate_method="entropy")),
     "8-bit, first conv fp32, QOperator (no bias correction)": Variant(
         replace(RAW_8_BIT, keep_first_conv_fp32=True, quant_format="qoperator")
     ),
-    "default, signed symmetric activations": Variant(replace(DEFAULT, symmetric_int8_activations=True)),
+    "default, signed symmetric activations": Variant(replace(PREVIOUS, symmetric_int8_activations=True)),
     "default, signed activations, session.qdqisint8allowed=1": Variant(
-        replace(DEFAULT, symmetric_int8_activations=True),
+        replace(PREVIOUS, symmetric_int8_activations=True),
         session_config={"session.qdqisint8allowed": "1"},
     ),
     "default, session.x64quantprecision=1": Variant(
-        DEFAULT, session_config={"session.x64quantprecision": "1"}
+        PREVIOUS, session_config={"session.x64quantprecision": "1"}
     ),
-    "default, street calibration (56 images)": Variant(DEFAULT, "street"),
+    "default, street calibration (56 images)": Variant(PREVIOUS, "street"),
     "every conv int8, bias correction, percentile 99.999, street calibration": Variant(
         replace(ALL_CONVS, calibrate_method="percentile", calibrate_percentile=99.999), "street"
     ),
-    "default, dev-set calibration (20 images)": Variant(DEFAULT, "devset"),
+    "default, dev-set calibration (20 images)": Variant(PREVIOUS, "devset"),
     # Layers chosen by bench.int8_sensitivity on the calibration frames (output KL from fp32 with
     # that convolution alone back in float), never on the held-out frames measured here.
-    "default, first depthwise fp32": Variant(replace(DEFAULT, keep_first_depthwise_fp32=True)),
+    "default, first depthwise fp32": Variant(replace(PREVIOUS, keep_first_depthwise_fp32=True)),
     "default, first depthwise fp32, street calibration": Variant(
-        replace(DEFAULT, keep_first_depthwise_fp32=True), "street"
+        replace(PREVIOUS, keep_first_depthwise_fp32=True), "street"
     ),
-    "default, 2 most sensitive convs fp32": Variant(replace(DEFAULT, keep_nodes_fp32=SENSITIVE_CONVS[:2])),
-    "default, 4 most sensitive convs fp32": Variant(replace(DEFAULT, keep_nodes_fp32=SENSITIVE_CONVS[:4])),
+    "default, 2 most sensitive convs fp32": Variant(replace(PREVIOUS, keep_nodes_fp32=SENSITIVE_CONVS[:2])),
+    "default, 4 most sensitive convs fp32": Variant(replace(PREVIOUS, keep_nodes_fp32=SENSITIVE_CONVS[:4])),
 }
 
 

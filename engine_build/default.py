@@ -16,12 +16,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import json
 import logging
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 from engine_build.agreement import engine_files_agreement
-from engine_build.cpu import build_cpu_engine
+from engine_build.cpu import QuantOptions, build_cpu_engine
 from engine_build.metadata import write_sidecar
 from stream_worker.backends.registry import verify_engine
 from stream_worker.backends.sidecar import Sidecar, sidecar_path
@@ -125,9 +127,13 @@ def ensure_default_int8_engine(cache_dir: Path, *, onnx_path: Path | None = None
         sidecar = _usable(engine_path, source, "default int8 engine")
         if sidecar is not None:
             measured = sidecar.build.get("agreement")
-            if isinstance(measured, dict) and measured.get("reference_sha256") == reference_sha:
+            recipe = json.loads(json.dumps(asdict(QuantOptions())))  # as the sidecar's JSON holds it
+            if sidecar.build.get("quantization") != recipe:
+                log.info("rebuilding the default int8 engine: built with another recipe than today's default")
+            elif isinstance(measured, dict) and measured.get("reference_sha256") == reference_sha:
                 return engine_path
-            log.info("rebuilding the default int8 engine: not measured against the fp32 engine %s", fp32)
+            else:
+                log.info("rebuilding the default int8 engine: not measured against the fp32 engine %s", fp32)
         log.info("building the default int8 CPU engine %s from %s (about a minute)", engine_path, source)
         sidecar = build_cpu_engine(source, engine_path, precision="int8", progress=False)
         try:

@@ -132,3 +132,10 @@ def test_the_default_int8_engine_carries_its_agreement_and_is_rebuilt_without_it
     write_sidecar(int8, dataclasses.replace(sidecar, build={}))
     ensure_default_int8_engine(cache, onnx_path=source)
     assert read_sidecar(int8).build["agreement"]["frames"] == 401
+
+    # One quantised with another recipe (an older default) is stale too: rebuilt with today's.
+    sidecar = read_sidecar(int8)
+    older = {**sidecar.build["quantization"], "keep_first_depthwise_fp32": False}
+    write_sidecar(int8, dataclasses.replace(sidecar, build={**sidecar.build, "quantization": older}))
+    ensure_default_int8_engine(cache, onnx_path=source)
+    assert read_sidecar(int8).build["quantization"]["keep_first_depthwise_fp32"] is True
