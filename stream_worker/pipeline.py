@@ -29,6 +29,7 @@ go into a batch now, so the caller never waits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -254,6 +255,7 @@ class Pipeline:
         self._backends: list[Backend] = []
         self._taxonomy: Taxonomy | None = None
         self._buffers: list[FloatArray] = []
+        self._buffer_freed = asyncio.Event()
         self.max_batch = b.max_batch
 
     @property
@@ -410,6 +412,21 @@ class Pipeline:
         """Whether one more record can go into ``batch`` (or a new batch) without waiting."""
         return (batch is not None and batch.buffer is not None) or bool(self._buffers)
 
+    async def wait_for_buffer(self, timeout_s: float) -> bool:
+        """Until a batch buffer is free, at most ``timeout_s``; whether one is.
+
+        The poll stage waits here while fetched records queue for a buffer: it wakes the moment a
+        batch leaves inference, not a whole poll interval later (at 80 % load that interval was
+        up to 100 ms of a frame's latency).
+        """
+        if self._buffers:
+            return True
+        self._buffer_freed.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._buffer_freed.wait()
+        return bool(self._buffers)
+
     def full(self, batch: Batch) -> bool:
         """Whether every slot of the batch is taken."""
         return batch.slots >= self.max_batch
@@ -495,6 +512,7 @@ class Pipeline:
             batch.buffer = None
             batch.decodes = []
             self._buffers.append(buffer)
+            self._buffer_freed.set()
         self._summarise(batch)
 
     async def _run_session(self, buffer: FloatArray, slots: int, good: list[int]) -> list[FrameLabels]:

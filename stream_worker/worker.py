@@ -244,6 +244,12 @@ class Worker:
             size, opened_ms = (batch.slots, batch.opened_at * 1000) if batch else (0, 0.0)
             timeout_ms = int(self._policy.wait_ms(size, opened_ms, time.monotonic() * 1000, poll_ms))
             room = max(1, self._in_flight.room)
+            if self._backlog and not self._rebalancing and not self._pipeline.can_take(self._open):
+                # Records queue for a batch buffer and the partitions are paused: wake when a
+                # batch leaves inference, not at the end of the poll interval, then poll without
+                # waiting (the poll itself must still come round for max.poll.interval.ms).
+                await self._pipeline.wait_for_buffer(timeout_ms / 1000)
+                timeout_ms = 0
             try:
                 records = await consumer.getmany(
                     timeout_ms=timeout_ms, max_records=min(room, self.max_batch * 4)

@@ -349,3 +349,21 @@ def test_a_container_cpu_limit_caps_the_cores_threads_are_sized_by() -> None:
     assert cgroup_cpu_quota_cores(None, "-1", "100000") is None
     assert cgroup_cpu_quota_cores(None, None, None) is None
     assert cgroup_cpu_quota_cores("garbage", None, None) is None
+
+
+async def test_the_poll_stage_wakes_when_a_batch_buffer_frees_not_at_its_timeout() -> None:
+    engine = StandInEngine([TABBY])
+    settings = load_settings(flags={"inference_sessions": "1"}, env={})
+    pipeline = Pipeline(settings, lambda: engine, metrics=Metrics())
+    await pipeline.open()
+    batches = []
+    while pipeline.can_take(None):  # one session: three buffers, each taken by a batch
+        batches.append(Batch(opened_at=0.0))
+        pipeline.add(batches[-1], frame_record(len(batches), "cam-1"))
+    assert len(batches) == 3
+    waiting = asyncio.create_task(pipeline.wait_for_buffer(timeout_s=60))
+    await asyncio.sleep(0)
+    assert not waiting.done()  # every buffer is taken: it waits
+    await pipeline.classify(batches[0])
+    assert await asyncio.wait_for(waiting, timeout=5) is True  # woken by the freed buffer, not the 60 s
+    await pipeline.close()
