@@ -188,8 +188,11 @@ async def profile(frames: int, size: str, seconds: float, out: Path) -> dict[str
         stop_worker(worker)
     stacks = read_collapsed(raw)
     by_category: Counter[str] = Counter()
+    innermost: dict[str, Counter[str]] = {}
     for stack, count in stacks.items():
-        by_category[categorise(stack)] += count
+        category = categorise(stack)
+        by_category[category] += count
+        innermost.setdefault(category, Counter())[stack.rsplit(";", 1)[-1]] += count
     total = sum(by_category.values()) or 1
     cpu_ms_per_frame = 1000 * (cpu1 - cpu0) / len(got)
     date = datetime.now(UTC).strftime("%Y-%m-%d")
@@ -208,6 +211,11 @@ async def profile(frames: int, size: str, seconds: float, out: Path) -> dict[str
         "worker_cpu_ms_per_frame": cpu_ms_per_frame,
         "samples": total,
         "share_by_category": {k: round(v / total, 4) for k, v in by_category.most_common()},
+        # What each category's samples were doing: its innermost frames, most sampled first.
+        "innermost_frames": {
+            k: {frame: round(n / total, 4) for frame, n in innermost[k].most_common(5)}
+            for k, _ in by_category.most_common(6)
+        },
         "note": "py-spy samples Python threads only; ONNX Runtime's own worker threads are native "
         "and show as the inference thread's time inside session.run",
     }
