@@ -98,7 +98,9 @@ class Variant:
     session_config: Mapping[str, str] = field(default_factory=dict)
 
 
-RAW_7_BIT = QuantOptions(reduce_range=True, bias_correction=False, keep_first_conv_fp32=False)
+RAW_7_BIT = QuantOptions(
+    reduce_range=True, bias_correction=False, keep_first_conv_fp32=False, keep_first_depthwise_fp32=False
+)
 """The default until 2026-12-02."""
 RAW_8_BIT = replace(RAW_7_BIT, reduce_range=False)
 DEFAULT = QuantOptions()  # 8-bit, bias correction, first conv, first depthwise and classifier fp32

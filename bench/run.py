@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from bench.e2e import TOPIC_PARTITIONS, drain_rate, end_to_end, scaling
 from bench.frames import encoded_frames
 from bench.host import REPO, cache_dir, cpu_model, log, service_endpoints, start_services
 from engine_build.agreement import engine_files_agreement
-from engine_build.cpu import build_cpu_engine
+from engine_build.cpu import QuantOptions, build_cpu_engine
 from engine_build.default import default_onnx_path
 from stream_worker.backends.base import EngineInfo
 from stream_worker.backends.precision import (
@@ -28,6 +29,7 @@ from stream_worker.backends.precision import (
     decide,
     measure_cpu_time,
     read_cpu,
+    without_int8_kernels,
 )
 from stream_worker.backends.registry import verify_engine
 from stream_worker.errors import EngineError
@@ -56,7 +58,9 @@ def cpu_engines() -> dict[str, Path]:
     for precision in ("fp32", "int8"):
         path = cache_dir() / f"engine-{precision}.onnx"
         try:
-            verify_engine(path)
+            recipe = verify_engine(path).build.get("quantization")
+            if precision == "int8" and recipe != json.loads(json.dumps(asdict(QuantOptions()))):
+                raise EngineError("built with another int8 recipe than today's default")
         except EngineError:  # stale or missing: rebuild
             log(f"building the {precision} CPU engine")
             build_cpu_engine(default_onnx_path(), path, precision=precision, progress=False)
@@ -81,7 +85,8 @@ def auto_precision(engines: dict[str, Path], settings: Settings) -> dict[str, An
         timings.append(measure_cpu_time(engines["fp32"], engines["int8"], batch=batch, threads=threads))
         return timings[-1]
 
-    choice = decide(agreement["published_label"], measure, read_cpu())
+    cpu = read_cpu()
+    choice = without_int8_kernels(cpu) or decide(agreement["published_label"], measure, cpu)
     return {
         "precision": choice.precision,
         "reason": choice.reason,

@@ -27,7 +27,7 @@ from engine_build.cpu import QuantOptions, build_cpu_engine
 from engine_build.metadata import write_sidecar
 from stream_worker.backends.registry import verify_engine
 from stream_worker.backends.sidecar import Sidecar, sidecar_path
-from stream_worker.errors import EngineError
+from stream_worker.errors import EngineError, LookoutError
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,13 @@ def ensure_default_int8_engine(cache_dir: Path, *, onnx_path: Path | None = None
             else:
                 log.info("rebuilding the default int8 engine: not measured against the fp32 engine %s", fp32)
         log.info("building the default int8 CPU engine %s from %s (about a minute)", engine_path, source)
-        sidecar = build_cpu_engine(source, engine_path, precision="int8", progress=False)
+        try:
+            sidecar = build_cpu_engine(source, engine_path, precision="int8", progress=False)
+        except LookoutError:
+            raise
+        except Exception as exc:  # the quantiser's and decoders' errors are untyped
+            why = f"{type(exc).__name__}: {exc}"
+            raise EngineError(f"building the default int8 engine failed: {why}") from exc
         try:
             agreement = engine_files_agreement(fp32, engine_path)
         except Exception as exc:  # any failure to measure leaves the engine unusable by default

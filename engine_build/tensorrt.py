@@ -48,6 +48,7 @@ TENSORRT_QUANT = QuantOptions(
     # only; TensorRT builds keep the recipe they were written for.
     bias_correction=False,
     keep_first_conv_fp32=False,
+    keep_first_depthwise_fp32=False,
 )
 """Signed, zero-point-free activations and full-range int8 weights, per output channel."""
 

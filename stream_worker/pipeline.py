@@ -276,10 +276,16 @@ class Pipeline:
         sessions, _ = inference_layout(
             e.inference_sessions, e.inference_threads, info.backend, usable_cores()
         )
-        for i in range(1, sessions):
-            pool = ThreadPoolExecutor(1, thread_name_prefix=f"lookout-infer-{i}")
-            self._infer_pools.append(pool)
-            opened.append(await loop.run_in_executor(pool, self._backend_factory))
+        try:
+            for i in range(1, sessions):
+                pool = ThreadPoolExecutor(1, thread_name_prefix=f"lookout-infer-{i}")
+                self._infer_pools.append(pool)
+                opened.append(await loop.run_in_executor(pool, self._backend_factory))
+        except BaseException:
+            # The sessions already open are not the pipeline's yet: close() would not see them.
+            for pool, backend in zip(self._infer_pools, opened, strict=False):
+                await loop.run_in_executor(pool, backend.close)
+            raise
         self._backends = [self._wrap_backend(b) for b in opened]
         self._free_sessions = asyncio.Queue()
         for i in range(len(self._backends)):

@@ -166,6 +166,17 @@ def _frames_of(sidecar: Sidecar) -> str:
     return f" on {frames} held-out frames" if frames else ""
 
 
+def without_int8_kernels(cpu: CpuInfo) -> Choice | None:
+    """FP32, without building or timing INT8, on a CPU where INT8 has never paid; else ``None``."""
+    if not cpu.lacks_int8_dot_products:
+        return None
+    why = (
+        f"{cpu.describe()} has no 8-bit dot-product instructions (VNNI, AMX), where int8 runs "
+        "no faster than fp32; --precision int8 serves it anyway"
+    )
+    return Choice("fp32", "int8-slower", why)
+
+
 def decide(agreement: float | None, measure: Callable[[], Timing], cpu: CpuInfo) -> Choice:
     """The ``auto`` rule: INT8 iff ``agreement >= AGREEMENT_BAR`` and its speed-up ``>= SPEEDUP_BAR``.
 
@@ -192,7 +203,9 @@ def decision_key(
     fp32_sha256: str, int8_sha256: str, cpu: CpuInfo, runtime_version: str, threads: int, batch: int
 ) -> str:
     """What the decision depends on, hashed: any change to it measures again."""
+    # The bars too: a release that moves one must not keep serving decisions made under the old.
     facts = [fp32_sha256, int8_sha256, cpu.model, sorted(cpu.flags), runtime_version, threads, batch]
+    facts += [SPEEDUP_BAR, AGREEMENT_BAR]
     return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]
 
 
@@ -334,12 +347,9 @@ def _auto(
 ) -> Served:
     fp32 = providers("fp32")(cache_dir)  # the fallback itself: its failure stops the worker
     cpu = cpu or read_cpu()
-    if cpu.lacks_int8_dot_products:
-        why = (
-            f"{cpu.describe()} has no 8-bit dot-product instructions (VNNI, AMX), where int8 runs "
-            "no faster than fp32; --precision int8 serves it anyway"
-        )
-        return Served(fp32, Choice("fp32", "int8-slower", why))
+    unpaid = without_int8_kernels(cpu)
+    if unpaid is not None:
+        return Served(fp32, unpaid)
     try:
         int8 = providers("int8")(cache_dir)
         fp32_sidecar, int8_sidecar = verify_engine(fp32), verify_engine(int8)

@@ -20,7 +20,7 @@ import pytest
 
 from stream_worker.backends.base import EngineInfo
 from stream_worker.codec import frame_headers
-from stream_worker.errors import ConfigError, LookoutError, ServiceUnavailable
+from stream_worker.errors import ConfigError, EngineError, LookoutError, ServiceUnavailable
 from stream_worker.faust_agent import EventRecord
 from stream_worker.frames import SourceKind
 from stream_worker.observability import Metrics
@@ -367,3 +367,26 @@ async def test_the_poll_stage_wakes_when_a_batch_buffer_frees_not_at_its_timeout
     await pipeline.classify(batches[0])
     assert await asyncio.wait_for(waiting, timeout=5) is True  # woken by the freed buffer, not the 60 s
     await pipeline.close()
+
+
+async def test_a_session_that_fails_to_open_closes_the_ones_already_open() -> None:
+    closed: list[int] = []
+
+    class Closing(StandInEngine):
+        def close(self) -> None:
+            closed.append(id(self))
+
+    first = Closing([TABBY])
+    engines = iter([first])
+
+    def factory() -> StandInEngine:
+        engine = next(engines, None)
+        if engine is None:
+            raise EngineError("the second session ran out of memory")
+        return engine
+
+    settings = load_settings(flags={"inference_sessions": "2"}, env={})
+    pipeline = Pipeline(settings, factory, metrics=Metrics())
+    with pytest.raises(EngineError):
+        await pipeline.open()
+    assert closed == [id(first)]
