@@ -202,6 +202,19 @@ def worker_ready(port: int) -> bool:
         return False
 
 
+async def until_ready(worker: subprocess.Popen[bytes], port: int, *, poll_s: float) -> None:
+    """Until the worker answers ready on ``port``; fails when it exits or takes too long."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while True:
+        if worker.poll() is not None:
+            raise RuntimeError(f"worker exited with {worker.returncode}")
+        if worker_ready(port):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"worker not ready in {READY_TIMEOUT_S} s")
+        await asyncio.sleep(poll_s)
+
+
 def stop_worker(worker: subprocess.Popen[bytes]) -> None:
     """SIGTERM (the worker drains), then SIGKILL if it has not exited within 60 s."""
     worker.send_signal(signal.SIGTERM)
@@ -239,13 +252,7 @@ async def drain_rate(
     labels_topic = TopicSettings.named_after(topic).labels_topic
     labels = LabelReader(bootstrap, labels_topic)
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not worker_ready(port):
-            if worker.poll() is not None:
-                raise RuntimeError(f"worker exited with {worker.returncode}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"worker not ready in {READY_TIMEOUT_S} s")
-            await asyncio.sleep(0.3)
+        await until_ready(worker, port, poll_s=0.3)
         await wait_topic(bootstrap, labels_topic)
         await labels.start()
         cpu0, t0 = cpu_seconds(worker.pid), time.monotonic()
@@ -297,17 +304,7 @@ async def end_to_end(
         "trace_file": str(trace_path),
     }
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while (
-            not Path(f"/proc/{worker.pid}").exists()
-            or worker.poll() is not None
-            or not worker_ready(metrics_port)
-        ):
-            if worker.poll() is not None:
-                raise RuntimeError(f"worker exited with {worker.returncode}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"worker not ready in {READY_TIMEOUT_S} s")
-            await asyncio.sleep(0.5)
+        await until_ready(worker, metrics_port, poll_s=0.5)
         await wait_topic(bootstrap, labels_topic)
         await labels.start()
         pids = {"worker": worker.pid, **service_pids()}
