@@ -30,7 +30,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bench.frames import SOURCE_NOTE, encoded_frames, frames_file
-from bench.host import PY, REPO, cache_dir, cpu_seconds, free_port, log, rss_mb, service_pids
+from bench.host import PY, REPO, cache_dir, cpu_seconds, free_port, log, rss_mb, service_pids, thread_cpu
 from bench.trace import read as read_trace
 from bench.trace import summarise as summarise_trace
 from stream_worker.settings import TopicSettings
@@ -256,13 +256,18 @@ async def drain_rate(
         await wait_topic(bootstrap, labels_topic)
         await labels.start()
         cpu0, t0 = cpu_seconds(worker.pid), time.monotonic()
+        threads0 = thread_cpu(worker.pid)
         got = await labels.wait_for("drain", frames, timeout_s=60 + frames)
         cpu = cpu_seconds(worker.pid) - cpu0
+        threads1 = thread_cpu(worker.pid)
         return {
             "engine": engine.name,
             "frames": len(got),
             "fps": drain_fps(got),
             "worker_cpu_ms_per_frame": 1000 * cpu / frames,
+            "worker_cpu_ms_per_frame_by_thread": {
+                k: 1000 * (threads1[k] - threads0[k]) / frames for k in threads1
+            },
             "wall_s": time.monotonic() - t0,
         }
     finally:
@@ -309,16 +314,21 @@ async def end_to_end(
         await labels.start()
         pids = {"worker": worker.pid, **service_pids()}
         cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
+        threads0 = thread_cpu(worker.pid)
         t0 = time.monotonic()
         got = await labels.wait_for("max", n_max, timeout_s=60 + n_max)
         wall = time.monotonic() - t0
         cpu1 = {k: cpu_seconds(p) for k, p in pids.items()}
+        threads1 = thread_cpu(worker.pid)
         e2e_fps = drain_fps(got)
         result["max"] = {
             "frames": len(got),
             "e2e_fps": e2e_fps,
             "wall_s": wall,
             "cpu_s_per_frame": {k: (cpu1[k] - cpu0[k]) / len(got) for k in pids},
+            "worker_cpu_ms_per_frame_by_thread": {
+                k: 1000 * (threads1[k] - threads0[k]) / len(got) for k in threads1
+            },
         }
         log(f"e2e: max sustained {e2e_fps:.1f} frames/s")
 

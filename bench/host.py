@@ -75,6 +75,30 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of a worker's live threads by stage, from the kernel names its pools give them
+    (``stream_worker.threads``): ``event loop`` (the main thread: Kafka, sinks, asyncio),
+    ``decode``, ``inference`` (with the taxonomy), ``other``."""
+    out = {"event loop": 0.0, "decode": 0.0, "inference": 0.0, "other": 0.0}
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            comm = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        if task.name == str(pid):
+            group = "event loop"
+        elif comm.startswith("lk-decode"):
+            group = "decode"
+        elif comm.startswith("lk-infer"):
+            group = "inference"
+        else:
+            group = "other"
+        out[group] += (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def rss_mb(pid: int, field: str = "VmRSS") -> float:
     """A memory figure of a process from /proc, in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

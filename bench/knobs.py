@@ -1,12 +1,15 @@
 """A/B of worker settings: drain throughput of one worker process per setting, same frames.
 
-    .venv/bin/python -m bench.knobs [--frames 1000] [--rounds 3] [--out FILE] NAME=ENV=VALUE[,...] ...
+    .venv/bin/python -m bench.knobs [--frames 1000] [--rounds 3] [--engine fp32|int8] [--out FILE]
+        NAME=ENV=VALUE[,...] ...
 
 e.g. ``default= decode1=LOOKOUT_DECODE_THREADS=1 batch4=LOOKOUT_MAX_BATCH=4``. Prints frames/s
 and the worker's CPU-ms per frame for each, run one after another on a fresh topic each; with
 ``--rounds`` the variants are interleaved round by round (so a drift of the machine's load hits
-them alike) and the median and spread of each are reported. ``--out`` writes the JSON, with the
-CPU model and flags.
+them alike) and the median and spread of each are reported, with the worker's CPU per frame split
+by thread (event loop, decode, inference). A variant ``old=PYTHONPATH=DIR`` runs the worker from
+another checkout (``git worktree add DIR COMMIT``): the measured effect of a code change.
+``--out`` writes the JSON, with the CPU model and flags.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds (median reported)")
     parser.add_argument("--out", type=Path, default=None, help="write the results JSON here")
+    parser.add_argument("--engine", choices=("fp32", "int8"), default="fp32", help="the CPU engine drained")
     parser.add_argument("variants", nargs="+", help="NAME=ENV=VALUE[,ENV=VALUE] or NAME=")
     args = parser.parse_args()
     bootstrap, redis_url = service_endpoints()
@@ -38,12 +42,13 @@ def main() -> None:
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     for round_no in range(args.rounds):
         for name, extra in variants.items():
-            engine = cache_dir() / "engine-fp32.onnx"
+            engine = cache_dir() / f"engine-{args.engine}.onnx"
             run = asyncio.run(drain_rate(bootstrap, redis_url, args.frames, engine, extra_env=extra))
             runs[name].append(run)
             print(
                 f"round {round_no + 1} {name:<12} {run['fps']:7.1f} frames/s  "
-                f"{run['worker_cpu_ms_per_frame']:6.1f} worker CPU-ms/frame  {extra}",
+                f"{run['worker_cpu_ms_per_frame']:6.1f} worker CPU-ms/frame "
+                f"({split(run['worker_cpu_ms_per_frame_by_thread'])})  {extra}",
                 flush=True,
             )
     results: dict[str, Any] = {}
@@ -55,18 +60,34 @@ def main() -> None:
             "fps": statistics.median(fps),
             "fps_spread_pct": 100 * (max(fps) - min(fps)) / statistics.median(fps),
             "worker_cpu_ms_per_frame": statistics.median(cpu),
+            "worker_cpu_ms_per_frame_by_thread": {
+                k: statistics.median(r["worker_cpu_ms_per_frame_by_thread"][k] for r in runs[name])
+                for k in runs[name][0]["worker_cpu_ms_per_frame_by_thread"]
+            },
             "runs": runs[name],
         }
         print(
             f"median {name:<12} {results[name]['fps']:7.1f} frames/s "
             f"(spread {results[name]['fps_spread_pct']:.0f} %)  "
-            f"{results[name]['worker_cpu_ms_per_frame']:6.1f} worker CPU-ms/frame",
+            f"{results[name]['worker_cpu_ms_per_frame']:6.1f} worker CPU-ms/frame "
+            f"({split(results[name]['worker_cpu_ms_per_frame_by_thread'])})",
             flush=True,
         )
-    document = {"frames": args.frames, "rounds": args.rounds, "cpu": cpu_model(), "variants": results}
+    document = {
+        "engine": args.engine,
+        "frames": args.frames,
+        "rounds": args.rounds,
+        "cpu": cpu_model(),
+        "variants": results,
+    }
     if args.out is not None:
         args.out.write_text(json.dumps(document, indent=2) + "\n")
     print(json.dumps(document))
+
+
+def split(by_thread: dict[str, float]) -> str:
+    """``event loop 2.1, decode 3.0, ...`` (CPU-ms per frame)."""
+    return ", ".join(f"{name} {ms:.1f}" for name, ms in by_thread.items())
 
 
 if __name__ == "__main__":

@@ -137,13 +137,16 @@ def flame_svg(stacks: Counter[str], title: str, width: int = 1400, row: int = 17
     )
 
 
-async def profile(frames: int, size: str, seconds: float, out: Path) -> dict[str, Any]:
-    """Drain a backlog of ``frames`` under py-spy; write the flame graph and the categories."""
+async def profile(
+    frames: int, size: str, seconds: float, out: Path, *, precision: str = "fp32", keep_raw: bool = False
+) -> dict[str, Any]:
+    """Drain a backlog of ``frames`` under py-spy with the ``precision`` CPU engine; write the
+    flame graph and the categories (and py-spy's raw stacks with ``keep_raw``)."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(py_spy).exists():
         raise SystemExit("bench.profile: py-spy is not installed: .venv/bin/pip install py-spy")
     bootstrap, redis_url = service_endpoints()
-    engine = cpu_engines()["fp32"]
+    engine = cpu_engines()[precision]
     run = uuid.uuid4().hex[:8]
     topic = f"bench-profile-{run}"
     await create_topics(bootstrap, {topic: 4})
@@ -208,6 +211,7 @@ async def profile(frames: int, size: str, seconds: float, out: Path) -> dict[str
         "frames": len(got),
         "size": size,
         "wall_s": wall,
+        "engine": precision,
         "worker_cpu_ms_per_frame": cpu_ms_per_frame,
         "samples": total,
         "share_by_category": {k: round(v / total, 4) for k, v in by_category.most_common()},
@@ -220,7 +224,8 @@ async def profile(frames: int, size: str, seconds: float, out: Path) -> dict[str
         "and show as the inference thread's time inside session.run",
     }
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    raw.unlink(missing_ok=True)
+    if not keep_raw:
+        raw.unlink(missing_ok=True)
     return result
 
 
@@ -231,9 +236,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="720p", choices=("720p", "1080p"))
     parser.add_argument("--seconds", type=float, default=20.0, help="how long py-spy samples")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--engine", choices=("fp32", "int8"), default="fp32", help="the CPU engine drained")
+    parser.add_argument("--keep-raw", action="store_true", help="keep py-spy's raw stacks beside the JSON")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    result = asyncio.run(profile(args.frames, args.size, args.seconds, args.out))
+    result = asyncio.run(
+        profile(args.frames, args.size, args.seconds, args.out, precision=args.engine, keep_raw=args.keep_raw)
+    )
     log(f"profile: {result['worker_cpu_ms_per_frame']:.1f} CPU-ms per frame")
     for category, share in result["share_by_category"].items():
         print(f"{category:<40} {100 * share:5.1f} %")

@@ -110,8 +110,8 @@ def make_consumer(kafka: KafkaSettings, group: str, **extra: Any) -> AIOKafkaCon
         "heartbeat_interval_ms": max(1000, kafka.session_timeout_ms // 10),
         "max_poll_interval_ms": kafka.max_poll_interval_ms,
         "metadata_max_age_ms": kafka.metadata_max_age_ms,
-        "max_partition_fetch_bytes": 26_214_400,
-        "fetch_max_bytes": 52_428_800,
+        "max_partition_fetch_bytes": kafka.max_partition_fetch_bytes,
+        "fetch_max_bytes": kafka.fetch_max_bytes,
         "isolation_level": "read_committed",
     }
     options.update(extra)
@@ -249,8 +249,8 @@ async def records_to_end(
         enable_auto_commit=False,
         # Never "latest": a background offset reset to the end would race the seek below.
         auto_offset_reset="earliest",
-        max_partition_fetch_bytes=26_214_400,
-        fetch_max_bytes=52_428_800,
+        max_partition_fetch_bytes=kafka.max_partition_fetch_bytes,
+        fetch_max_bytes=kafka.fetch_max_bytes,
     )
     try:
         await consumer.start()

@@ -22,13 +22,13 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Collection, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from stream_worker.sources import RecentSources, SourceLimits
+from stream_worker.threads import named_pool
 
 if TYPE_CHECKING:
     from stream_worker.backends.base import EngineInfo
@@ -293,7 +293,7 @@ class HealthServer:
         self._ready = ready
         self._live = live
         self._server: asyncio.Server | None = None
-        self._render_pool = ThreadPoolExecutor(1, thread_name_prefix="lookout-metrics")
+        self._render_pool = named_pool(1, "lk-metrics")
 
     async def start(self, host: str, port: int) -> int:
         """Start listening; returns the bound port (useful with port 0)."""

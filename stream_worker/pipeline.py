@@ -29,13 +29,14 @@ go into a batch now, so the caller never waits.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -54,6 +55,7 @@ from stream_worker.observability import Metrics
 from stream_worker.settings import Settings, check_label_thresholds, with_engine_calibration
 from stream_worker.stages import StageClock
 from stream_worker.taxonomy import Taxonomy
+from stream_worker.threads import named_pool
 
 SPARE_BUFFERS = 2  # besides one per session in inference: one filling, one spare
 MULTI_SESSION_BACKENDS = frozenset({"onnxruntime"})
@@ -178,6 +180,74 @@ class DeadFrame:
         return cls(frame.topic, frame.partition, frame.offset, frame.key, frame.data, frame.headers, error)
 
 
+class Decodes:
+    """A batch's decodes on the decode pool, waited for with one event-loop wake-up in all.
+
+    Each decode starts on the pool the moment its record is added (``run_in_executor`` would do
+    that too), but a frame's decode finishing does not wake the event loop: only the last one of
+    a batch that is already being waited for does. ``run_in_executor`` wakes the loop once per
+    frame (a self-pipe write, a ``select`` return, a future callback: measured 0.2-0.3 CPU-ms per
+    frame in the worker's flame graph, docs/BENCHMARKS.md).
+    """
+
+    __slots__ = ("_futures", "_lock", "_pending", "_waiter")
+
+    def __init__(self) -> None:
+        self._futures: list[concurrent.futures.Future[Any]] = []
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
+
+    def __len__(self) -> int:
+        return len(self._futures)
+
+    def submit(self, pool: concurrent.futures.Executor, fn: Callable[..., Any], *args: Any) -> None:
+        """Start ``fn(*args)`` on ``pool``."""
+        with self._lock:
+            self._pending += 1
+        try:
+            future = pool.submit(fn, *args)
+        except BaseException:  # the pool has shut down: this decode will never finish
+            with self._lock:
+                self._pending -= 1
+            raise
+        self._futures.append(future)
+        future.add_done_callback(self._one_done)
+
+    def _one_done(self, _: concurrent.futures.Future[Any]) -> None:
+        """On the decode thread (or the caller's, for a decode done before the callback was added)."""
+        with self._lock:
+            self._pending -= 1
+            waiter = self._waiter if self._pending == 0 else None
+        if waiter is not None:
+            loop, done = waiter
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
+                loop.call_soon_threadsafe(_resolve, done)
+
+    async def results(self) -> list[Any]:
+        """Each decode's return value or exception, in the order they were submitted."""
+        with self._lock:
+            if self._pending:
+                loop = asyncio.get_running_loop()
+                self._waiter = (loop, loop.create_future())
+            waiter = self._waiter
+        if waiter is not None:
+            await waiter[1]
+        return [_outcome(f) for f in self._futures]
+
+
+def _outcome(future: concurrent.futures.Future[Any]) -> Any:
+    """A finished decode's return value, or its exception (a cancelled one: ``CancelledError``)."""
+    if future.cancelled():
+        return concurrent.futures.CancelledError()
+    return future.exception() or future.result()
+
+
+def _resolve(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
+
+
 @dataclass(slots=True)
 class Batch:
     """One micro-batch: its records, and what classification left on it for the sinks."""
@@ -186,7 +256,7 @@ class Batch:
     buffer: FloatArray | None = None
     frames: list[Frame] = field(default_factory=list)
     slot_frames: list[int] = field(default_factory=list)  # the frame (index) each buffer slot holds
-    decodes: list[asyncio.Future[Any]] = field(default_factory=list)  # one per slot
+    decodes: Decodes = field(default_factory=Decodes)  # one per slot
     dead: list[DeadFrame] = field(default_factory=list)
     predictions: list[Prediction] = field(default_factory=list)
     offsets: dict[PartitionKey, int] = field(default_factory=dict)  # last offset seen per partition
@@ -246,9 +316,9 @@ class Pipeline:
         self._max_skew_ms = int(b.max_clock_skew_s * 1000)
         # The pool is the parallelism; OpenCV's own threads would only fight it for the cores.
         cv2.setNumThreads(1)
-        self.decode_pool = ThreadPoolExecutor(b.decode_threads, thread_name_prefix="lookout-decode")
+        self.decode_pool = named_pool(b.decode_threads, "lk-decode")
         # One thread per engine session; the first is opened before the layout is known.
-        self._infer_pools = [ThreadPoolExecutor(1, thread_name_prefix="lookout-infer")]
+        self._infer_pools = [named_pool(1, "lk-infer-0")]
         self._free_sessions: asyncio.Queue[int] | None = None
         self._drift = self._drift_tracker(settings)
         self._rollup_label_thresholds: dict[str, float] = {}
@@ -278,7 +348,7 @@ class Pipeline:
         )
         try:
             for i in range(1, sessions):
-                pool = ThreadPoolExecutor(1, thread_name_prefix=f"lookout-infer-{i}")
+                pool = named_pool(1, f"lk-infer-{i}")
                 self._infer_pools.append(pool)
                 opened.append(await loop.run_in_executor(pool, self._backend_factory))
         except BaseException:
@@ -467,16 +537,8 @@ class Pipeline:
         slot = batch.buffer[batch.slots]
         batch.slot_frames.append(len(batch.frames))
         batch.frames.append(frame)
-        batch.decodes.append(
-            asyncio.get_running_loop().run_in_executor(
-                self.decode_pool,
-                decode_into,
-                frame.data,
-                frame.content_type,
-                slot,
-                self.info.spec,
-                self._limits,
-            )
+        batch.decodes.submit(
+            self.decode_pool, decode_into, frame.data, frame.content_type, slot, self.info.spec, self._limits
         )
 
     # ----------------------------------------------------------------- classifying
@@ -487,7 +549,7 @@ class Pipeline:
             return
         started = time.monotonic()
         batch.clock.stamp("taken", started)
-        results = await asyncio.gather(*batch.decodes, return_exceptions=True)
+        results = await batch.decodes.results()
         decoded = time.monotonic()
         batch.clock.stamp("decoded", decoded)
         self._metrics.decoded(decoded - started)
@@ -516,7 +578,7 @@ class Pipeline:
                     batch.predictions.append(Prediction(frame, frame_labels, now_ms, latency_ms))
         finally:
             batch.buffer = None
-            batch.decodes = []
+            batch.decodes = Decodes()
             self._buffers.append(buffer)
             self._buffer_freed.set()
         self._summarise(batch)

@@ -224,6 +224,24 @@ class KafkaSettings:
         flag=False,
         rule=_at_least(100, "a whole number of milliseconds"),
     )
+    # Small fetches are cheaper per frame: aiokafka copies each fetch response twice in the event
+    # loop (asyncio's StreamReader), and copies of tens of MB miss every cache and fault in fresh
+    # pages. 26 MB / 52 MB cost 2.0 event-loop CPU-ms per 720p frame, 1 MiB / 4 MiB 1.0
+    # (docs/BENCHMARKS.md). A record larger than either still comes, in a response of its own.
+    max_partition_fetch_bytes: int = opt(
+        1_048_576,
+        "LOOKOUT_MAX_PARTITION_FETCH_BYTES",
+        "consumer max.partition.fetch.bytes (a larger record still comes, alone)",
+        flag=False,
+        rule=_at_least(1024, "a whole number of bytes"),
+    )
+    fetch_max_bytes: int = opt(
+        4_194_304,
+        "LOOKOUT_FETCH_MAX_BYTES",
+        "consumer fetch.max.bytes: the most one fetch response holds",
+        flag=False,
+        rule=_at_least(1024, "a whole number of bytes"),
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -377,3 +377,33 @@ async def test_a_burst_of_1000_bad_frames_keeps_memory_bounded_and_good_frames_f
     for record in dead:
         headers = dict(record.headers)
         assert headers[codec.REASON_HEADER].decode() == expected_dead[headers["frame-id"].decode()].reason
+
+
+async def test_frames_larger_than_a_fetch_are_labelled_among_small_ones(
+    services: Services, make_topic: TopicFactory, key_prefix: str
+) -> None:
+    """The consumer fetches 1 MiB per partition by default (cheaper per frame than one huge
+    fetch); a frame several times larger must still come (alone, in a fetch of its own) and be
+    labelled, and the small frames around it too."""
+    topic = await make_topic("frames", partitions=1)
+    rng = np.random.default_rng(7)
+    big_frames = []
+    for side in (1400, 1800):  # noise barely compresses: 5.9 and 9.7 MB PNGs
+        noise = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+        big_frames.append(cv2.imencode(".png", noise)[1].tobytes())
+    settings = worker_settings(services.bootstrap, services.redis_url, topic, key_prefix)
+    assert all(len(b) > 4 * settings.kafka.max_partition_fetch_bytes for b in big_frames)
+    assert all(len(b) > settings.kafka.fetch_max_bytes for b in big_frames)
+    feed = Feed()
+    street = street_jpegs(12)
+    records = [feed.good(street[i]) for i in range(4)]
+    records.append(feed.add("big-png", big_frames[0], content_type="image/png"))
+    records += [feed.good(street[i]) for i in range(4, 8)]
+    records.append(feed.add("bigger-png", big_frames[1], content_type="image/png"))
+    records += [feed.good(street[i]) for i in range(8, 12)]
+    await produce(services.bootstrap, topic, records)
+
+    async with running_worker(settings):
+        labels = await read_topic(services.bootstrap, settings.topics.labels_topic, len(records))
+    labelled = Counter(codec.parse_label_record(r.value)["frame_id"] for r in labels)
+    assert labelled == Counter(r.frame_id for r in records)
