@@ -3,13 +3,18 @@
     .venv/bin/python -m bench [--quick] [--no-services] [--scaling] [--size 720p|1080p]
 
 1. decode ceiling: full-size vs reduced-scale (DCT) JPEG decode + preprocessing, 1080p and 720p;
-2. inference ceiling: each CPU engine (fp32, int8) at batch 1, 8, 32 and the worker's default;
-3. end to end: frames produced by a separate process to the real broker, labelled, published and
+2. inference ceiling: each CPU engine (fp32, int8) at batch 1, 8, 32 and the worker's default,
+   one session on every core (the issue's basis), and in the layout the worker serves (sessions x
+   threads, all busy at once: the stricter basis);
+3. which precision ``--precision auto`` serves here; every end-to-end phase runs that engine;
+4. end to end: frames produced by a separate process to the real broker, labelled, published and
    counted by a worker process: maximum sustained throughput, then latency (captured-at to label
-   record) at 50% and 80% of it, and where the CPU went (worker, broker, Redis); the maximum
-   throughput again with the int8 engine, and which precision ``--precision auto`` would serve;
-4. the naive consumer (one message at a time) against the same broker and frames;
-5. ratios; 6. the worker's peak RSS and its growth over a soak at 80% load.
+   record) at 50% and 80% of the capacity measured with the producer running (3 runs of 40 s
+   each), and where the CPU went (worker by thread, broker, Redis); the maximum throughput again
+   with the other precision;
+5. the naive consumer (one message at a time, fp32, unchanged) against the same broker and frames;
+6. ratios (each against the ceiling of its own precision); 7. the worker's peak RSS and its
+   growth over a soak at 80% load.
 
 Writes bench/results/<date>-<machine>[-1080p][-quick].json and a PNG plot beside it, and prints a table.
 ``--quick`` (CI's smoke test) uses fewer frames and shorter phases; it fails only on errors,

@@ -15,10 +15,12 @@ from tests.conftest import REPO, Services
 
 KEYS = (
     "e2e_fps",
+    "e2e_fps_fp32",
     "e2e_fps_int8",
     "live_capacity_fps",
     "naive_fps",
     "ceiling_fps",
+    "ceiling_fps_served_layout",
     "p99_ms_at_50pct",
     "int8_speedup",
     "decode_reduced_speedup",
@@ -42,11 +44,18 @@ def test_quick_benchmark_reports_every_figure(services: Services, tmp_path: Path
         assert isinstance(data[key], float) and math.isfinite(data[key]), key
     assert data["e2e_fps"] > 0 and data["naive_fps"] > 0
     assert data["end_to_end"]["max"]["frames"] == 300  # every produced frame was labelled
-    assert (
-        data["end_to_end_int8"]["frames"] == 300 and data["end_to_end_int8"]["engine"] == "engine-int8.onnx"
-    )
     auto = data["auto_precision"]  # what --precision auto would serve here, and why
     assert auto["precision"] in ("fp32", "int8") and auto["line"].startswith(f"serving {auto['precision']}: ")
+    # Every phase runs the precision auto serves; the other one is drained too; the naive
+    # consumer stays on fp32 so that its ratio compares with earlier runs.
+    served = data["served_precision"]
+    other = "int8" if served == "fp32" else "fp32"
+    assert served == auto["precision"]
+    assert data["e2e_fps"] == data[f"e2e_fps_{served}"]
+    drained = data[f"end_to_end_{other}"]
+    assert drained["frames"] == 300 and drained["engine"] == f"engine-{other}.onnx"
+    assert data["end_to_end"]["naive"]["engine"] == "engine-fp32.onnx"
+    assert data["ratios"]["e2e_vs_ceiling"] == data["e2e_fps"] / data["ceilings"][served]["fps"]
     assert auto["agreement"]["frames"] == 401
     # The latency phase is taken apart by stage from the worker's own trace.
     stages = data["end_to_end"]["load50"]["runs"][0]["stages"]
