@@ -390,3 +390,32 @@ async def test_a_session_that_fails_to_open_closes_the_ones_already_open() -> No
     with pytest.raises(EngineError):
         await pipeline.open()
     assert closed == [id(first)]
+
+
+async def test_a_batchs_decodes_wake_the_event_loop_once_not_once_per_frame() -> None:
+    # Each wake-up from a decode thread is a self-pipe write, a select return and a callback on
+    # the event loop; at 100+ frames/s one per frame was a measurable share of the loop's CPU.
+    engine = StandInEngine([SPORTS_CAR], max_batch=8)
+    pipeline = await opened(engine)
+    loop = asyncio.get_running_loop()
+    wakeups_from_other_threads = 0
+    call_soon_threadsafe = loop.call_soon_threadsafe
+
+    def counting(*args: object, **kwargs: object) -> asyncio.Handle:
+        nonlocal wakeups_from_other_threads
+        if threading.current_thread() is not threading.main_thread():
+            wakeups_from_other_threads += 1
+        return call_soon_threadsafe(*args, **kwargs)  # type: ignore[arg-type]
+
+    loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+    try:
+        batch = Batch(opened_at=0.0)
+        for offset in range(8):
+            pipeline.add(batch, frame_record(offset, "cam-1"))
+        await pipeline.classify(batch)
+    finally:
+        loop.call_soon_threadsafe = call_soon_threadsafe  # type: ignore[method-assign]
+        await pipeline.close()
+    assert len(batch.predictions) == 8 and engine.calls == [8]
+    # The last decode to finish may wake the loop; the inference thread's result wakes it once.
+    assert wakeups_from_other_threads <= 2
