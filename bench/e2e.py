@@ -338,8 +338,16 @@ async def end_to_end(
 
         capacity = await live_capacity(frames_path, topic, bootstrap, labels, e2e_fps, latency_s)
         result["live"] = capacity
-        capacity_fps = capacity["fps"]
-        log(f"e2e: live capacity {capacity_fps:.1f} frames/s (offered {capacity['offered']:.1f}/s)")
+        # The basis of "load": what the worker sustained with the producer running, but never
+        # more than it drained alone. On a shared VM the live window can land in a fast spell
+        # (run 4 of 2026-12-03: 192 frames/s live against 175 drained), and "80 %" of that was
+        # overload: frames queued in Kafka for seconds.
+        capacity_fps = min(capacity["fps"], e2e_fps)
+        capacity["load_basis_fps"] = capacity_fps
+        log(
+            f"e2e: live capacity {capacity['fps']:.1f} frames/s (offered {capacity['offered']:.1f}/s); "
+            f"load basis {capacity_fps:.1f} frames/s"
+        )
 
         for load in (0.5, 0.8):
             rate = load * capacity_fps
@@ -368,7 +376,7 @@ async def end_to_end(
             p99s = [r["latency_ms"]["p99"] for r in runs]
             result[prefix] = {
                 "rate": rate,
-                "load_basis": "live capacity (producer running)",
+                "load_basis": "live capacity (producer running), at most the backlog drain rate",
                 "seconds_per_run": latency_s,
                 "runs": runs,
                 "sent": sum(r["sent"] for r in runs),

@@ -267,7 +267,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax = axes[1]
     for key, style in (("p50", "o-"), ("p95", "s-"), ("p99", "^-")):
         ax.plot(loads, [e2e[f"load{x}"]["latency_ms"][key] for x in loads], style, label=key)
-    ax.set_xlabel("offered load, % of max throughput")
+    ax.set_xlabel("offered load, % of live capacity")
     ax.set_ylabel("captured-at to label, ms")
     ax.set_title("End-to-end latency vs load")
     ax.legend()
