@@ -7,6 +7,7 @@ and the same inference table for TensorRT engines where a GPU and TensorRT exist
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -69,24 +70,27 @@ def inference_ceiling(engines: dict[str, Path], seconds: float, worker_batch: in
     return rows
 
 
+def decoded(frames: list[bytes], spec: PreprocessSpec) -> np.ndarray:
+    """``frames`` through the serving decode and preprocessing, as one batch."""
+    images = np.empty((len(frames), 3, spec.height, spec.width), np.float32)
+    for i, data in enumerate(frames):
+        decode_into(data, "image/jpeg", images[i], spec, DecodeLimits())
+    return images
+
+
 def served_layout_inference(
     path: Path, sessions: int, threads: int, batch: int, seconds: float
 ) -> dict[str, float]:
     """Images/s and CPU-ms/image of ``sessions`` sessions of ``threads`` intra-op threads each,
     all running batches at once, as the worker runs them (``inference_layout``): inference alone
     in the layout served, the stricter basis for a ceiling."""
-    import threading
-
     frames = encoded_frames("720p", batch, cache_dir())
     backends = [
         OnnxRuntimeBackend(EngineInfo.from_sidecar(path, verify_engine(path)), threads=threads)
         for _ in range(sessions)
     ]
     try:
-        spec = backends[0].info.spec
-        images = np.empty((len(frames), 3, spec.height, spec.width), np.float32)
-        for i, data in enumerate(frames):
-            decode_into(data, "image/jpeg", images[i], spec, DecodeLimits())
+        images = decoded(frames, backends[0].info.spec)
         for backend in backends:  # warm-up: the arena
             backend.infer(images)
         counts = [0] * sessions
@@ -122,10 +126,7 @@ def measure_batches(
     """Decode ``frames`` through the serving path, then time the engine at batch 1, 8, 32 and
     ``worker_batch``; closes it."""
     try:
-        spec = backend.info.spec
-        images = np.empty((len(frames), 3, spec.height, spec.width), np.float32)
-        for i, data in enumerate(frames):
-            decode_into(data, "image/jpeg", images[i], spec, DecodeLimits())
+        images = decoded(frames, backend.info.spec)
         return [
             {"precision": precision, "batch": batch, **measure(backend.infer, images[:batch], seconds)}
             for batch in sorted({1, 8, worker_batch, 32})

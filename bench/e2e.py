@@ -30,7 +30,18 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bench.frames import SOURCE_NOTE, encoded_frames, frames_file
-from bench.host import PY, REPO, cache_dir, cpu_seconds, free_port, log, rss_mb, service_pids, thread_cpu
+from bench.host import (
+    PY,
+    REPO,
+    cache_dir,
+    cpu_seconds,
+    free_port,
+    log,
+    rss_mb,
+    service_pids,
+    split_ms_per_frame,
+    thread_cpu,
+)
 from bench.trace import read as read_trace
 from bench.trace import summarise as summarise_trace
 from stream_worker.settings import TopicSettings
@@ -265,9 +276,7 @@ async def drain_rate(
             "frames": len(got),
             "fps": drain_fps(got),
             "worker_cpu_ms_per_frame": 1000 * cpu / frames,
-            "worker_cpu_ms_per_frame_by_thread": {
-                k: 1000 * (threads1[k] - threads0[k]) / frames for k in threads1
-            },
+            "worker_cpu_ms_per_frame_by_thread": split_ms_per_frame(threads0, threads1, frames),
             "wall_s": time.monotonic() - t0,
         }
     finally:
@@ -330,9 +339,7 @@ async def end_to_end(
             "e2e_fps": e2e_fps,
             "wall_s": wall,
             "cpu_s_per_frame": {k: (cpu1[k] - cpu0[k]) / len(got) for k in pids},
-            "worker_cpu_ms_per_frame_by_thread": {
-                k: 1000 * (threads1[k] - threads0[k]) / len(got) for k in threads1
-            },
+            "worker_cpu_ms_per_frame_by_thread": split_ms_per_frame(threads0, threads1, len(got)),
         }
         log(f"e2e: max sustained {e2e_fps:.1f} frames/s")
 

@@ -71,7 +71,12 @@ def service_pids() -> dict[str, int]:
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process (and its finished children are not counted)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return _stat_cpu_seconds(Path(f"/proc/{pid}/stat"))
+
+
+def _stat_cpu_seconds(stat: Path) -> float:
+    """utime + stime from a ``/proc`` ``stat`` file (a process's or one of its threads')."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -80,11 +85,10 @@ def thread_cpu(pid: int) -> dict[str, float]:
     (``stream_worker.threads``): ``event loop`` (the main thread: Kafka, sinks, asyncio),
     ``decode``, ``inference`` (with the taxonomy), ``other``."""
     out = {"event loop": 0.0, "decode": 0.0, "inference": 0.0, "other": 0.0}
-    tick = os.sysconf("SC_CLK_TCK")
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             comm = (task / "comm").read_text().strip()
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            seconds = _stat_cpu_seconds(task / "stat")
         except OSError:  # the thread ended meanwhile
             continue
         if task.name == str(pid):
@@ -95,8 +99,13 @@ def thread_cpu(pid: int) -> dict[str, float]:
             group = "inference"
         else:
             group = "other"
-        out[group] += (int(fields[11]) + int(fields[12])) / tick
+        out[group] += seconds
     return out
+
+
+def split_ms_per_frame(before: dict[str, float], after: dict[str, float], frames: int) -> dict[str, float]:
+    """CPU-ms per frame of each group between two :func:`thread_cpu` readings."""
+    return {group: 1000 * (after[group] - before[group]) / frames for group in after}
 
 
 def rss_mb(pid: int, field: str = "VmRSS") -> float:

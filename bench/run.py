@@ -70,16 +70,14 @@ def cpu_engines() -> dict[str, Path]:
     return engines
 
 
-def auto_precision(engines: dict[str, Path], settings: Settings) -> dict[str, Any]:
+def auto_precision(engines: dict[str, Path], settings: Settings, threads: int) -> dict[str, Any]:
     """What ``--precision auto`` would serve on this machine, by its own rule, with these engines.
 
     The int8 engine's agreement with fp32 is measured here on the held-out frames (the benchmark's
     engines are built without it), the speed as a worker measures it at start-up: the worker's
-    batch size and threads per session, CPU time, interleaved.
+    batch size and the served layout's ``threads`` per session, CPU time, interleaved.
     """
     agreement = engine_files_agreement(engines["fp32"], engines["int8"])
-    e = settings.engine
-    _, threads = inference_layout(e.inference_sessions, e.inference_threads, "onnxruntime", usable_cores())
     timings: list[Timing] = []
 
     def measure() -> Timing:
@@ -128,15 +126,15 @@ async def run(*, quick: bool, size: str, with_scaling: bool, services_up: bool) 
     gpu = gpu_section(1.0 if quick else 4.0, batch.max_batch)
     if "skipped" in gpu:
         log(f"GPU section skipped: {gpu['skipped']}")
-    log("what --precision auto would serve here")
-    auto = auto_precision(engines, settings)
-    log(auto["line"])
-    served = auto["precision"]
-    other = "int8" if served == "fp32" else "fp32"
     e = settings.engine
     sessions, threads = inference_layout(
         e.inference_sessions, e.inference_threads, "onnxruntime", usable_cores()
     )
+    log("what --precision auto would serve here")
+    auto = auto_precision(engines, settings, threads)
+    log(auto["line"])
+    served = auto["precision"]
+    other = "int8" if served == "fp32" else "fp32"
     log(f"inference ceiling in the served layout ({sessions} session(s) x {threads} thread(s))")
     layout = {
         p: served_layout_inference(engines[p], sessions, threads, batch.max_batch, 1.0 if quick else 4.0)

@@ -198,9 +198,6 @@ class Decodes:
         self._pending = 0
         self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
 
-    def __len__(self) -> int:
-        return len(self._futures)
-
     def submit(self, pool: concurrent.futures.Executor, fn: Callable[..., Any], *args: Any) -> None:
         """Start ``fn(*args)`` on ``pool``."""
         with self._lock:
