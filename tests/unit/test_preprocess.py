@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tracemalloc
 
+import cv2
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -153,3 +154,18 @@ def test_describe_spells_the_mode_as_the_flag_does() -> None:
         "letterbox",
         "stretch",
     ]
+
+
+@pytest.mark.parametrize(("height", "width"), [(270, 480), (360, 640), (300, 301), (448, 700)])
+def test_shrinking_gives_the_pixels_of_opencvs_uint8_area_filter(height: int, width: int) -> None:
+    # The float path is only faster: a frame must be labelled exactly as before it.
+    rng = np.random.default_rng(height)
+    frame = cv2.GaussianBlur(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), (3, 3), 0)
+    spec = SPEC.with_resize("crop:1")
+    out = np.empty((3, 224, 224), np.float32)
+    preprocess_into(frame, out, spec)
+    top, left, ch, cw = crop_box(height, width, spec)
+    shrunk = cv2.resize(frame[top : top + ch, left : left + cw], (224, 224), interpolation=cv2.INTER_AREA)
+    for c, src in enumerate((2, 1, 0)):  # RGB input from BGR pixels
+        expected = (shrunk[:, :, src].astype(np.float32) - SPEC.mean[c]) / SPEC.std[c]
+        np.testing.assert_array_equal(out[c], expected)
