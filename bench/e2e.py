@@ -266,10 +266,13 @@ async def drain_rate(
         await until_ready(worker, port, poll_s=0.3)
         await wait_topic(bootstrap, labels_topic)
         await labels.start()
+        services = service_pids()
         cpu0, t0 = cpu_seconds(worker.pid), time.monotonic()
+        services0 = {k: cpu_seconds(p) for k, p in services.items()}
         threads0 = thread_cpu(worker.pid)
         got = await labels.wait_for("drain", frames, timeout_s=60 + frames)
         cpu = cpu_seconds(worker.pid) - cpu0
+        services1 = {k: cpu_seconds(p) for k, p in services.items()}
         threads1 = thread_cpu(worker.pid)
         return {
             "engine": engine.name,
@@ -277,6 +280,7 @@ async def drain_rate(
             "fps": drain_fps(got),
             "worker_cpu_ms_per_frame": 1000 * cpu / frames,
             "worker_cpu_ms_per_frame_by_thread": split_ms_per_frame(threads0, threads1, frames),
+            "services_cpu_ms_per_frame": {k: 1000 * (services1[k] - services0[k]) / frames for k in services},
             "wall_s": time.monotonic() - t0,
         }
     finally:

@@ -48,7 +48,8 @@ def main() -> None:
             print(
                 f"round {round_no + 1} {name:<12} {run['fps']:7.1f} frames/s  "
                 f"{run['worker_cpu_ms_per_frame']:6.1f} worker CPU-ms/frame "
-                f"({split(run['worker_cpu_ms_per_frame_by_thread'])})  {extra}",
+                f"({split(run['worker_cpu_ms_per_frame_by_thread'])}; "
+                f"{split(run['services_cpu_ms_per_frame'])})  {extra}",
                 flush=True,
             )
     results: dict[str, Any] = {}
@@ -64,13 +65,18 @@ def main() -> None:
                 k: statistics.median(r["worker_cpu_ms_per_frame_by_thread"][k] for r in runs[name])
                 for k in runs[name][0]["worker_cpu_ms_per_frame_by_thread"]
             },
+            "services_cpu_ms_per_frame": {
+                k: statistics.median(r["services_cpu_ms_per_frame"][k] for r in runs[name])
+                for k in runs[name][0]["services_cpu_ms_per_frame"]
+            },
             "runs": runs[name],
         }
         print(
             f"median {name:<12} {results[name]['fps']:7.1f} frames/s "
             f"(spread {results[name]['fps_spread_pct']:.0f} %)  "
             f"{results[name]['worker_cpu_ms_per_frame']:6.1f} worker CPU-ms/frame "
-            f"({split(results[name]['worker_cpu_ms_per_frame_by_thread'])})",
+            f"({split(results[name]['worker_cpu_ms_per_frame_by_thread'])}; "
+            f"{split(results[name]['services_cpu_ms_per_frame'])})",
             flush=True,
         )
     document = {
