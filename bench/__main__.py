@@ -13,7 +13,9 @@
    each), and where the CPU went (worker by thread, broker, Redis); the maximum throughput again
    with the other precision;
 5. the naive consumer (one message at a time, fp32, unchanged) against the same broker and frames;
-6. ratios (each against the ceiling of its own precision); 7. the worker's peak RSS and its
+6. ratios (each against the ceiling of its own precision), and end to end over the ceiling in
+   3 paired rounds (the ceiling measured, then a backlog drained, back to back; the median and
+   its spread: the machine's speed drifts between phases); 7. the worker's peak RSS and its
    growth over a soak at 80% load.
 
 Writes bench/results/<date>-<machine>[-1080p][-quick].json and a PNG plot beside it, and prints a table.
