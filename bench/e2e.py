@@ -288,6 +288,47 @@ async def drain_rate(
         stop_worker(worker)
 
 
+async def latency_at(
+    bootstrap: str,
+    redis_url: str,
+    rate: float,
+    seconds: float,
+    engine: Path,
+    *,
+    size: str = "720p",
+    extra_env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Start one worker on ``engine``, produce to it at ``rate`` frames/s for ``seconds`` (the
+    producer process on the same cores, as in the latency phases) and read every label back:
+    captured-at to label record, p50/p95/p99."""
+    frames_path = frames_file(size, 250, cache_dir())
+    run = uuid.uuid4().hex[:8]
+    topic = f"bench-latency-{run}"
+    await create_topics(bootstrap, {topic: TOPIC_PARTITIONS})
+    port = free_port()
+    worker = start_worker(engine, bootstrap, redis_url, topic, run, port, **(extra_env or {}))
+    labels = LabelReader(bootstrap, TopicSettings.named_after(topic).labels_topic)
+    try:
+        await until_ready(worker, port, poll_s=0.3)
+        # A few frames first: the worker creates its output topics on its first labels.
+        warm = await produce(frames_path, topic, bootstrap, "warm", count=2 * TOPIC_PARTITIONS)
+        await wait_topic(bootstrap, TopicSettings.named_after(topic).labels_topic)
+        await labels.start()
+        await labels.wait_for("warm", int(warm["sent"]), timeout_s=60)
+        sent = await produce(frames_path, topic, bootstrap, "rate", rate=rate, seconds=seconds)
+        got = await labels.wait_for("rate", int(sent["sent"]), timeout_s=120)
+        return {
+            "engine": engine.name,
+            "rate": rate,
+            "seconds": seconds,
+            "sent": sent["sent"],
+            "latency_ms": percentiles([r["seen_at"] - r["captured_at"] for r in got]),
+        }
+    finally:
+        await labels.stop()
+        stop_worker(worker)
+
+
 async def end_to_end(
     bootstrap: str, redis_url: str, engine: Path, *, naive_engine: Path, size: str, quick: bool
 ) -> dict[str, Any]:

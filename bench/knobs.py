@@ -1,6 +1,7 @@
 """A/B of worker settings: drain throughput of one worker process per setting, same frames.
 
     .venv/bin/python -m bench.knobs [--frames 1000] [--rounds 3] [--engine fp32|int8] [--out FILE]
+        [--rate FRAMES_PER_S [--seconds 40]]
         NAME=ENV=VALUE[,...] ...
 
 e.g. ``default= decode1=LOOKOUT_DECODE_THREADS=1 batch4=LOOKOUT_MAX_BATCH=4``. Prints frames/s
@@ -9,7 +10,9 @@ and the worker's CPU-ms per frame for each, run one after another on a fresh top
 them alike) and the median and spread of each are reported, with the worker's CPU per frame split
 by thread (event loop, decode, inference). A variant ``old=PYTHONPATH=DIR`` runs the worker from
 another checkout (``git worktree add DIR COMMIT``): the measured effect of a code change.
-``--out`` writes the JSON, with the CPU model and flags.
+``--out`` writes the JSON, with the CPU model and flags. With ``--rate R`` each variant is
+measured for latency instead: a fresh worker, frames offered live at R frames/s for
+``--seconds`` by the producer process (on the same cores), p50/p95/p99 captured-at to label.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from bench.e2e import drain_rate
+from bench.e2e import drain_rate, latency_at
 from bench.host import cache_dir, cpu_model, service_endpoints
 
 
@@ -32,6 +35,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds (median reported)")
     parser.add_argument("--out", type=Path, default=None, help="write the results JSON here")
     parser.add_argument("--engine", choices=("fp32", "int8"), default="fp32", help="the CPU engine drained")
+    parser.add_argument(
+        "--rate", type=float, default=0.0, help="latency instead of drain rate: frames/s offered live"
+    )
+    parser.add_argument("--seconds", type=float, default=40.0, help="with --rate: seconds per run")
     parser.add_argument("variants", nargs="+", help="NAME=ENV=VALUE[,ENV=VALUE] or NAME=")
     args = parser.parse_args()
     bootstrap, redis_url = service_endpoints()
@@ -39,6 +46,9 @@ def main() -> None:
     for variant in args.variants:
         name, _, spec = variant.partition("=")
         variants[name] = dict(item.split("=", 1) for item in spec.split(",") if item)
+    if args.rate > 0:
+        latency(args, bootstrap, redis_url, variants)
+        return
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     for round_no in range(args.rounds):
         for name, extra in variants.items():
@@ -89,6 +99,52 @@ def main() -> None:
     if args.out is not None:
         args.out.write_text(json.dumps(document, indent=2) + "\n")
     print(json.dumps(document))
+
+
+def latency(
+    args: argparse.Namespace, bootstrap: str, redis_url: str, variants: dict[str, dict[str, str]]
+) -> None:
+    """``--rate``: captured-at to label latency of each variant at a fixed offered rate, the
+    producer running on the same cores; rounds interleaved, median p99 and its spread."""
+    engine = cache_dir() / f"engine-{args.engine}.onnx"
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    for round_no in range(args.rounds):
+        for name, extra in variants.items():
+            run = asyncio.run(
+                latency_at(bootstrap, redis_url, args.rate, args.seconds, engine, extra_env=extra)
+            )
+            runs[name].append(run)
+            ms = run["latency_ms"]
+            print(
+                f"round {round_no + 1} {name:<12} p50 {ms['p50']:6.0f}  p95 {ms['p95']:6.0f}  "
+                f"p99 {ms['p99']:6.0f} ms  ({run['sent']:.0f} frames at {args.rate:.0f}/s)  {extra}",
+                flush=True,
+            )
+    results: dict[str, Any] = {}
+    for name, extra in variants.items():
+        p99 = [r["latency_ms"]["p99"] for r in runs[name]]
+        results[name] = {
+            "env": extra,
+            "p99_ms": statistics.median(p99),
+            "p99_spread_pct": 100 * (max(p99) - min(p99)) / statistics.median(p99),
+            "p50_ms": statistics.median(r["latency_ms"]["p50"] for r in runs[name]),
+            "runs": runs[name],
+        }
+        print(
+            f"median {name:<12} p99 {results[name]['p99_ms']:6.0f} ms (spread "
+            f"{results[name]['p99_spread_pct']:.0f} %), p50 {results[name]['p50_ms']:.0f} ms",
+            flush=True,
+        )
+    document = {
+        "engine": args.engine,
+        "rate": args.rate,
+        "seconds": args.seconds,
+        "rounds": args.rounds,
+        "cpu": cpu_model(),
+        "variants": results,
+    }
+    if args.out is not None:
+        args.out.write_text(json.dumps(document, indent=2) + "\n")
 
 
 def split(by_thread: dict[str, float]) -> str:
