@@ -15,6 +15,7 @@ consumer group and Redis key prefix.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ import subprocess
 import time
 import urllib.request
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -242,6 +244,31 @@ def drain_fps(labels: list[dict[str, Any]]) -> float:
     return (len(labels) - 1) / max(1e-3, (last - first) / 1000)
 
 
+async def fresh_topic(bootstrap: str, kind: str) -> tuple[str, str]:
+    """``(run id, topic)``: a new frames topic, partitioned as in the main benchmark."""
+    run = uuid.uuid4().hex[:8]
+    topic = f"bench-{kind}-{run}"
+    await create_topics(bootstrap, {topic: TOPIC_PARTITIONS})
+    return run, topic
+
+
+@contextlib.asynccontextmanager
+async def one_worker(
+    engine: Path, bootstrap: str, redis_url: str, topic: str, run: str, extra_env: dict[str, str] | None
+) -> AsyncIterator[tuple[subprocess.Popen[bytes], LabelReader]]:
+    """A worker process on ``topic`` (ready), and a reader of its labels topic (not started yet:
+    the worker creates that topic on its first labels); both stopped on exit."""
+    port = free_port()
+    worker = start_worker(engine, bootstrap, redis_url, topic, run, port, **(extra_env or {}))
+    labels = LabelReader(bootstrap, TopicSettings.named_after(topic).labels_topic)
+    try:
+        await until_ready(worker, port, poll_s=0.3)
+        yield worker, labels
+    finally:
+        await labels.stop()
+        stop_worker(worker)
+
+
 async def drain_rate(
     bootstrap: str,
     redis_url: str,
@@ -253,18 +280,10 @@ async def drain_rate(
 ) -> dict[str, Any]:
     """Pre-fill a frames topic (partitioned as in the main benchmark), start one worker on
     ``engine``, measure the first-to-last label rate and the worker's CPU per frame."""
-    frames_path = frames_file(size, 250, cache_dir())
-    run = uuid.uuid4().hex[:8]
-    topic = f"bench-drain-{run}"
-    await create_topics(bootstrap, {topic: TOPIC_PARTITIONS})
-    await produce(frames_path, topic, bootstrap, "drain", count=frames)
-    port = free_port()
-    worker = start_worker(engine, bootstrap, redis_url, topic, run, port, **(extra_env or {}))
-    labels_topic = TopicSettings.named_after(topic).labels_topic
-    labels = LabelReader(bootstrap, labels_topic)
-    try:
-        await until_ready(worker, port, poll_s=0.3)
-        await wait_topic(bootstrap, labels_topic)
+    run, topic = await fresh_topic(bootstrap, "drain")
+    await produce(frames_file(size, 250, cache_dir()), topic, bootstrap, "drain", count=frames)
+    async with one_worker(engine, bootstrap, redis_url, topic, run, extra_env) as (worker, labels):
+        await wait_topic(bootstrap, TopicSettings.named_after(topic).labels_topic)
         await labels.start()
         services = service_pids()
         cpu0, t0 = cpu_seconds(worker.pid), time.monotonic()
@@ -283,9 +302,6 @@ async def drain_rate(
             "services_cpu_ms_per_frame": {k: 1000 * (services1[k] - services0[k]) / frames for k in services},
             "wall_s": time.monotonic() - t0,
         }
-    finally:
-        await labels.stop()
-        stop_worker(worker)
 
 
 async def latency_at(
@@ -302,14 +318,8 @@ async def latency_at(
     producer process on the same cores, as in the latency phases) and read every label back:
     captured-at to label record, p50/p95/p99."""
     frames_path = frames_file(size, 250, cache_dir())
-    run = uuid.uuid4().hex[:8]
-    topic = f"bench-latency-{run}"
-    await create_topics(bootstrap, {topic: TOPIC_PARTITIONS})
-    port = free_port()
-    worker = start_worker(engine, bootstrap, redis_url, topic, run, port, **(extra_env or {}))
-    labels = LabelReader(bootstrap, TopicSettings.named_after(topic).labels_topic)
-    try:
-        await until_ready(worker, port, poll_s=0.3)
+    run, topic = await fresh_topic(bootstrap, "latency")
+    async with one_worker(engine, bootstrap, redis_url, topic, run, extra_env) as (_, labels):
         # A few frames first: the worker creates its output topics on its first labels.
         warm = await produce(frames_path, topic, bootstrap, "warm", count=2 * TOPIC_PARTITIONS)
         await wait_topic(bootstrap, TopicSettings.named_after(topic).labels_topic)
@@ -324,9 +334,6 @@ async def latency_at(
             "sent": sent["sent"],
             "latency_ms": percentiles([r["seen_at"] - r["captured_at"] for r in got]),
         }
-    finally:
-        await labels.stop()
-        stop_worker(worker)
 
 
 async def end_to_end(

@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,19 +50,16 @@ def main() -> None:
     if args.rate > 0:
         latency(args, bootstrap, redis_url, variants)
         return
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
-    for round_no in range(args.rounds):
-        for name, extra in variants.items():
-            engine = cache_dir() / f"engine-{args.engine}.onnx"
-            run = asyncio.run(drain_rate(bootstrap, redis_url, args.frames, engine, extra_env=extra))
-            runs[name].append(run)
-            print(
-                f"round {round_no + 1} {name:<12} {run['fps']:7.1f} frames/s  "
-                f"{run['worker_cpu_ms_per_frame']:6.1f} worker CPU-ms/frame "
-                f"({split(run['worker_cpu_ms_per_frame_by_thread'])}; "
-                f"{split(run['services_cpu_ms_per_frame'])})  {extra}",
-                flush=True,
-            )
+    engine = cache_dir() / f"engine-{args.engine}.onnx"
+    runs = interleaved(
+        variants,
+        args.rounds,
+        lambda extra: asyncio.run(drain_rate(bootstrap, redis_url, args.frames, engine, extra_env=extra)),
+        lambda run: (
+            f"{run['fps']:7.1f} frames/s  {run['worker_cpu_ms_per_frame']:6.1f} worker CPU-ms/frame "
+            f"({split(run['worker_cpu_ms_per_frame_by_thread'])}; {split(run['services_cpu_ms_per_frame'])})"
+        ),
+    )
     results: dict[str, Any] = {}
     for name, extra in variants.items():
         fps = [r["fps"] for r in runs[name]]
@@ -89,16 +87,7 @@ def main() -> None:
             f"{split(results[name]['services_cpu_ms_per_frame'])})",
             flush=True,
         )
-    document = {
-        "engine": args.engine,
-        "frames": args.frames,
-        "rounds": args.rounds,
-        "cpu": cpu_model(),
-        "variants": results,
-    }
-    if args.out is not None:
-        args.out.write_text(json.dumps(document, indent=2) + "\n")
-    print(json.dumps(document))
+    write(args, {"frames": args.frames, "variants": results})
 
 
 def latency(
@@ -107,19 +96,22 @@ def latency(
     """``--rate``: captured-at to label latency of each variant at a fixed offered rate, the
     producer running on the same cores; rounds interleaved, median p99 and its spread."""
     engine = cache_dir() / f"engine-{args.engine}.onnx"
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
-    for round_no in range(args.rounds):
-        for name, extra in variants.items():
-            run = asyncio.run(
-                latency_at(bootstrap, redis_url, args.rate, args.seconds, engine, extra_env=extra)
-            )
-            runs[name].append(run)
-            ms = run["latency_ms"]
-            print(
-                f"round {round_no + 1} {name:<12} p50 {ms['p50']:6.0f}  p95 {ms['p95']:6.0f}  "
-                f"p99 {ms['p99']:6.0f} ms  ({run['sent']:.0f} frames at {args.rate:.0f}/s)  {extra}",
-                flush=True,
-            )
+
+    def line(run: dict[str, Any]) -> str:
+        ms = run["latency_ms"]
+        return (
+            f"p50 {ms['p50']:6.0f}  p95 {ms['p95']:6.0f}  p99 {ms['p99']:6.0f} ms  "
+            f"({run['sent']:.0f} frames at {args.rate:.0f}/s)"
+        )
+
+    runs = interleaved(
+        variants,
+        args.rounds,
+        lambda extra: asyncio.run(
+            latency_at(bootstrap, redis_url, args.rate, args.seconds, engine, extra_env=extra)
+        ),
+        line,
+    )
     results: dict[str, Any] = {}
     for name, extra in variants.items():
         p99 = [r["latency_ms"]["p99"] for r in runs[name]]
@@ -135,16 +127,33 @@ def latency(
             f"{results[name]['p99_spread_pct']:.0f} %), p50 {results[name]['p50_ms']:.0f} ms",
             flush=True,
         )
-    document = {
-        "engine": args.engine,
-        "rate": args.rate,
-        "seconds": args.seconds,
-        "rounds": args.rounds,
-        "cpu": cpu_model(),
-        "variants": results,
-    }
+    write(args, {"rate": args.rate, "seconds": args.seconds, "variants": results})
+
+
+def interleaved(
+    variants: dict[str, dict[str, str]],
+    rounds: int,
+    measure: Callable[[dict[str, str]], dict[str, Any]],
+    line: Callable[[dict[str, Any]], str],
+) -> dict[str, list[dict[str, Any]]]:
+    """Each variant measured once per round, rounds one after another (a drift of the machine's
+    speed hits every variant alike); one printed line per run."""
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    for round_no in range(rounds):
+        for name, extra in variants.items():
+            run = measure(extra)
+            runs[name].append(run)
+            print(f"round {round_no + 1} {name:<12} {line(run)}  {extra}", flush=True)
+    return runs
+
+
+def write(args: argparse.Namespace, fields: dict[str, Any]) -> None:
+    """The results document (engine, rounds, CPU model and flags, ``fields``): printed, and
+    written to ``--out`` when given."""
+    document = {"engine": args.engine, "rounds": args.rounds, "cpu": cpu_model(), **fields}
     if args.out is not None:
         args.out.write_text(json.dumps(document, indent=2) + "\n")
+    print(json.dumps(document))
 
 
 def split(by_thread: dict[str, float]) -> str:
