@@ -156,12 +156,23 @@ def test_describe_spells_the_mode_as_the_flag_does() -> None:
     ]
 
 
-@pytest.mark.parametrize(("height", "width"), [(270, 480), (360, 640), (300, 301), (448, 700)])
-def test_shrinking_gives_the_pixels_of_opencvs_uint8_area_filter(height: int, width: int) -> None:
+@pytest.mark.parametrize(
+    ("mode", "height", "width"),
+    [
+        ("crop:1", 270, 480),  # 1080p at 1/4 scale
+        ("crop:1", 360, 640),  # 720p at 1/2 scale: the default
+        ("crop:1", 300, 301),
+        ("crop:1", 448, 700),  # a whole factor: OpenCV's own fast path
+        ("stretch", 300, 100),  # one side shrinks, the other grows
+        ("stretch", 400, 150),
+        ("stretch", 250, 500),
+    ],
+)
+def test_shrinking_gives_the_pixels_of_opencvs_uint8_area_filter(mode: str, height: int, width: int) -> None:
     # The float path is only faster: a frame must be labelled exactly as before it.
     rng = np.random.default_rng(height)
     frame = cv2.GaussianBlur(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), (3, 3), 0)
-    spec = SPEC.with_resize("crop:1")
+    spec = SPEC.with_resize(mode)
     out = np.empty((3, 224, 224), np.float32)
     preprocess_into(frame, out, spec)
     top, left, ch, cw = crop_box(height, width, spec)
