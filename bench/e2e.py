@@ -265,8 +265,10 @@ async def one_worker(
         await until_ready(worker, port, poll_s=0.3)
         yield worker, labels
     finally:
-        await labels.stop()
-        stop_worker(worker)
+        try:
+            await labels.stop()
+        finally:
+            stop_worker(worker)
 
 
 async def drain_rate(

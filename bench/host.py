@@ -63,9 +63,11 @@ def service_pids() -> dict[str, int]:
         ("redis", state / "redis" / "redis.pid"),
     ):
         try:
-            pids[name] = int(pidfile.read_text())
+            pid = int(pidfile.read_text())
         except (OSError, ValueError):
             continue
+        if Path(f"/proc/{pid}").exists():  # a stale pidfile names no process
+            pids[name] = pid
     return pids
 
 

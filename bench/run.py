@@ -244,13 +244,13 @@ async def paired_rounds(
     basis (cores / (reduced decode + inference at the worker's batch on one session with every
     core's thread), about 3 s), then one worker draining a fresh backlog of ``frames`` (about
     30 s). The median ratio and its spread."""
-    backend = OnnxRuntimeBackend(EngineInfo.from_sidecar(engine, verify_engine(engine)))
-    spec = backend.info.spec
     cores = os.cpu_count() or 1
     sample = encoded_frames(size, 64, cache_dir())
-    images = decoded((sample * (batch // len(sample) + 1))[:batch], spec)
+    backend = OnnxRuntimeBackend(EngineInfo.from_sidecar(engine, verify_engine(engine)))
     out: list[dict[str, Any]] = []
     try:
+        spec = backend.info.spec
+        images = decoded((sample * (batch // len(sample) + 1))[:batch], spec)
         for _ in range(rounds):
             decode_ms = decode_ceiling(sample, spec, 1)["reduced"]["cpu_ms_per_frame"]
             infer_ms = measure(backend.infer, images, 2.0)["cpu_ms_per_image"]
