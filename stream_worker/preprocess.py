@@ -162,22 +162,21 @@ def content_box(height: int, width: int, spec: PreprocessSpec) -> tuple[int, int
 def _area_in_float(height: int, width: int, box_h: int, box_w: int) -> bool:
     """Whether to shrink a ``height x width`` region to ``box_h x box_w`` in float32, not uint8.
 
-    OpenCV's area filter has a fast path only for whole-number factors. At any other factor (both
-    sides shrinking) it
-    is cheaper on float32 than on uint8, conversion and rounding included (0.90 against 1.12 ms
-    for the 360x360 crop of a 720p frame decoded at half scale, the default input of a 224x224
-    model), and rounded to whole values it gives the very pixels the uint8 filter gives (every
-    one of 75 million checked on the benchmark's frames), so no label moves. (Unrounded, the
-    input moves by at most 0.5/128, and that alone changed 1.5 % of FP32's and 3 % of INT8's
-    published labels on the held-out clip frames: the model has near-ties there.) The float copy
-    of the region is only made while it stays small: at most 4x the input's pixels (a factor
-    under 2 each way), 2.4 MB at 224x224.
+    Only where both sides shrink by a factor that is not a whole number: there OpenCV's area
+    filter has no fast path, and on float32 it is cheaper than on uint8, conversion and rounding
+    included (0.90 against 1.12 ms for the 360x360 crop of a 720p frame decoded at half scale,
+    the default input of a 224x224 model). Rounded to whole values it gives the very pixels the
+    uint8 filter gives (every one of 75 million checked on the benchmark's frames), so no label
+    moves. (Unrounded, the input moves by at most 0.5/128, and that alone changed 1.5 % of
+    FP32's and 3 % of INT8's published labels on the held-out clip frames: the model has
+    near-ties there.) With one side growing OpenCV's "area" is its bilinear code, fixed-point on
+    uint8 and float on float32, and the two differ. The float copy of the region is only made
+    while it stays small: at most 4x the input's pixels (a factor under 2 each way), 2.4 MB at
+    224x224.
     """
-    # Only where both sides shrink: with one side growing OpenCV's "area" is its bilinear code,
-    # fixed-point on uint8 and float on float32, and the two differ.
-    both = height >= box_h and width >= box_w
+    both_shrink = height >= box_h and width >= box_w
     whole = height % box_h == 0 and width % box_w == 0
-    return both and not whole and height * width <= 4 * box_h * box_w
+    return both_shrink and not whole and height * width <= 4 * box_h * box_w
 
 
 def preprocess_into(
@@ -203,7 +202,7 @@ def preprocess_into(
     region = image_bgr[top : top + ch, left : left + cw]
     y0, x0, box_h, box_w = content_box(ch, cw, spec)
     shrinking = ch > box_h or cw > box_w
-    if shrinking and _area_in_float(ch, cw, box_h, box_w):
+    if _area_in_float(ch, cw, box_h, box_w):  # implies shrinking
         shrunk = cv2.resize(region.astype(np.float32), (box_w, box_h), interpolation=cv2.INTER_AREA)
         resized: npt.NDArray[np.generic] = np.rint(shrunk, out=shrunk)
     else:
