@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,33 +32,40 @@ def decode_ceiling(frames: list[bytes], spec: PreprocessSpec, repeats: int) -> d
     """Frames/s and CPU-ms/frame of full decode + preprocess vs the worker's guarded reduced decode."""
     cv2.setNumThreads(1)
     out = np.empty((3, spec.height, spec.width), np.float32)
-    limits = DecodeLimits()
 
     def full(data: bytes) -> None:
         image = np.asarray(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), dtype=np.uint8)
         preprocess_into(image, out, spec)
 
-    def reduced(data: bytes) -> None:
-        decode_into(data, "image/jpeg", out, spec, limits)
-
-    result = {}
-    for name, fn in (("full", full), ("reduced", reduced)):
-        fn(frames[0])
-        wall0, cpu0 = time.perf_counter(), time.process_time()
-        n = 0
-        for _ in range(repeats):
-            for data in frames:
-                fn(data)
-                n += 1
-        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-        result[name] = {"fps": n / wall, "cpu_ms_per_frame": 1000 * cpu / n, "frames": n}
-    header = probe(frames[0], "image/jpeg", limits)
+    result = {"full": timed(full, frames, repeats), "reduced": reduced_decode(frames, spec, repeats)}
+    header = probe(frames[0], "image/jpeg", DecodeLimits())
     result["frame"] = {
         "width": header.width,
         "height": header.height,
         "bytes_avg": float(np.mean([len(f) for f in frames])),
     }
     return result
+
+
+def reduced_decode(frames: list[bytes], spec: PreprocessSpec, repeats: int) -> dict[str, float]:
+    """Frames/s and CPU-ms/frame of the worker's guarded reduced decode + preprocess, one thread."""
+    cv2.setNumThreads(1)
+    out = np.empty((3, spec.height, spec.width), np.float32)
+    limits = DecodeLimits()
+    return timed(lambda data: decode_into(data, "image/jpeg", out, spec, limits), frames, repeats)
+
+
+def timed(fn: Callable[[bytes], object], frames: list[bytes], repeats: int) -> dict[str, float]:
+    """``fn`` over every frame ``repeats`` times (after one warm-up call): frames/s, CPU-ms/frame."""
+    fn(frames[0])
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    n = 0
+    for _ in range(repeats):
+        for data in frames:
+            fn(data)
+            n += 1
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    return {"fps": n / wall, "cpu_ms_per_frame": 1000 * cpu / n, "frames": n}
 
 
 def inference_ceiling(engines: dict[str, Path], seconds: float, worker_batch: int) -> list[dict[str, Any]]:

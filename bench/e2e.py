@@ -36,12 +36,13 @@ from bench.host import (
     PY,
     REPO,
     cache_dir,
-    cpu_seconds,
+    cpu_of,
     free_port,
     log,
     rss_mb,
     service_pids,
     split_ms_per_frame,
+    spread_pct,
     thread_cpu,
 )
 from bench.trace import read as read_trace
@@ -287,21 +288,20 @@ async def drain_rate(
     async with one_worker(engine, bootstrap, redis_url, topic, run, extra_env) as (worker, labels):
         await wait_topic(bootstrap, TopicSettings.named_after(topic).labels_topic)
         await labels.start()
-        services = service_pids()
-        cpu0, t0 = cpu_seconds(worker.pid), time.monotonic()
-        services0 = {k: cpu_seconds(p) for k, p in services.items()}
+        pids = {"worker": worker.pid, **service_pids()}
+        cpu0, t0 = cpu_of(pids), time.monotonic()
         threads0 = thread_cpu(worker.pid)
         got = await labels.wait_for("drain", frames, timeout_s=60 + frames)
-        cpu = cpu_seconds(worker.pid) - cpu0
-        services1 = {k: cpu_seconds(p) for k, p in services.items()}
+        cpu1 = cpu_of(pids)
         threads1 = thread_cpu(worker.pid)
+        ms = {k: 1000 * (cpu1[k] - cpu0[k]) / frames for k in pids}
         return {
             "engine": engine.name,
             "frames": len(got),
             "fps": drain_fps(got),
-            "worker_cpu_ms_per_frame": 1000 * cpu / frames,
+            "worker_cpu_ms_per_frame": ms.pop("worker"),
             "worker_cpu_ms_per_frame_by_thread": split_ms_per_frame(threads0, threads1, frames),
-            "services_cpu_ms_per_frame": {k: 1000 * (services1[k] - services0[k]) / frames for k in services},
+            "services_cpu_ms_per_frame": ms,
             "wall_s": time.monotonic() - t0,
         }
 
@@ -380,12 +380,12 @@ async def end_to_end(
         await wait_topic(bootstrap, labels_topic)
         await labels.start()
         pids = {"worker": worker.pid, **service_pids()}
-        cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
+        cpu0 = cpu_of(pids)
         threads0 = thread_cpu(worker.pid)
         t0 = time.monotonic()
         got = await labels.wait_for("max", n_max, timeout_s=60 + n_max)
         wall = time.monotonic() - t0
-        cpu1 = {k: cpu_seconds(p) for k, p in pids.items()}
+        cpu1 = cpu_of(pids)
         threads1 = thread_cpu(worker.pid)
         e2e_fps = drain_fps(got)
         result["max"] = {
@@ -442,7 +442,7 @@ async def end_to_end(
                 "runs": runs,
                 "sent": sum(r["sent"] for r in runs),
                 "latency_ms": percentiles(pooled),
-                "p99_spread_pct": 100 * (max(p99s) - min(p99s)) / float(np.median(p99s)),
+                "p99_spread_pct": spread_pct(p99s),
             }
             log(
                 f"e2e: {load:.0%} load ({rate:.1f}/s): p99 {result[prefix]['latency_ms']['p99']:.0f} ms "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,16 @@ def service_pids() -> dict[str, int]:
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process (and its finished children are not counted)."""
     return _stat_cpu_seconds(Path(f"/proc/{pid}/stat"))
+
+
+def cpu_of(pids: dict[str, int]) -> dict[str, float]:
+    """:func:`cpu_seconds` of each named process."""
+    return {name: cpu_seconds(pid) for name, pid in pids.items()}
+
+
+def spread_pct(values: list[float]) -> float:
+    """(max - min) / median of repeated measurements, in %."""
+    return 100 * (max(values) - min(values)) / statistics.median(values)
 
 
 def _stat_cpu_seconds(stat: Path) -> float:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.e2e import drain_rate, latency_at
-from bench.host import cache_dir, cpu_model, service_endpoints
+from bench.host import cache_dir, cpu_model, service_endpoints, spread_pct
 
 
 def main() -> None:
@@ -67,7 +67,7 @@ def main() -> None:
         results[name] = {
             "env": extra,
             "fps": statistics.median(fps),
-            "fps_spread_pct": 100 * (max(fps) - min(fps)) / statistics.median(fps),
+            "fps_spread_pct": spread_pct(fps),
             "worker_cpu_ms_per_frame": statistics.median(cpu),
             "worker_cpu_ms_per_frame_by_thread": {
                 k: statistics.median(r["worker_cpu_ms_per_frame_by_thread"][k] for r in runs[name])
@@ -118,7 +118,7 @@ def latency(
         results[name] = {
             "env": extra,
             "p99_ms": statistics.median(p99),
-            "p99_spread_pct": 100 * (max(p99) - min(p99)) / statistics.median(p99),
+            "p99_spread_pct": spread_pct(p99),
             "p50_ms": statistics.median(r["latency_ms"]["p50"] for r in runs[name]),
             "runs": runs[name],
         }

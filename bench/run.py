@@ -15,11 +15,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.ceilings import decode_ceiling, decoded, gpu_section, inference_ceiling, served_layout_inference
+from bench.ceilings import (
+    decode_ceiling,
+    decoded,
+    gpu_section,
+    inference_ceiling,
+    reduced_decode,
+    served_layout_inference,
+)
 from bench.e2e import TOPIC_PARTITIONS, drain_rate, end_to_end, scaling
 from bench.engines import measure
 from bench.frames import encoded_frames
-from bench.host import REPO, cache_dir, cpu_model, log, service_endpoints, start_services
+from bench.host import REPO, cache_dir, cpu_model, log, service_endpoints, spread_pct, start_services
 from engine_build.agreement import engine_files_agreement
 from engine_build.cpu import QuantOptions, build_cpu_engine
 from engine_build.default import default_onnx_path
@@ -245,14 +252,14 @@ async def paired_rounds(
     core's thread), about 3 s), then one worker draining a fresh backlog of ``frames`` (about
     30 s). The median ratio and its spread."""
     cores = os.cpu_count() or 1
-    sample = encoded_frames(size, 64, cache_dir())
+    sample = encoded_frames(size, max(64, batch), cache_dir())
     backend = OnnxRuntimeBackend(EngineInfo.from_sidecar(engine, verify_engine(engine)))
     out: list[dict[str, Any]] = []
     try:
         spec = backend.info.spec
-        images = decoded((sample * (batch // len(sample) + 1))[:batch], spec)
+        images = decoded(sample[:batch], spec)
         for _ in range(rounds):
-            decode_ms = decode_ceiling(sample, spec, 1)["reduced"]["cpu_ms_per_frame"]
+            decode_ms = reduced_decode(sample, spec, 1)["cpu_ms_per_frame"]
             infer_ms = measure(backend.infer, images, 2.0)["cpu_ms_per_image"]
             ceiling = cores / ((decode_ms + infer_ms) / 1000)
             drain = await drain_rate(bootstrap, redis_url, frames, engine, size=size)
@@ -269,12 +276,11 @@ async def paired_rounds(
     finally:
         backend.close()
     ratios = [r["ratio"] for r in out]
-    median = statistics.median(ratios)
     return {
         "engine": engine.name,
         "rounds": out,
-        "ratio": median,
-        "ratio_spread_pct": 100 * (max(ratios) - min(ratios)) / median,
+        "ratio": statistics.median(ratios),
+        "ratio_spread_pct": spread_pct(ratios),
         "e2e_fps": statistics.median(r["e2e_fps"] for r in out),
         "ceiling_fps": statistics.median(r["ceiling_fps"] for r in out),
     }
