@@ -419,3 +419,29 @@ async def test_a_batchs_decodes_wake_the_event_loop_once_not_once_per_frame() ->
     assert len(batch.predictions) == 8 and engine.calls == [8]
     # The last decode to finish may wake the loop; the inference thread's result wakes it once.
     assert wakeups_from_other_threads <= 2
+
+
+async def test_cancelling_a_sink_write_cancels_the_write_itself() -> None:
+    # When the worker stops on a fatal error, its sink stage is cancelled in the middle of a
+    # write. Left running, the write ended unwatched once the clients closed under it, and its
+    # failure was printed as "Task exception was never retrieved" with a traceback.
+    cancelled, started = asyncio.Event(), asyncio.Event()
+
+    class Hanging(ListSink):
+        async def write(self, batch: Batch) -> None:
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+    retrier = Retrier(retry_max_s=0.01, metrics=Metrics())
+    delivery = asyncio.ensure_future(
+        deliver(Batch(opened_at=0.0), StandInOutputs([Hanging("labels")]), retrier)
+    )  # type: ignore[arg-type]
+    await started.wait()
+    delivery.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await delivery
+    assert cancelled.is_set()
