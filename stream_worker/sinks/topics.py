@@ -229,8 +229,7 @@ class WindowCountsSink:
         if not records:
             return
         await send_all(self._producer, records, "publishing counts")
-        for (topic, partition), group in windows.items():
-            await self._writer.mark_published(topic, partition, group)
+        await self._writer.mark_all_published(windows)
 
 
 class EventsSink:

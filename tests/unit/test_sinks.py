@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+import pytest
 
 from stream_worker.codec import parse_label_record
 from stream_worker.counting import CountedFrame, WindowCounts
-from stream_worker.errors import BadFrame
+from stream_worker.errors import BadFrame, ServiceUnavailable
 from stream_worker.frames import ClassScore, Frame, FrameLabels, LabelScore, Prediction, SourceKind
 from stream_worker.observability import Metrics
 from stream_worker.pipeline import Batch, DeadFrame
@@ -101,12 +103,13 @@ class ListCountsWriter:
     async def dirty(self, topic: str, partition: int) -> list[WindowCounts]:
         return list(self.dirty_windows.get((topic, partition), []))
 
-    async def mark_published(self, topic: str, partition: int, windows: Sequence[WindowCounts]) -> None:
-        self.published += [w.key for w in windows]
-        keys = {w.key for w in windows}
-        self.dirty_windows[(topic, partition)] = [
-            w for w in self.dirty_windows.get((topic, partition), []) if w.key not in keys
-        ]
+    async def mark_all_published(self, windows: Mapping[tuple[str, int], Sequence[WindowCounts]]) -> None:
+        for (topic, partition), group in windows.items():
+            self.published += [w.key for w in group]
+            keys = {w.key for w in group}
+            self.dirty_windows[(topic, partition)] = [
+                w for w in self.dirty_windows.get((topic, partition), []) if w.key not in keys
+            ]
 
 
 def counted_batch(*offsets: int) -> Batch:
@@ -138,3 +141,39 @@ async def test_window_counts_are_published_then_marked_clean() -> None:
     await windows.write(batch)
     assert [topic for topic, *_ in producer.sent] == ["cams.counts"]
     assert writer.published == ["k0"] and writer.dirty_windows[("cams", 0)] == []
+
+
+async def test_the_partitions_of_a_delivery_are_counted_side_by_side() -> None:
+    # One after the other, a delivery of four partitions waited for eight Redis round trips in
+    # a row. Here partition 0's call waits until partition 1's has started: in order, it never ends.
+    started: dict[int, asyncio.Event] = {0: asyncio.Event(), 1: asyncio.Event()}
+
+    class SlowWriter(ListCountsWriter):
+        async def apply(self, topic: str, partition: int, frames: Sequence[CountedFrame]) -> ApplyResult:
+            started[partition].set()
+            await started[1 - partition].wait()
+            return await super().apply(topic, partition, frames)
+
+    writer = SlowWriter()
+    batch = Batch(opened_at=0.0)
+    frames = {p: [CountedFrame(10 * p + o, "cam-1", 1_000, ("car",), None) for o in range(2)] for p in (0, 1)}
+    batch.counted = {("cams", p): counted for p, counted in frames.items()}
+    await asyncio.wait_for(CountsSink(writer).write(batch), 5)  # type: ignore[arg-type]
+    assert writer.watermark == {("cams", 0): 1, ("cams", 1): 11}
+    assert list(batch.windows) == [("cams", 0), ("cams", 1)]  # in the batch's order, whatever ended first
+
+
+async def test_a_partition_that_fails_fails_the_write_after_the_others_are_counted() -> None:
+    class HalfDown(ListCountsWriter):
+        async def apply(self, topic: str, partition: int, frames: Sequence[CountedFrame]) -> ApplyResult:
+            if partition == 0:
+                raise ServiceUnavailable("redis is down")
+            return await super().apply(topic, partition, frames)
+
+    writer = HalfDown()
+    batch = Batch(opened_at=0.0)
+    batch.counted = {("cams", p): [CountedFrame(p, "cam-1", 1_000, ("car",), None)] for p in (0, 1)}
+    with pytest.raises(ServiceUnavailable, match="redis is down"):
+        await CountsSink(writer).write(batch)  # type: ignore[arg-type]
+    # The retry will find partition 1 applied (its watermark moved) and count it once.
+    assert writer.watermark == {("cams", 1): 1}
