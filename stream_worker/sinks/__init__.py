@@ -75,7 +75,12 @@ class Outputs:
         self._record_limits: dict[str, int] = {}
         faults = faults or Faults(settings.faults)
         self.redis = make_redis(settings.redis)
-        self.producer: AIOKafkaProducer = make_producer(settings.kafka, client_id_suffix="worker")
+        # No linger: a sink sends a delivery's records in one go and then waits for their
+        # acknowledgement, so they are batched already; a 5 ms linger only added 5 ms to each of
+        # a delivery's labels and window-counts writes (docs/BENCHMARKS.md).
+        self.producer: AIOKafkaProducer = make_producer(
+            settings.kafka, client_id_suffix="worker", linger_ms=0
+        )
         self.counts = CountsWriter.from_settings(self.redis, settings)
         self.windows = WindowCountsSink(self.producer, settings.topics.counts_topic, self.counts, model=model)
         self.events = EventsSink(self.producer, settings.topics.events_topic, self.counts, model=model)
@@ -187,7 +192,12 @@ class Retrier:
 
 
 async def deliver(batch: Batch, outputs: Outputs, retrier: Retrier) -> None:
-    """Write ``batch`` to every sink that must have it before a commit, each retried on its own."""
+    """Write ``batch`` to every sink that must have it before a commit, each retried on its own.
+
+    In order, never side by side: a partition resumes after a restart at its Redis watermark, so
+    counts applied before the labels were acknowledged would leave frames that are counted but
+    never labelled (writing the labels beside the counts was tried, and the ACL test caught it).
+    """
     for sink in outputs.before_commit:
         await retrier.run(lambda sink=sink: sink.write(batch))  # type: ignore[misc]
         batch.clock.stamp(f"sink:{sink.name}")
