@@ -12,7 +12,8 @@ one and publishing of the last:
 * **infer**: :meth:`Pipeline.classify` (decodes, engine on its own thread, taxonomy).
 * **sink**: every sink of :class:`Outputs` in order (labels/review/dead letters, Redis counts,
   window counts), each retried on its own while its failure is retriable, then, only then, the
-  offset commit, then the best-effort live view. Anything not retriable stops the worker loudly.
+  offset commit, then the best-effort live view (which runs beside the next delivery). Anything
+  not retriable stops the worker loudly.
 
 Batches leave each stage in the order they entered it, so commits only ever move forward.
 """
@@ -89,6 +90,8 @@ class Worker:
         # another engine session alongside the one before it); the sink stage awaits them in order.
         self._sink_q: asyncio.Queue[tuple[Batch, asyncio.Task[None]] | None] = asyncio.Queue()
         self._classifying: set[asyncio.Task[None]] = set()
+        # The last delivery's live-view write, running beside the next delivery's sinks.
+        self._live: asyncio.Task[None] | None = None
         self._open: Batch | None = None
         self._in_flight = InFlight(settings.batch.max_in_flight, settings.batch.max_in_flight_bytes)
         self._drained = asyncio.Event()
@@ -186,9 +189,10 @@ class Worker:
                     raise error
         finally:
             self._ready = False
-            for task in [*tasks, *self._classifying]:
+            background = [*tasks, *self._classifying, *([self._live] if self._live else [])]
+            for task in background:
                 task.cancel()
-            await asyncio.gather(*tasks, *self._classifying, return_exceptions=True)
+            await asyncio.gather(*background, return_exceptions=True)
             await self.close()
 
     @property
@@ -373,6 +377,7 @@ class Worker:
                 waiting.append(await self._sink_q.get())
             head = waiting.popleft()
             if head is None:
+                await self._live_written()
                 return
             batch, classified = head
             await classified
@@ -405,11 +410,22 @@ class Worker:
             if self._trace is not None:
                 frames, records = len(batch.predictions), batch.records
                 self._trace.batch(batch.clock, frames=frames, records=records, delivered_with=len(group))
-        await outputs.live.write(delivery)
+        # The live view is best effort and comes after the commit: it runs beside the next
+        # delivery's sinks instead of holding them up (its thumbnails wait for the decode pool,
+        # which is busiest when the next delivery is waiting). One at a time, in order.
+        await self._live_written()
+        self._live = asyncio.create_task(outputs.live.write(delivery), name="live view")
         self._in_flight.release(delivery.records, delivery.bytes)
         self._report_in_flight()
         if self._in_flight.count == 0:
             self._drained.set()
+
+    async def _live_written(self) -> None:
+        """Until the last delivery's live-view write has ended (it raises only what cannot be
+        retried: a closed pool, a bug)."""
+        live, self._live = self._live, None
+        if live is not None:
+            await live
 
     async def _commit(self, batch: Batch) -> None:
         consumer = self._consumer

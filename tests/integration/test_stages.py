@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from stream_worker import codec
 from stream_worker.pipeline import Batch
 from stream_worker.sinks.counts import CountsReader
+from stream_worker.sinks.live import LiveViewSink
 from stream_worker.sinks.topics import FrameTopicsSink
 from tests.conftest import Services, TopicFactory
 from tests.support.media import street_jpegs
@@ -85,3 +86,40 @@ async def test_batches_waiting_for_a_slow_output_are_delivered_together_and_coun
     assert len(deliveries) <= len(ids) // 4, f"{len(deliveries)} deliveries of {deliveries}"
     counts = CountsReader(redis_client, key_prefix=key_prefix)
     assert sum(w.frames for w in await counts.read("cam-a", "1m")) == len(ids)
+
+
+async def test_the_live_view_is_written_while_the_next_delivery_is_under_way(
+    services: Services, make_topic: TopicFactory, key_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The live view (dashboard statistics, thumbnails) is best effort and comes after the commit.
+    # Awaited in line, a slow one (its thumbnails queue behind the decodes) held up every next
+    # delivery; now the next delivery's labels are written while it is still under way.
+    live_writing = 0
+    overlapped: list[bool] = []
+    live_write, labels_write = LiveViewSink.write, FrameTopicsSink.write
+
+    async def slow_live(self: LiveViewSink, batch: Batch) -> None:
+        nonlocal live_writing
+        live_writing += 1
+        try:
+            await asyncio.sleep(0.2)
+            await live_write(self, batch)
+        finally:
+            live_writing -= 1
+
+    async def labels(self: FrameTopicsSink, batch: Batch) -> None:
+        overlapped.append(live_writing > 0)
+        await labels_write(self, batch)
+
+    monkeypatch.setattr(LiveViewSink, "write", slow_live)
+    monkeypatch.setattr(FrameTopicsSink, "write", labels)
+    topic = await make_topic("frames", partitions=1)
+    ids = await produce_frames(services.bootstrap, topic, [("cam-a", f) for f in street_jpegs(24)])
+    settings = worker_settings(
+        services.bootstrap, services.redis_url, topic, key_prefix, max_batch=2, max_wait_ms=5
+    )
+    async with running_worker(settings):
+        labels_read = await read_topic(services.bootstrap, settings.topics.labels_topic, len(ids))
+
+    assert sorted(codec.parse_label_record(r.value)["frame_id"] for r in labels_read) == sorted(ids)
+    assert any(overlapped), f"no delivery's labels were written during a live-view write: {overlapped}"
