@@ -38,6 +38,8 @@ from bench.host import (
     cache_dir,
     cpu_of,
     free_port,
+    host_load,
+    host_ticks,
     log,
     rss_mb,
     service_pids,
@@ -416,11 +418,12 @@ async def end_to_end(
             runs: list[dict[str, Any]] = []
             pooled: list[float] = []
             for i in range(repeats):
-                since = time.monotonic()
+                since, ticks = time.monotonic(), host_ticks()
                 sent = await produce(
                     frames_path, topic, bootstrap, f"{prefix}r{i}", rate=rate, seconds=latency_s
                 )
                 got = await labels.wait_for(f"{prefix}r{i}", int(sent["sent"]), timeout_s=120)
+                host = host_load(ticks, host_ticks())
                 # Captured-at to the label record read back from the labels topic by a consumer:
                 # what a user waits for. processed_at (stamped after inference, before the sinks)
                 # would leave out the sinks and the wait for them.
@@ -432,6 +435,7 @@ async def end_to_end(
                         "latency_ms": percentiles(latencies),
                         "to_inference_ms": percentiles([r["processed_at"] - r["captured_at"] for r in got]),
                         "stages": summarise_trace(read_trace(trace_path, since, time.monotonic())),
+                        "host": host,
                     }
                 )
             p99s = [r["latency_ms"]["p99"] for r in runs]
@@ -446,7 +450,8 @@ async def end_to_end(
             }
             log(
                 f"e2e: {load:.0%} load ({rate:.1f}/s): p99 {result[prefix]['latency_ms']['p99']:.0f} ms "
-                f"(runs: {', '.join(f'{p:.0f}' for p in p99s)})"
+                f"(runs: {', '.join(f'{p:.0f}' for p in p99s)}; cores busy "
+                f"{', '.join(format(r['host']['busy_pct'], '.0f') for r in runs)} %)"
             )
 
         # Soak at 80%: RSS after warm-up (first fifth) vs at the end.

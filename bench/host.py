@@ -82,6 +82,23 @@ def cpu_of(pids: dict[str, int]) -> dict[str, float]:
     return {name: cpu_seconds(pid) for name, pid in pids.items()}
 
 
+def host_ticks() -> list[int]:
+    """The machine's CPU time by kind since boot (``/proc/stat``'s first line: user, nice, system,
+    idle, iowait, irq, softirq, steal), in clock ticks; see :func:`host_load`."""
+    return [int(field) for field in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+
+
+def host_load(before: list[int], after: list[int]) -> dict[str, float]:
+    """How busy every core was between two :func:`host_ticks` readings, in % of their time:
+    ``busy`` (everything but idle and iowait, steal included) and ``steal`` (taken by the
+    hypervisor for other guests). A latency run at "80 %" of a capacity measured minutes
+    earlier can be nearer 95 % busy on a VM whose speed drifts; this says which it was."""
+    delta = [a - b for a, b in zip(after, before, strict=True)]
+    total = sum(delta) or 1
+    idle = delta[3] + delta[4]
+    return {"busy_pct": 100 * (total - idle) / total, "steal_pct": 100 * delta[7] / total}
+
+
 def spread_pct(values: list[float]) -> float:
     """(max - min) / median of repeated measurements, in %."""
     return 100 * (max(values) - min(values)) / statistics.median(values)

@@ -158,7 +158,7 @@ async def run(*, quick: bool, size: str, with_scaling: bool, services_up: bool) 
     e2e_other = await drain_rate(bootstrap, redis_url, e2e["max"]["frames"], engines[other], size=size)
     log(f"e2e: {other} max sustained {e2e_other['fps']:.1f} frames/s")
     rounds = 1 if quick else 3
-    log(f"e2e / ceiling: {rounds} paired round(s) with the {served} engine (ceiling, then a drain)")
+    log(f"e2e / ceiling: {rounds} paired round(s) with the {served} engine (a drain between two probes)")
     paired = await paired_rounds(
         bootstrap, redis_url, engines[served], rounds, e2e["max"]["frames"], size, batch.max_batch
     )
@@ -226,9 +226,9 @@ async def run(*, quick: bool, size: str, with_scaling: bool, services_up: bool) 
         "ratios": {
             "e2e_vs_naive": e2e["max"]["e2e_fps"] / e2e["naive"]["fps"],
             "e2e_int8_vs_fp32": e2e_fps["int8"] / e2e_fps["fp32"],
-            # Each round's drain over the ceiling measured just before it, median of the rounds:
-            # the machine's speed drifts by 15-30 % over a run here, and the ceiling of the other
-            # ratios was taken minutes before the phase it is compared with.
+            # Each round's drain over the ceiling probed on either side of it, median of the
+            # rounds: the machine's speed drifts by 15-30 % over a run here, and the ceiling of
+            # the other ratios was taken minutes before the phase it is compared with.
             "e2e_vs_ceiling_paired": paired["ratio"],
             "e2e_vs_ceiling": e2e["max"]["e2e_fps"] / ceiling,
             "e2e_vs_ceiling_served_layout": e2e["max"]["e2e_fps"] / ceilings[served]["fps_served_layout"],
@@ -244,13 +244,21 @@ async def run(*, quick: bool, size: str, with_scaling: bool, services_up: bool) 
     }
 
 
+PROBE_DECODE_REPEATS = 8
+"""Passes over the 64 sample frames per decode probe: about 1.2 s (one pass, 0.15 s, moved by
+up to 50 % between two probes a few seconds apart on the EPYC of 2026-12-03)."""
+
+
 async def paired_rounds(
     bootstrap: str, redis_url: str, engine: Path, rounds: int, frames: int, size: str, batch: int
 ) -> dict[str, Any]:
-    """End to end over the ceiling, each round measured back to back: the ceiling on the issue's
-    basis (cores / (reduced decode + inference at the worker's batch on one session with every
-    core's thread), about 3 s), then one worker draining a fresh backlog of ``frames`` (about
-    30 s). The median ratio and its spread."""
+    """End to end over the ceiling, each drain between two ceiling probes: the ceiling on the
+    issue's basis (cores / (reduced decode + inference at the worker's batch on one session with
+    every core's thread), about 3 s), one worker draining a fresh backlog of ``frames`` (about
+    30 s with its start), the ceiling again. A round's ceiling is taken from the mean of the
+    per-frame costs of the probes on either side of its drain (consecutive rounds share one), so
+    a drift of the machine's speed across the drain moves both halves of the ratio alike. The
+    median ratio and its spread."""
     cores = os.cpu_count() or 1
     sample = encoded_frames(size, max(64, batch), cache_dir())
     backend = OnnxRuntimeBackend(EngineInfo.from_sidecar(engine, verify_engine(engine)))
@@ -258,26 +266,39 @@ async def paired_rounds(
     try:
         spec = backend.info.spec
         images = decoded(sample[:batch], spec)
-        for _ in range(rounds):
-            decode_ms = reduced_decode(sample, spec, 1)["cpu_ms_per_frame"]
+
+        def probe() -> dict[str, float]:
+            decode_ms = reduced_decode(sample, spec, PROBE_DECODE_REPEATS)["cpu_ms_per_frame"]
             infer_ms = measure(backend.infer, images, 2.0)["cpu_ms_per_image"]
-            ceiling = cores / ((decode_ms + infer_ms) / 1000)
+            return {"decode_cpu_ms": decode_ms, "inference_cpu_ms": infer_ms}
+
+        before = probe()
+        for _ in range(rounds):
             drain = await drain_rate(bootstrap, redis_url, frames, engine, size=size)
+            after = probe()
+            cost_ms = statistics.mean(p["decode_cpu_ms"] + p["inference_cpu_ms"] for p in (before, after))
+            ceiling = cores / (cost_ms / 1000)
             out.append(
                 {
-                    "decode_cpu_ms": decode_ms,
-                    "inference_cpu_ms": infer_ms,
+                    "decode_cpu_ms": statistics.mean(p["decode_cpu_ms"] for p in (before, after)),
+                    "inference_cpu_ms": statistics.mean(p["inference_cpu_ms"] for p in (before, after)),
+                    "probes": {"before": before, "after": after},
                     "ceiling_fps": ceiling,
+                    "ceiling_fps_before_after": [
+                        cores / ((p["decode_cpu_ms"] + p["inference_cpu_ms"]) / 1000) for p in (before, after)
+                    ],
                     "e2e_fps": drain["fps"],
                     "ratio": drain["fps"] / ceiling,
                     "drain": drain,
                 }
             )
+            before = after
     finally:
         backend.close()
     ratios = [r["ratio"] for r in out]
     return {
         "engine": engine.name,
+        "method": "each drain between two ceiling probes; the ceiling from their mean per-frame cost",
         "rounds": out,
         "ratio": statistics.median(ratios),
         "ratio_spread_pct": spread_pct(ratios),

@@ -56,11 +56,14 @@ def test_quick_benchmark_reports_every_figure(services: Services, tmp_path: Path
     assert drained["frames"] == 300 and drained["engine"] == f"engine-{other}.onnx"
     assert data["end_to_end"]["naive"]["engine"] == "engine-fp32.onnx"
     assert data["ratios"]["e2e_vs_ceiling"] == data["e2e_fps"] / data["ceilings"][served]["fps"]
-    # The paired ratio: each round's drain (every frame labelled) over the ceiling taken just before.
+    # The paired ratio: each round's drain (every frame labelled) over the ceiling probed on
+    # either side of it, from the mean of the two probes' per-frame costs.
     paired = data["paired_ceiling_rounds"]
     assert paired["engine"] == f"engine-{served}.onnx" and len(paired["rounds"]) == 1
     [one] = paired["rounds"]
     assert one["drain"]["frames"] == 300 and one["ratio"] == one["e2e_fps"] / one["ceiling_fps"]
+    low, high = sorted(one["ceiling_fps_before_after"])
+    assert low <= one["ceiling_fps"] <= high
     assert data["ratios"]["e2e_vs_ceiling_paired"] == one["ratio"]
     assert auto["agreement"]["frames"] == 401
     # The latency phase is taken apart by stage from the worker's own trace.
