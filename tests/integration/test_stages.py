@@ -73,15 +73,7 @@ async def test_batches_waiting_for_a_slow_output_are_delivered_together_and_coun
         await write(self, batch)
 
     monkeypatch.setattr(FrameTopicsSink, "write", slow_write)
-    topic = await make_topic("frames", partitions=1)
-    ids = await produce_frames(services.bootstrap, topic, [("cam-a", f) for f in street_jpegs(40)])
-    settings = worker_settings(
-        services.bootstrap, services.redis_url, topic, key_prefix, max_batch=2, max_wait_ms=5
-    )
-    async with running_worker(settings):
-        labels = await read_topic(services.bootstrap, settings.topics.labels_topic, len(ids))
-
-    assert sorted(codec.parse_label_record(r.value)["frame_id"] for r in labels) == sorted(ids)
+    ids = await label_in_small_batches(services, make_topic, key_prefix, 40)
     assert sum(deliveries) == len(ids)  # each frame written once
     assert len(deliveries) <= len(ids) // 4, f"{len(deliveries)} deliveries of {deliveries}"
     counts = CountsReader(redis_client, key_prefix=key_prefix)
@@ -113,13 +105,21 @@ async def test_the_live_view_is_written_while_the_next_delivery_is_under_way(
 
     monkeypatch.setattr(LiveViewSink, "write", slow_live)
     monkeypatch.setattr(FrameTopicsSink, "write", labels)
+    await label_in_small_batches(services, make_topic, key_prefix, 24)
+    assert any(overlapped), f"no delivery's labels were written during a live-view write: {overlapped}"
+
+
+async def label_in_small_batches(
+    services: Services, make_topic: TopicFactory, key_prefix: str, count: int
+) -> list[str]:
+    """``count`` frames of one camera through a worker with two-frame batches, every one labelled
+    (checked); their frame ids."""
     topic = await make_topic("frames", partitions=1)
-    ids = await produce_frames(services.bootstrap, topic, [("cam-a", f) for f in street_jpegs(24)])
+    ids = await produce_frames(services.bootstrap, topic, [("cam-a", f) for f in street_jpegs(count)])
     settings = worker_settings(
         services.bootstrap, services.redis_url, topic, key_prefix, max_batch=2, max_wait_ms=5
     )
     async with running_worker(settings):
-        labels_read = await read_topic(services.bootstrap, settings.topics.labels_topic, len(ids))
-
-    assert sorted(codec.parse_label_record(r.value)["frame_id"] for r in labels_read) == sorted(ids)
-    assert any(overlapped), f"no delivery's labels were written during a live-view write: {overlapped}"
+        labels = await read_topic(services.bootstrap, settings.topics.labels_topic, len(ids))
+    assert sorted(codec.parse_label_record(r.value)["frame_id"] for r in labels) == sorted(ids)
+    return ids
