@@ -171,6 +171,28 @@ async def create_topics(bootstrap: str, partitions: dict[str, int]) -> None:
         await admin.close()
 
 
+async def drop_topics(bootstrap: str, topic: str = "", *, leftovers: bool = False) -> int:
+    """Delete a run's frames ``topic`` and every topic named after it (``<topic>.labels``,
+    ``.counts``...), or with ``leftovers`` every ``bench-`` topic (runs cut short); how many.
+
+    A full ``python -m bench`` writes about 6.5 GB of frames to the broker, kept for its
+    retention (24 h): without this, a few runs in a day filled a 64 GiB disk and the broker died.
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        names = [
+            name
+            for name in await admin.list_topics()
+            if (name.startswith("bench-") if leftovers else name == topic or name.startswith(topic + "."))
+        ]
+        if names:
+            await admin.delete_topics(names)
+        return len(names)
+    finally:
+        await admin.close()
+
+
 async def wait_topic(bootstrap: str, topic: str) -> None:
     """Until ``topic`` exists (the worker creates its output topics), at most 30 s."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
@@ -247,12 +269,17 @@ def drain_fps(labels: list[dict[str, Any]]) -> float:
     return (len(labels) - 1) / max(1e-3, (last - first) / 1000)
 
 
-async def fresh_topic(bootstrap: str, kind: str) -> tuple[str, str]:
-    """``(run id, topic)``: a new frames topic, partitioned as in the main benchmark."""
+@contextlib.asynccontextmanager
+async def fresh_topic(bootstrap: str, kind: str) -> AsyncIterator[tuple[str, str]]:
+    """``(run id, topic)``: a new frames topic, partitioned as in the main benchmark; it and the
+    topics named after it are deleted on exit."""
     run = uuid.uuid4().hex[:8]
     topic = f"bench-{kind}-{run}"
     await create_topics(bootstrap, {topic: TOPIC_PARTITIONS})
-    return run, topic
+    try:
+        yield run, topic
+    finally:
+        await drop_topics(bootstrap, topic)
 
 
 @contextlib.asynccontextmanager
@@ -285,27 +312,27 @@ async def drain_rate(
 ) -> dict[str, Any]:
     """Pre-fill a frames topic (partitioned as in the main benchmark), start one worker on
     ``engine``, measure the first-to-last label rate and the worker's CPU per frame."""
-    run, topic = await fresh_topic(bootstrap, "drain")
-    await produce(frames_file(size, 250, cache_dir()), topic, bootstrap, "drain", count=frames)
-    async with one_worker(engine, bootstrap, redis_url, topic, run, extra_env) as (worker, labels):
-        await wait_topic(bootstrap, TopicSettings.named_after(topic).labels_topic)
-        await labels.start()
-        pids = {"worker": worker.pid, **service_pids()}
-        cpu0, t0 = cpu_of(pids), time.monotonic()
-        threads0 = thread_cpu(worker.pid)
-        got = await labels.wait_for("drain", frames, timeout_s=60 + frames)
-        cpu1 = cpu_of(pids)
-        threads1 = thread_cpu(worker.pid)
-        ms = {k: 1000 * (cpu1[k] - cpu0[k]) / frames for k in pids}
-        return {
-            "engine": engine.name,
-            "frames": len(got),
-            "fps": drain_fps(got),
-            "worker_cpu_ms_per_frame": ms.pop("worker"),
-            "worker_cpu_ms_per_frame_by_thread": split_ms_per_frame(threads0, threads1, frames),
-            "services_cpu_ms_per_frame": ms,
-            "wall_s": time.monotonic() - t0,
-        }
+    async with fresh_topic(bootstrap, "drain") as (run, topic):
+        await produce(frames_file(size, 250, cache_dir()), topic, bootstrap, "drain", count=frames)
+        async with one_worker(engine, bootstrap, redis_url, topic, run, extra_env) as (worker, labels):
+            await wait_topic(bootstrap, TopicSettings.named_after(topic).labels_topic)
+            await labels.start()
+            pids = {"worker": worker.pid, **service_pids()}
+            cpu0, t0 = cpu_of(pids), time.monotonic()
+            threads0 = thread_cpu(worker.pid)
+            got = await labels.wait_for("drain", frames, timeout_s=60 + frames)
+            cpu1 = cpu_of(pids)
+            threads1 = thread_cpu(worker.pid)
+            ms = {k: 1000 * (cpu1[k] - cpu0[k]) / frames for k in pids}
+            return {
+                "engine": engine.name,
+                "frames": len(got),
+                "fps": drain_fps(got),
+                "worker_cpu_ms_per_frame": ms.pop("worker"),
+                "worker_cpu_ms_per_frame_by_thread": split_ms_per_frame(threads0, threads1, frames),
+                "services_cpu_ms_per_frame": ms,
+                "wall_s": time.monotonic() - t0,
+            }
 
 
 async def latency_at(
@@ -322,8 +349,10 @@ async def latency_at(
     producer process on the same cores, as in the latency phases) and read every label back:
     captured-at to label record, p50/p95/p99."""
     frames_path = frames_file(size, 250, cache_dir())
-    run, topic = await fresh_topic(bootstrap, "latency")
-    async with one_worker(engine, bootstrap, redis_url, topic, run, extra_env) as (_, labels):
+    async with (
+        fresh_topic(bootstrap, "latency") as (run, topic),
+        one_worker(engine, bootstrap, redis_url, topic, run, extra_env) as (_, labels),
+    ):
         # A few frames first: the worker creates its output topics on its first labels.
         warm = await produce(frames_path, topic, bootstrap, "warm", count=2 * TOPIC_PARTITIONS)
         await wait_topic(bootstrap, TopicSettings.named_after(topic).labels_topic)
@@ -480,7 +509,10 @@ async def end_to_end(
         await labels.stop()
         stop_worker(worker)
     log(f"naive: {naive_n} frames one at a time")
-    result["naive"] = await naive(bootstrap, topic, f"{topic}.naive-labels", naive_n, naive_engine)
+    try:
+        result["naive"] = await naive(bootstrap, topic, f"{topic}.naive-labels", naive_n, naive_engine)
+    finally:
+        await drop_topics(bootstrap, topic)
     log(f"naive: {result['naive']['fps']:.1f} frames/s")
     return result
 
@@ -577,4 +609,5 @@ async def scaling(
                     p.wait(timeout=60)
                 except subprocess.TimeoutExpired:
                     p.kill()
+            await drop_topics(bootstrap, topic)
     return out

@@ -33,7 +33,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.e2e import LabelReader, create_topics, produce, start_worker, stop_worker, wait_topic, worker_ready
+from bench.e2e import (
+    LabelReader,
+    create_topics,
+    drop_topics,
+    produce,
+    start_worker,
+    stop_worker,
+    wait_topic,
+    worker_ready,
+)
 from bench.frames import frames_file
 from bench.host import cache_dir, cpu_model, cpu_seconds, free_port, log, service_endpoints
 from bench.run import cpu_engines
@@ -189,6 +198,7 @@ async def profile(
     finally:
         await labels.stop()
         stop_worker(worker)
+        await drop_topics(bootstrap, topic)
     stacks = read_collapsed(raw)
     by_category: Counter[str] = Counter()
     innermost: dict[str, Counter[str]] = {}

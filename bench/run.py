@@ -23,7 +23,7 @@ from bench.ceilings import (
     reduced_decode,
     served_layout_inference,
 )
-from bench.e2e import TOPIC_PARTITIONS, drain_rate, end_to_end, scaling
+from bench.e2e import TOPIC_PARTITIONS, drain_rate, drop_topics, end_to_end, scaling
 from bench.engines import measure
 from bench.frames import encoded_frames
 from bench.host import REPO, cache_dir, cpu_model, log, service_endpoints, spread_pct, start_services
@@ -117,6 +117,9 @@ async def run(*, quick: bool, size: str, with_scaling: bool, services_up: bool) 
     if not services_up:
         start_services()
     bootstrap, redis_url = service_endpoints()
+    left = await drop_topics(bootstrap, leftovers=True)
+    if left:
+        log(f"deleted {left} topic(s) left by earlier runs that were cut short (bench-*)")
     # The batching the benchmark's workers run with: they inherit this process's environment.
     settings = load_settings()
     batch = settings.batch

@@ -5,11 +5,14 @@ Slow numbers never fail it (they are measured in bench/, not asserted); errors d
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
+
+from aiokafka.admin import AIOKafkaAdminClient
 
 from tests.conftest import REPO, Services
 
@@ -70,3 +73,15 @@ def test_quick_benchmark_reports_every_figure(services: Services, tmp_path: Path
     stages = data["end_to_end"]["load50"]["runs"][0]["stages"]
     assert stages["frames"] > 0 and {"inference", "decode_wait", "sink:labels"} <= stages["stages_ms"].keys()
     assert list(tmp_path.glob("*.png")), "the plot is written beside the JSON"
+    # The run's topics are gone: a full run writes about 6.5 GB of frames, and a few runs a day
+    # kept for the broker's retention filled the disk and killed it (2026-12-03).
+    assert not [t for t in asyncio.run(topic_names(services.bootstrap)) if t.startswith("bench-")]
+
+
+async def topic_names(bootstrap: str) -> list[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return list(await admin.list_topics())
+    finally:
+        await admin.close()
