@@ -321,11 +321,7 @@ class CountsWriter(CountsReader):
         except redis_errors.RedisError as exc:
             raise redis_failure(exc) from exc
 
-    async def mark_published(self, topic: str, partition: int, windows: Sequence[WindowCounts]) -> None:
-        """Forget the dirty marks of windows now on the counts topic."""
-        await self.mark_all_published({(topic, partition): windows})
-
-    async def mark_all_published(self, windows: Mapping[tuple[str, int], Sequence[WindowCounts]]) -> None:
+    async def mark_published(self, windows: Mapping[tuple[str, int], Sequence[WindowCounts]]) -> None:
         """Forget the dirty marks of windows (by partition) now on the counts topic: one round
         trip for every partition."""
         marks = {

@@ -229,7 +229,7 @@ class WindowCountsSink:
         if not records:
             return
         await send_all(self._producer, records, "publishing counts")
-        await self._writer.mark_all_published(windows)
+        await self._writer.mark_published(windows)
 
 
 class EventsSink:

@@ -69,7 +69,7 @@ async def test_camera_trap_sequences_count_each_species_once(
     assert window.frames == 5
     assert window.labels["deer"] == 3
     assert {w.key for w in result.windows} == {w.key for w in await counts.dirty("frames", 0)}
-    await counts.mark_published("frames", 0, result.windows)
+    await counts.mark_published({("frames", 0): result.windows})
     assert await counts.dirty("frames", 0) == []
 
 

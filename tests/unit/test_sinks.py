@@ -103,7 +103,7 @@ class ListCountsWriter:
     async def dirty(self, topic: str, partition: int) -> list[WindowCounts]:
         return list(self.dirty_windows.get((topic, partition), []))
 
-    async def mark_all_published(self, windows: Mapping[tuple[str, int], Sequence[WindowCounts]]) -> None:
+    async def mark_published(self, windows: Mapping[tuple[str, int], Sequence[WindowCounts]]) -> None:
         for (topic, partition), group in windows.items():
             self.published += [w.key for w in group]
             keys = {w.key for w in group}
