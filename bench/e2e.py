@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import json
 import os
 import signal
@@ -171,9 +172,9 @@ async def create_topics(bootstrap: str, partitions: dict[str, int]) -> None:
         await admin.close()
 
 
-async def drop_topics(bootstrap: str, topic: str = "", *, leftovers: bool = False) -> int:
-    """Delete a run's frames ``topic`` and every topic named after it (``<topic>.labels``,
-    ``.counts``...), or with ``leftovers`` every ``bench-`` topic (runs cut short); how many.
+async def drop_topics(bootstrap: str, *patterns: str) -> int:
+    """Delete every topic whose name matches one of ``patterns`` (``fnmatch``: a run's frames
+    topic and ``<topic>.*``, the topics named after it; ``bench-*`` for runs cut short); how many.
 
     A full ``python -m bench`` writes about 6.5 GB of frames to the broker, kept for its
     retention (24 h): without this, a few runs in a day filled a 64 GiB disk and the broker died.
@@ -181,11 +182,7 @@ async def drop_topics(bootstrap: str, topic: str = "", *, leftovers: bool = Fals
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        names = [
-            name
-            for name in await admin.list_topics()
-            if (name.startswith("bench-") if leftovers else name == topic or name.startswith(topic + "."))
-        ]
+        names = [n for n in await admin.list_topics() if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
         if names:
             await admin.delete_topics(names)
         return len(names)
@@ -279,7 +276,7 @@ async def fresh_topic(bootstrap: str, kind: str) -> AsyncIterator[tuple[str, str
     try:
         yield run, topic
     finally:
-        await drop_topics(bootstrap, topic)
+        await drop_topics(bootstrap, topic, f"{topic}.*")
 
 
 @contextlib.asynccontextmanager
@@ -374,7 +371,22 @@ async def end_to_end(
 ) -> dict[str, Any]:
     """Max throughput, latency at 50%/80%, CPU split, soak, all with ``engine`` (the precision
     served); then the naive baseline, with ``naive_engine`` (FP32, as it always was), on the
-    same frames."""
+    same frames, on a topic of their own (deleted at the end, with every topic named after it)."""
+    async with fresh_topic(bootstrap, "e2e") as (run, topic):
+        await create_topics(bootstrap, {f"{topic}.naive-labels": 1})
+        return await _end_to_end(bootstrap, redis_url, engine, naive_engine, size, quick, run, topic)
+
+
+async def _end_to_end(
+    bootstrap: str,
+    redis_url: str,
+    engine: Path,
+    naive_engine: Path,
+    size: str,
+    quick: bool,
+    run: str,
+    topic: str,
+) -> dict[str, Any]:
     n_max = 300 if quick else 2000
     # Three runs of 40 s per load: the tail of a 30 s run moved 20-30 % between two benchmark
     # runs on the same machine (2026-12-03).
@@ -384,10 +396,7 @@ async def end_to_end(
     naive_n = 100 if quick else 400
     frames = encoded_frames(size, 250, cache_dir())
     frames_path = frames_file(size, 250, cache_dir())
-    run = uuid.uuid4().hex[:8]
-    topic = f"bench-{run}"
     labels_topic = TopicSettings.named_after(topic).labels_topic
-    await create_topics(bootstrap, {topic: TOPIC_PARTITIONS, f"{topic}.naive-labels": 1})
 
     log(
         f"e2e: producing {n_max} frames ({size}, {np.mean([len(f) for f in frames]) / 1000:.0f} kB avg) "
@@ -509,10 +518,7 @@ async def end_to_end(
         await labels.stop()
         stop_worker(worker)
     log(f"naive: {naive_n} frames one at a time")
-    try:
-        result["naive"] = await naive(bootstrap, topic, f"{topic}.naive-labels", naive_n, naive_engine)
-    finally:
-        await drop_topics(bootstrap, topic)
+    result["naive"] = await naive(bootstrap, topic, f"{topic}.naive-labels", naive_n, naive_engine)
     log(f"naive: {result['naive']['fps']:.1f} frames/s")
     return result
 
@@ -573,41 +579,38 @@ async def scaling(
     frames_path = frames_file(size, 250, cache_dir())
     out: dict[str, Any] = {}
     for workers in (1, 2):
-        run = uuid.uuid4().hex[:8]
-        topic = f"bench-scale-{run}"
-        labels_topic = TopicSettings.named_after(topic).labels_topic
-        await create_topics(bootstrap, {topic: TOPIC_PARTITIONS})
-        procs = []
-        ports = []
-        for i in range(workers):
-            ports.append(free_port())
-            procs.append(
-                start_worker(
-                    engine, bootstrap, redis_url, topic, run, ports[-1], LOOKOUT_CLIENT_ID=f"bench-{i}"
+        async with fresh_topic(bootstrap, "scale") as (run, topic):
+            labels_topic = TopicSettings.named_after(topic).labels_topic
+            procs = []
+            ports = []
+            for i in range(workers):
+                ports.append(free_port())
+                procs.append(
+                    start_worker(
+                        engine, bootstrap, redis_url, topic, run, ports[-1], LOOKOUT_CLIENT_ID=f"bench-{i}"
+                    )
                 )
-            )
-        labels = LabelReader(bootstrap, labels_topic)
-        try:
-            deadline = time.monotonic() + READY_TIMEOUT_S
-            while not all(worker_ready(p) for p in ports):
-                if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
-                    raise RuntimeError("a scaling worker did not start")
-                await asyncio.sleep(0.5)
-            await asyncio.sleep(8)  # let the group settle: every worker owns partitions
-            await wait_topic(bootstrap, labels_topic)
-            await labels.start()
-            await produce(frames_path, topic, bootstrap, "scale", count=frames_count)
-            got = await labels.wait_for("scale", frames_count, timeout_s=60 + frames_count)
-            out[f"{workers}_workers_fps"] = drain_fps(got)
-            log(f"scaling: {workers} worker(s): {out[f'{workers}_workers_fps']:.1f} frames/s")
-        finally:
-            await labels.stop()
-            for p in procs:
-                p.send_signal(signal.SIGTERM)
-            for p in procs:
-                try:
-                    p.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-            await drop_topics(bootstrap, topic)
+            labels = LabelReader(bootstrap, labels_topic)
+            try:
+                deadline = time.monotonic() + READY_TIMEOUT_S
+                while not all(worker_ready(p) for p in ports):
+                    if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
+                        raise RuntimeError("a scaling worker did not start")
+                    await asyncio.sleep(0.5)
+                await asyncio.sleep(8)  # let the group settle: every worker owns partitions
+                await wait_topic(bootstrap, labels_topic)
+                await labels.start()
+                await produce(frames_path, topic, bootstrap, "scale", count=frames_count)
+                got = await labels.wait_for("scale", frames_count, timeout_s=60 + frames_count)
+                out[f"{workers}_workers_fps"] = drain_fps(got)
+                log(f"scaling: {workers} worker(s): {out[f'{workers}_workers_fps']:.1f} frames/s")
+            finally:
+                await labels.stop()
+                for p in procs:
+                    p.send_signal(signal.SIGTERM)
+                for p in procs:
+                    try:
+                        p.wait(timeout=60)
+                    except subprocess.TimeoutExpired:
+                        p.kill()
     return out

@@ -27,24 +27,14 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.e2e import (
-    LabelReader,
-    create_topics,
-    drop_topics,
-    produce,
-    start_worker,
-    stop_worker,
-    wait_topic,
-    worker_ready,
-)
+from bench.e2e import fresh_topic, one_worker, produce, wait_topic
 from bench.frames import frames_file
-from bench.host import cache_dir, cpu_model, cpu_seconds, free_port, log, service_endpoints
+from bench.host import cache_dir, cpu_model, cpu_seconds, log, service_endpoints
 from bench.run import cpu_engines
 from stream_worker.settings import TopicSettings
 
@@ -156,49 +146,36 @@ async def profile(
         raise SystemExit("bench.profile: py-spy is not installed: .venv/bin/pip install py-spy")
     bootstrap, redis_url = service_endpoints()
     engine = cpu_engines()[precision]
-    run = uuid.uuid4().hex[:8]
-    topic = f"bench-profile-{run}"
-    await create_topics(bootstrap, {topic: 4})
-    await produce(frames_file(size, 250, cache_dir()), topic, bootstrap, "prof", count=frames)
-    port = free_port()
-    worker = start_worker(engine, bootstrap, redis_url, topic, run, port)
-    labels = LabelReader(bootstrap, TopicSettings.named_after(topic).labels_topic)
-    raw = out / f"profile-{run}.txt"
-    try:
-        while not worker_ready(port):
-            if worker.poll() is not None:
-                raise SystemExit(f"worker exited with {worker.returncode}")
-            await asyncio.sleep(0.5)
-        await wait_topic(bootstrap, TopicSettings.named_after(topic).labels_topic)
-        await labels.start()
-        cpu0, t0 = cpu_seconds(worker.pid), time.monotonic()
-        spy = subprocess.Popen(
-            [
-                py_spy,
-                "record",
-                "--pid",
-                str(worker.pid),
-                "--format",
-                "raw",
-                "--rate",
-                "200",
-                "--duration",
-                str(int(seconds)),
-                "--output",
-                str(raw),
-                "--threads",
-                "--nonblocking",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        got = await labels.wait_for("prof", frames, timeout_s=120 + frames)
-        cpu1, wall = cpu_seconds(worker.pid), time.monotonic() - t0
-        spy.wait(timeout=seconds + 30)
-    finally:
-        await labels.stop()
-        stop_worker(worker)
-        await drop_topics(bootstrap, topic)
+    async with fresh_topic(bootstrap, "profile") as (run, topic):
+        await produce(frames_file(size, 250, cache_dir()), topic, bootstrap, "prof", count=frames)
+        raw = out / f"profile-{run}.txt"
+        async with one_worker(engine, bootstrap, redis_url, topic, run, None) as (worker, labels):
+            await wait_topic(bootstrap, TopicSettings.named_after(topic).labels_topic)
+            await labels.start()
+            cpu0, t0 = cpu_seconds(worker.pid), time.monotonic()
+            spy = subprocess.Popen(
+                [
+                    py_spy,
+                    "record",
+                    "--pid",
+                    str(worker.pid),
+                    "--format",
+                    "raw",
+                    "--rate",
+                    "200",
+                    "--duration",
+                    str(int(seconds)),
+                    "--output",
+                    str(raw),
+                    "--threads",
+                    "--nonblocking",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            got = await labels.wait_for("prof", frames, timeout_s=120 + frames)
+            cpu1, wall = cpu_seconds(worker.pid), time.monotonic() - t0
+            spy.wait(timeout=seconds + 30)
     stacks = read_collapsed(raw)
     by_category: Counter[str] = Counter()
     innermost: dict[str, Counter[str]] = {}

@@ -117,7 +117,7 @@ async def run(*, quick: bool, size: str, with_scaling: bool, services_up: bool) 
     if not services_up:
         start_services()
     bootstrap, redis_url = service_endpoints()
-    left = await drop_topics(bootstrap, leftovers=True)
+    left = await drop_topics(bootstrap, "bench-*")
     if left:
         log(f"deleted {left} topic(s) left by earlier runs that were cut short (bench-*)")
     # The batching the benchmark's workers run with: they inherit this process's environment.
@@ -273,23 +273,21 @@ async def paired_rounds(
         def probe() -> dict[str, float]:
             decode_ms = reduced_decode(sample, spec, PROBE_DECODE_REPEATS)["cpu_ms_per_frame"]
             infer_ms = measure(backend.infer, images, 2.0)["cpu_ms_per_image"]
-            return {"decode_cpu_ms": decode_ms, "inference_cpu_ms": infer_ms}
+            return {"decode_cpu_ms": decode_ms, "inference_cpu_ms": infer_ms, "cost_ms": decode_ms + infer_ms}
 
         before = probe()
         for _ in range(rounds):
             drain = await drain_rate(bootstrap, redis_url, frames, engine, size=size)
             after = probe()
-            cost_ms = statistics.mean(p["decode_cpu_ms"] + p["inference_cpu_ms"] for p in (before, after))
-            ceiling = cores / (cost_ms / 1000)
+            probes = (before, after)
+            ceiling = cores / (statistics.mean(p["cost_ms"] for p in probes) / 1000)
             out.append(
                 {
-                    "decode_cpu_ms": statistics.mean(p["decode_cpu_ms"] for p in (before, after)),
-                    "inference_cpu_ms": statistics.mean(p["inference_cpu_ms"] for p in (before, after)),
+                    "decode_cpu_ms": statistics.mean(p["decode_cpu_ms"] for p in probes),
+                    "inference_cpu_ms": statistics.mean(p["inference_cpu_ms"] for p in probes),
                     "probes": {"before": before, "after": after},
                     "ceiling_fps": ceiling,
-                    "ceiling_fps_before_after": [
-                        cores / ((p["decode_cpu_ms"] + p["inference_cpu_ms"]) / 1000) for p in (before, after)
-                    ],
+                    "ceiling_fps_before_after": [cores / (p["cost_ms"] / 1000) for p in probes],
                     "e2e_fps": drain["fps"],
                     "ratio": drain["fps"] / ceiling,
                     "drain": drain,
