@@ -36,7 +36,7 @@ import re
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import cv2
 import numpy as np
@@ -45,6 +45,9 @@ import numpy.typing as npt
 from stream_worker import MAX_IMAGE_SIDE
 from stream_worker.errors import BadFrame
 from stream_worker.preprocess import PreprocessSpec, preprocess_into
+
+if TYPE_CHECKING:
+    from stream_worker.settings import BatchSettings
 
 ImageKind = Literal["jpeg", "png"]
 
@@ -95,6 +98,11 @@ class DecodeLimits:
     max_pixels: int = 50_000_000
     max_side: int = MAX_IMAGE_SIDE
     max_scans: int = 500
+
+    @classmethod
+    def of(cls, batch: BatchSettings) -> DecodeLimits:
+        """The limits the worker's settings set (``--max-frame-bytes``, ``--max-pixels``)."""
+        return cls(max_frame_bytes=batch.max_frame_bytes, max_pixels=batch.max_pixels)
 
 
 @dataclass(frozen=True, slots=True)

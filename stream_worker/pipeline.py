@@ -309,7 +309,7 @@ class Pipeline:
         self._metrics = metrics
         self._clock_ms = clock_ms or (lambda: int(time.time() * 1000))
         b = settings.batch
-        self._limits = DecodeLimits(max_frame_bytes=b.max_frame_bytes, max_pixels=b.max_pixels)
+        self._limits = DecodeLimits.of(b)
         self._max_skew_ms = int(b.max_clock_skew_s * 1000)
         # The pool is the parallelism; OpenCV's own threads would only fight it for the cores.
         cv2.setNumThreads(1)

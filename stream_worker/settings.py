@@ -509,6 +509,14 @@ class CountSettings:
         "life of each source's latest-frame thumbnail in Redis",
         rule=_at_least(1, "a whole number of seconds"),
     )
+    thumbnail_rate: float = opt(
+        20.0,
+        "LOOKOUT_THUMBNAIL_RATE",
+        "live-view thumbnails made a second at most, all sources together (each source's at "
+        "most once a second, the stalest first; each is a reduced decode and a JPEG encode on "
+        "the decode pool); 0 turns thumbnails off",
+        rule=_at_least(0, "a number"),
+    )
     max_tracked_sources: int = opt(
         10_000,
         "LOOKOUT_MAX_TRACKED_SOURCES",

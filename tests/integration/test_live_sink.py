@@ -86,3 +86,65 @@ async def test_the_directory_forgets_sources_whose_stats_expired_and_dead_frames
     assert len(dead) == 1 and len(dead[0]) <= len(f"{key_prefix}:live:stats:") + 200
     for key in stats:
         assert 0 < await redis_client.ttl(key) <= 60
+
+
+def settings_with(key_prefix: str, thumbnail_rate: float) -> Settings:
+    settings = dataclasses.replace(Settings(), redis=RedisSettings(key_prefix=key_prefix))
+    return dataclasses.replace(
+        settings, counts=dataclasses.replace(settings.counts, thumbnail_rate=thumbnail_rate)
+    )
+
+
+def every_source(offset: int, sources: int) -> Batch:
+    batch = Batch(opened_at=0.0)
+    batch.predictions = [prediction(offset + i, f"cam-{i:02d}") for i in range(sources)]
+    batch.drift = {f"cam-{i:02d}": DriftSnapshot(1, 0.0, {"car": 1.0}) for i in range(sources)}
+    return batch
+
+
+async def test_many_cameras_get_their_thumbnails_in_turn_within_the_budget(
+    redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    # 12 cameras at one frame a second each, 4 thumbnails a second: each second's write makes
+    # 4 (not 12), the cameras never shown first, then the stalest; in 3 seconds every camera
+    # has one, and each picture's labels are the labels of the frame it shows.
+    clock = [0.0]
+    view = LiveView(redis_client, key_prefix=key_prefix, windows=["1m"])
+    shown: list[int] = []
+    with ThreadPoolExecutor(1) as pool:
+        sink = LiveViewSink(
+            redis_client,
+            settings_with(key_prefix, 4),
+            model=lambda: MODEL,
+            executor=pool,
+            clock_ms=lambda: clock[0],
+        )
+        for second in range(4):
+            clock[0] = second * 1000.0
+            await sink.write(every_source(100 * second, 12))
+            stats = (await view.stats())["sources"]
+            shown.append(sum(bool(s["thumbnail"]) for s in stats))
+            if second == 0:
+                with_picture = sorted(s["id"] for s in stats if s["thumbnail"])
+                labelled = sorted(s["id"] for s in stats if s["latest"]["frame_id"])
+    assert shown == [4, 8, 12, 12]
+    assert with_picture == labelled == ["cam-00", "cam-01", "cam-02", "cam-03"]
+    latest = {s["id"]: s["latest"]["frame_id"] for s in (await view.stats())["sources"]}
+    # Renewed at second 3: the four shown first; the others still show the frame of their turn.
+    assert latest["cam-00"] == "cam-00/300" and latest["cam-04"] == "cam-04/104"
+    assert latest["cam-11"] == "cam-11/211"
+
+
+async def test_with_thumbnails_off_the_latest_labels_stay_and_no_older_picture_is_left_beside_them(
+    redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    view = LiveView(redis_client, key_prefix=key_prefix, windows=["1m"])
+    with ThreadPoolExecutor(1) as pool:
+        on = LiveViewSink(redis_client, settings_with(key_prefix, 20), model=lambda: MODEL, executor=pool)
+        await on.write(every_source(0, 1))
+        assert (await view.stats())["sources"][0]["thumbnail"]
+        off = LiveViewSink(redis_client, settings_with(key_prefix, 0), model=lambda: MODEL, executor=pool)
+        await off.write(every_source(1, 1))
+    cam = (await view.stats())["sources"][0]
+    assert cam["latest"]["frame_id"] == "cam-00/1"
+    assert not cam["thumbnail"] and await view.thumbnail("cam-00") is None

@@ -8,18 +8,23 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import cv2
+import numpy as np
 import pytest
 
 from stream_worker.codec import parse_label_record
 from stream_worker.counting import CountedFrame, WindowCounts
+from stream_worker.decode import DecodeLimits
 from stream_worker.errors import BadFrame, ServiceUnavailable
 from stream_worker.frames import ClassScore, Frame, FrameLabels, LabelScore, Prediction, SourceKind
 from stream_worker.observability import Metrics
 from stream_worker.pipeline import Batch, DeadFrame
 from stream_worker.settings import CountSettings, Settings, TopicSettings
 from stream_worker.sinks.counts import ApplyResult, CountsSink
+from stream_worker.sinks.live import ThumbnailBudget, thumbnail
 from stream_worker.sinks.topics import FrameTopicsSink, WindowCountsSink
 from tests.support.pipeline import MODEL
+from tests.unit import images
 
 
 class ListProducer:
@@ -177,3 +182,32 @@ async def test_a_partition_that_fails_fails_the_write_after_the_others_are_count
         await CountsSink(writer).write(batch)  # type: ignore[arg-type]
     # The retry will find partition 1 applied (its watermark moved) and count it once.
     assert writer.watermark == {("cams", 1): 1}
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "encode"),
+    [(1280, 720, images.jpeg), (1920, 1080, images.jpeg), (720, 1280, images.jpeg), (1280, 720, images.png)],
+    ids=["720p", "1080p", "portrait", "png"],
+)
+def test_a_thumbnail_is_the_frame_240_wide(width: int, height: int, encode: Any) -> None:
+    frame = images.upscaled_bikes_frame(width, height)
+    data = thumbnail(encode(frame), "image/png" if encode is images.png else "image/jpeg", DecodeLimits())
+    assert data is not None and data.startswith(b"\xff\xd8")
+    shown = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    assert shown.shape == (round(height * 240 / width), 240, 3)
+    # The picture a person would see: the frame itself, shrunk the careful way.
+    expected = cv2.resize(frame, (240, shown.shape[0]), interpolation=cv2.INTER_AREA)
+    assert np.abs(shown.astype(np.int16) - expected).mean() < 4
+
+
+def test_a_frame_that_cannot_be_decoded_has_no_thumbnail() -> None:
+    assert thumbnail(b"\xff\xd8\xff\xe0 not a jpeg", "image/jpeg", DecodeLimits()) is None
+
+
+def test_the_thumbnail_budget_grants_at_most_its_rate_and_one_second_of_burst() -> None:
+    budget = ThumbnailBudget(4, now_ms=0)
+    assert budget.take(12, 0) == 4
+    assert budget.take(12, 500) == 2
+    assert budget.take(12, 60_000) == 4  # an idle minute saves up no more than a second's worth
+    slow = ThumbnailBudget(0.5, now_ms=0)
+    assert [slow.take(1, t) for t in (0, 1000, 2000, 3000, 4000)] == [1, 0, 1, 0, 1]
