@@ -119,8 +119,9 @@ async def produce(
     rate: float = 0.0,
     seconds: float = 0.0,
     count: int = 0,
+    sources: int = 4,
 ) -> dict[str, float]:
-    """Run bench.producer as a separate process."""
+    """Run bench.producer as a separate process (``sources`` cameras, taking turns)."""
     cmd = [
         PY,
         "-m",
@@ -139,6 +140,8 @@ async def produce(
         str(seconds),
         "--count",
         str(count),
+        "--sources",
+        str(sources),
     ]
     proc = await asyncio.create_subprocess_exec(*cmd, cwd=REPO, stdout=subprocess.PIPE)
     out, _ = await proc.communicate()
@@ -306,11 +309,15 @@ async def drain_rate(
     *,
     size: str = "720p",
     extra_env: dict[str, str] | None = None,
+    sources: int = 4,
 ) -> dict[str, Any]:
-    """Pre-fill a frames topic (partitioned as in the main benchmark), start one worker on
-    ``engine``, measure the first-to-last label rate and the worker's CPU per frame."""
+    """Pre-fill a frames topic (partitioned as in the main benchmark) from ``sources`` cameras,
+    start one worker on ``engine``, measure the first-to-last label rate and the worker's CPU per
+    frame."""
     async with fresh_topic(bootstrap, "drain") as (run, topic):
-        await produce(frames_file(size, 250, cache_dir()), topic, bootstrap, "drain", count=frames)
+        await produce(
+            frames_file(size, 250, cache_dir()), topic, bootstrap, "drain", count=frames, sources=sources
+        )
         async with one_worker(engine, bootstrap, redis_url, topic, run, extra_env) as (worker, labels):
             await wait_topic(bootstrap, TopicSettings.named_after(topic).labels_topic)
             await labels.start()
@@ -341,10 +348,11 @@ async def latency_at(
     *,
     size: str = "720p",
     extra_env: dict[str, str] | None = None,
+    sources: int = 4,
 ) -> dict[str, Any]:
-    """Start one worker on ``engine``, produce to it at ``rate`` frames/s for ``seconds`` (the
-    producer process on the same cores, as in the latency phases) and read every label back:
-    captured-at to label record, p50/p95/p99."""
+    """Start one worker on ``engine``, produce to it at ``rate`` frames/s for ``seconds`` from
+    ``sources`` cameras (the producer process on the same cores, as in the latency phases) and
+    read every label back: captured-at to label record, p50/p95/p99."""
     frames_path = frames_file(size, 250, cache_dir())
     async with (
         fresh_topic(bootstrap, "latency") as (run, topic),
@@ -355,7 +363,9 @@ async def latency_at(
         await wait_topic(bootstrap, TopicSettings.named_after(topic).labels_topic)
         await labels.start()
         await labels.wait_for("warm", int(warm["sent"]), timeout_s=60)
-        sent = await produce(frames_path, topic, bootstrap, "rate", rate=rate, seconds=seconds)
+        sent = await produce(
+            frames_path, topic, bootstrap, "rate", rate=rate, seconds=seconds, sources=sources
+        )
         got = await labels.wait_for("rate", int(sent["sent"]), timeout_s=120)
         return {
             "engine": engine.name,

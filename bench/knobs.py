@@ -1,7 +1,7 @@
 """A/B of worker settings: drain throughput of one worker process per setting, same frames.
 
     .venv/bin/python -m bench.knobs [--frames 1000] [--rounds 3] [--engine fp32|int8] [--out FILE]
-        [--rate FRAMES_PER_S [--seconds 40]]
+        [--sources 4] [--rate FRAMES_PER_S [--seconds 40]]
         NAME=ENV=VALUE[,...] ...
 
 e.g. ``default= decode1=LOOKOUT_DECODE_THREADS=1 batch4=LOOKOUT_MAX_BATCH=4``. Prints frames/s
@@ -40,6 +40,7 @@ def main() -> None:
         "--rate", type=float, default=0.0, help="latency instead of drain rate: frames/s offered live"
     )
     parser.add_argument("--seconds", type=float, default=40.0, help="with --rate: seconds per run")
+    parser.add_argument("--sources", type=int, default=4, help="cameras the frames come from, taking turns")
     parser.add_argument("variants", nargs="+", help="NAME=ENV=VALUE[,ENV=VALUE] or NAME=")
     args = parser.parse_args()
     bootstrap, redis_url = service_endpoints()
@@ -54,7 +55,9 @@ def main() -> None:
     runs = interleaved(
         variants,
         args.rounds,
-        lambda extra: asyncio.run(drain_rate(bootstrap, redis_url, args.frames, engine, extra_env=extra)),
+        lambda extra: asyncio.run(
+            drain_rate(bootstrap, redis_url, args.frames, engine, extra_env=extra, sources=args.sources)
+        ),
         lambda run: (
             f"{run['fps']:7.1f} frames/s  {run['worker_cpu_ms_per_frame']:6.1f} worker CPU-ms/frame "
             f"({split(run['worker_cpu_ms_per_frame_by_thread'])}; {split(run['services_cpu_ms_per_frame'])})"
@@ -108,7 +111,9 @@ def latency(
         variants,
         args.rounds,
         lambda extra: asyncio.run(
-            latency_at(bootstrap, redis_url, args.rate, args.seconds, engine, extra_env=extra)
+            latency_at(
+                bootstrap, redis_url, args.rate, args.seconds, engine, extra_env=extra, sources=args.sources
+            )
         ),
         line,
     )
@@ -150,7 +155,13 @@ def interleaved(
 def write(args: argparse.Namespace, fields: dict[str, Any]) -> None:
     """The results document (engine, rounds, CPU model and flags, ``fields``): printed, and
     written to ``--out`` when given."""
-    document = {"engine": args.engine, "rounds": args.rounds, "cpu": cpu_model(), **fields}
+    document = {
+        "engine": args.engine,
+        "rounds": args.rounds,
+        "sources": args.sources,
+        "cpu": cpu_model(),
+        **fields,
+    }
     if args.out is not None:
         args.out.write_text(json.dumps(document, indent=2) + "\n")
     print(json.dumps(document))
