@@ -137,7 +137,14 @@ def flame_svg(stacks: Counter[str], title: str, width: int = 1400, row: int = 17
 
 
 async def profile(
-    frames: int, size: str, seconds: float, out: Path, *, precision: str = "fp32", keep_raw: bool = False
+    frames: int,
+    size: str,
+    seconds: float,
+    out: Path,
+    *,
+    precision: str = "fp32",
+    keep_raw: bool = False,
+    sources: int = 4,
 ) -> dict[str, Any]:
     """Drain a backlog of ``frames`` under py-spy with the ``precision`` CPU engine; write the
     flame graph and the categories (and py-spy's raw stacks with ``keep_raw``)."""
@@ -147,7 +154,9 @@ async def profile(
     bootstrap, redis_url = service_endpoints()
     engine = cpu_engines()[precision]
     async with fresh_topic(bootstrap, "profile") as (run, topic):
-        await produce(frames_file(size, 250, cache_dir()), topic, bootstrap, "prof", count=frames)
+        await produce(
+            frames_file(size, 250, cache_dir()), topic, bootstrap, "prof", count=frames, sources=sources
+        )
         raw = out / f"profile-{run}.txt"
         async with one_worker(engine, bootstrap, redis_url, topic, run, None) as (worker, labels):
             await wait_topic(bootstrap, TopicSettings.named_after(topic).labels_topic)
@@ -196,6 +205,7 @@ async def profile(
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpu": cpu_model(),
         "frames": len(got),
+        "sources": sources,
         "size": size,
         "wall_s": wall,
         "engine": precision,
@@ -225,10 +235,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--engine", choices=("fp32", "int8"), default="fp32", help="the CPU engine drained")
     parser.add_argument("--keep-raw", action="store_true", help="keep py-spy's raw stacks beside the JSON")
+    parser.add_argument("--sources", type=int, default=4, help="cameras the frames come from, taking turns")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     result = asyncio.run(
-        profile(args.frames, args.size, args.seconds, args.out, precision=args.engine, keep_raw=args.keep_raw)
+        profile(
+            args.frames,
+            args.size,
+            args.seconds,
+            args.out,
+            precision=args.engine,
+            keep_raw=args.keep_raw,
+            sources=args.sources,
+        )
     )
     log(f"profile: {result['worker_cpu_ms_per_frame']:.1f} CPU-ms per frame")
     for category, share in result["share_by_category"].items():
