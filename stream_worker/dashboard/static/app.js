@@ -72,6 +72,11 @@
     return Number(m[1]) * { ms: 0.001, s: 1, m: 60, h: 3600, d: 86400 }[m[2]];
   }
 
+  /* Labels without a picture: thumbnails are off (--thumbnail-rate 0), or the source waits its turn. */
+  function missingText(s) {
+    return s && s.latest && s.latest.frame_id ? "no picture" : "no recent frame";
+  }
+
   function thumbUrl(id, version) {
     return "/api/thumb/" + encodeURIComponent(id) + ".jpg?v=" + encodeURIComponent(version || 0);
   }
@@ -182,6 +187,7 @@
     } else {
       img.hidden = true;
       missing.hidden = false;
+      missing.textContent = missingText(s);
     }
     $("latest-age").textContent = s ? age(s.age_s) : "";
     const labels = $("latest-labels");
@@ -248,6 +254,7 @@
       } else {
         c.img.hidden = true;
         c.missing.hidden = false;
+        c.missing.textContent = missingText(s);
       }
       c.labels.replaceChildren(...(s.latest.labels || []).slice(0, 3).map((l) => {
         const li = el("li", null, l.label);
