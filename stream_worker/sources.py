@@ -85,6 +85,10 @@ class RecentSources(Generic[V]):
         self._entries.move_to_end(source)
         return value
 
+    def discard(self, source: str) -> None:
+        """Forget one source now (nothing when it is not held)."""
+        self._entries.pop(source, None)
+
     def admit(self, source: str, now_ms: float, make: Callable[[], V]) -> V | None:
         """Like :meth:`touch` while the source is held or there is room; ``None`` (nothing
         changed) for a new source when ``max_sources`` are held."""

@@ -19,6 +19,8 @@ thumbnail's TTL (after it the thumbnail is gone anyway) and for ``--max-tracked-
 from __future__ import annotations
 
 import asyncio
+import functools
+import heapq
 import json
 import logging
 import math
@@ -45,6 +47,8 @@ log = logging.getLogger("lookout.live")
 
 THUMBNAIL_WIDTH = 240
 THUMBNAIL_EVERY_S = 1.0
+WAIT_MEMORY_S = 10.0
+"""How long a source that sends nothing keeps its place in the queue for a picture."""
 
 
 class LiveViewSink:
@@ -79,6 +83,10 @@ class LiveViewSink:
             ThumbnailBudget(settings.counts.thumbnail_rate, clock_ms())
             if settings.counts.thumbnail_rate > 0
             else None
+        )
+        # Sources due a picture and not given one yet: since when each has waited.
+        self._waiting: RecentSources[float] = RecentSources(
+            SourceLimits(settings.counts.max_tracked_sources, WAIT_MEMORY_S * 1000)
         )
         self._legacy_expiring = False
 
@@ -144,19 +152,45 @@ class LiveViewSink:
             log.debug("live view not updated: %s", exc)
 
     def _due(self, latest: dict[str, Prediction], now_ms: float) -> list[Prediction]:
-        """The latest frames to write now: of the sources whose latest frame is a second old or
-        more (or was never written), the stalest first, as many as the thumbnail budget allows."""
+        """The latest frames to write now: those of sources whose latest frame is a second old or
+        more (or was never written), as many as the thumbnail budget allows, to the sources that
+        have waited longest for a picture (whichever delivery their frames come in)."""
         self._latest_written.forget(now_ms)
         every_ms = THUMBNAIL_EVERY_S * 1000
-        stale: list[tuple[float, Prediction]] = []
+        stale: list[Prediction] = []
         for source, p in latest.items():
             written = self._latest_written.last_seen_ms(source)
             if written is None or now_ms - written >= every_ms:
-                stale.append((-math.inf if written is None else written, p))
-        if self._thumbnails is None:
-            return [p for _, p in stale]
-        stale.sort(key=lambda item: item[0])
-        return [p for _, p in stale[: self._thumbnails.take(len(stale), now_ms)]]
+                stale.append(p)
+        budget = self._thumbnails
+        if budget is None:
+            return stale
+        waiting = self._waiting
+        for p in stale:
+            written = self._latest_written.last_seen_ms(p.frame.source_id)
+            due_at = now_ms if written is None else written + every_ms
+            waiting.touch(p.frame.source_id, now_ms, functools.partial(float, due_at))
+        waiting.forget(now_ms)
+        granted = budget.available(now_ms)
+        if not granted or not stale:
+            return []
+        # A picture goes to a source of this delivery only if fewer than ``granted`` sources
+        # have waited longer: the others keep the budget for the sources ahead of them.
+
+        def since(source: str) -> float:
+            waited = waiting.get(source)
+            return now_ms if waited is None else waited
+
+        since_of = {p.frame.source_id: since(p.frame.source_id) for p in stale}
+        cutoff = heapq.nsmallest(granted, map(since, waiting))[-1] if len(waiting) > granted else math.inf
+        chosen = sorted(
+            (p for p in stale if since_of[p.frame.source_id] <= cutoff),
+            key=lambda p: since_of[p.frame.source_id],
+        )[:granted]
+        budget.spend(len(chosen))
+        for p in chosen:
+            waiting.discard(p.frame.source_id)
+        return chosen
 
 
 class ThumbnailBudget:
@@ -169,14 +203,16 @@ class ThumbnailBudget:
         self._tokens = max(1.0, per_s)
         self._at_ms = now_ms
 
-    def take(self, wanted: int, now_ms: float) -> int:
-        """How many of ``wanted`` thumbnails may be made now (and takes them)."""
+    def available(self, now_ms: float) -> int:
+        """How many thumbnails may be made now."""
         elapsed_s = max(0.0, now_ms - self._at_ms) / 1000
         self._tokens = min(max(1.0, self._per_s), self._tokens + elapsed_s * self._per_s)
         self._at_ms = now_ms
-        granted = min(wanted, int(self._tokens))
-        self._tokens -= granted
-        return granted
+        return int(self._tokens)
+
+    def spend(self, made: int) -> None:
+        """Take ``made`` thumbnails (at most what :meth:`available` said) out of the budget."""
+        self._tokens -= made
 
 
 def thumbnails(predictions: list[Prediction], limits: DecodeLimits) -> dict[str, bytes]:
@@ -192,12 +228,18 @@ def thumbnails(predictions: list[Prediction], limits: DecodeLimits) -> dict[str,
 def thumbnail(data: bytes, content_type: str, limits: DecodeLimits) -> bytes | None:
     """A JPEG of the frame, ``THUMBNAIL_WIDTH`` wide, or ``None`` when it cannot be decoded.
 
-    The JPEG is decoded at the smallest DCT scale whose longer side still covers the width (720p
+    The JPEG is decoded at the smallest DCT scale whose width still covers the thumbnail's (720p
     at a quarter, 1080p at an eighth: already the width), then shrunk with the area filter:
     about 40 % less CPU than a half-scale decode at 720p, half at 1080p (``bench.thumbnails``).
+    A frame turned by its EXIF orientation, whose stored height becomes its width, is decoded
+    again at the scale that keeps both sides covered.
     """
     try:
-        image = decode_bgr(data, probe(data, content_type, limits), DecodeTarget(THUMBNAIL_WIDTH, "longer"))
+        header = probe(data, content_type, limits)
+        wide = header.width >= header.height
+        image = decode_bgr(data, header, DecodeTarget(THUMBNAIL_WIDTH, "longer" if wide else "shorter"))
+        if image.shape[1] < THUMBNAIL_WIDTH and max(image.shape[:2]) < max(header.width, header.height):
+            image = decode_bgr(data, header, DecodeTarget(THUMBNAIL_WIDTH, "shorter"))
     except BadFrame:
         return None
     height, width = image.shape[:2]

@@ -32,7 +32,7 @@ def test_thumbnail_benchmark_reports_the_cost_and_holds_many_cameras_to_the_budg
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.splitlines()[-1])
-    assert report["cpu"]["model"] and "avx2" in report["cpu"]["flags"]
+    assert report["cpu"]["model"] and isinstance(report["cpu"]["flags"]["avx2"], bool)
     for size in ("720p", "1080p"):
         assert report["per_thumbnail"][size]["thumbnail_cpu_ms"] > 0
         assert report["per_thumbnail"][size]["half_scale_cpu_ms"] > 0
@@ -40,7 +40,7 @@ def test_thumbnail_benchmark_reports_the_cost_and_holds_many_cameras_to_the_budg
     # 60 cameras at a frame a second: every one without a budget; 20 a second (and the first
     # second's burst of 20) with it.
     assert row["unbounded"]["thumbnails_per_s"] == 60
-    assert row["budget"]["thumbnails_per_s"] <= 20 + 20 / 4
+    assert 15 <= row["budget"]["thumbnails_per_s"] <= 20 + 20 / 4
     assert [p.name for p in tmp_path.iterdir()] and all(
         p.name.endswith("-thumbnails.json") for p in tmp_path.iterdir()
     )

@@ -148,3 +148,30 @@ async def test_with_thumbnails_off_the_latest_labels_stay_and_no_older_picture_i
     cam = (await view.stats())["sources"][0]
     assert cam["latest"]["frame_id"] == "cam-00/1"
     assert not cam["thumbnail"] and await view.thumbnail("cam-00") is None
+
+
+async def test_the_picture_budget_goes_to_the_camera_that_waited_longest_whichever_delivery_it_is_in(
+    redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    # Two cameras at 20 frames/s whose frames come in turns, one to a delivery, and one picture
+    # a second: each second's picture must not always fall to whichever camera's delivery comes
+    # when the budget refills.
+    clock = [0.0]
+    view = LiveView(redis_client, key_prefix=key_prefix, windows=["1m"])
+    with ThreadPoolExecutor(1) as pool:
+        sink = LiveViewSink(
+            redis_client,
+            settings_with(key_prefix, 1),
+            model=lambda: MODEL,
+            executor=pool,
+            clock_ms=lambda: clock[0],
+        )
+        for tick in range(160):  # 4 s
+            clock[0] = tick * 25.0
+            camera = f"cam-{tick % 2:02d}"
+            batch = Batch(opened_at=0.0)
+            batch.predictions = [prediction(tick, camera)]
+            batch.drift = {camera: DriftSnapshot(1, 0.0, {"car": 1.0})}
+            await sink.write(batch)
+    shown = {s["id"]: (s["thumbnail"], s["latest"]["frame_id"]) for s in (await view.stats())["sources"]}
+    assert shown["cam-00"][0] and shown["cam-01"][0], shown

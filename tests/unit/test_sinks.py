@@ -184,20 +184,43 @@ async def test_a_partition_that_fails_fails_the_write_after_the_others_are_count
     assert writer.watermark == {("cams", 1): 1}
 
 
+def _sharp_portrait() -> Any:
+    return np.ascontiguousarray(np.rot90(images.bikes_frame()))  # 272 x 640, at its own resolution
+
+
 @pytest.mark.parametrize(
-    ("width", "height", "encode"),
-    [(1280, 720, images.jpeg), (1920, 1080, images.jpeg), (720, 1280, images.jpeg), (1280, 720, images.png)],
-    ids=["720p", "1080p", "portrait", "png"],
+    ("make", "encode"),
+    [
+        (lambda: images.upscaled_bikes_frame(1280, 720), images.jpeg),
+        (lambda: images.upscaled_bikes_frame(1920, 1080), images.jpeg),
+        (lambda: images.upscaled_bikes_frame(1080, 1920), images.jpeg),
+        (_sharp_portrait, images.jpeg),
+        (
+            lambda: images.upscaled_bikes_frame(1280, 720),
+            lambda f: images.with_exif_orientation(images.jpeg(f), 6),
+        ),
+        (lambda: images.upscaled_bikes_frame(1280, 720), images.png),
+    ],
+    ids=["720p", "1080p", "portrait-1080p", "portrait-sharp", "exif-turned", "png"],
 )
-def test_a_thumbnail_is_the_frame_240_wide(width: int, height: int, encode: Any) -> None:
-    frame = images.upscaled_bikes_frame(width, height)
-    data = thumbnail(encode(frame), "image/png" if encode is images.png else "image/jpeg", DecodeLimits())
-    assert data is not None and data.startswith(b"\xff\xd8")
-    shown = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+def test_a_thumbnail_is_the_frame_240_wide_with_its_detail(make: Any, encode: Any) -> None:
+    data = encode(make())
+    # The picture a person would see: the frame as displayed (EXIF turned), shrunk the careful way.
+    frame = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    thumb = thumbnail(data, "image/png" if encode is images.png else "image/jpeg", DecodeLimits())
+    assert thumb is not None and thumb.startswith(b"\xff\xd8")
+    shown = cv2.imdecode(np.frombuffer(thumb, np.uint8), cv2.IMREAD_COLOR)
+    height, width = frame.shape[:2]
     assert shown.shape == (round(height * 240 / width), 240, 3)
-    # The picture a person would see: the frame itself, shrunk the careful way.
     expected = cv2.resize(frame, (240, shown.shape[0]), interpolation=cv2.INTER_AREA)
     assert np.abs(shown.astype(np.int16) - expected).mean() < 4
+    # Not blown up from a decode narrower than 240 (a portrait frame scaled by its longer side
+    # kept 0.30-0.47 of the detail; shrunk from a wide enough decode, 0.65-1.07).
+    assert _detail(shown) > 0.55 * _detail(expected)
+
+
+def _detail(image: Any) -> float:
+    return float(cv2.Laplacian(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY), cv2.CV_32F).var())
 
 
 def test_a_frame_that_cannot_be_decoded_has_no_thumbnail() -> None:
@@ -206,8 +229,14 @@ def test_a_frame_that_cannot_be_decoded_has_no_thumbnail() -> None:
 
 def test_the_thumbnail_budget_grants_at_most_its_rate_and_one_second_of_burst() -> None:
     budget = ThumbnailBudget(4, now_ms=0)
-    assert budget.take(12, 0) == 4
-    assert budget.take(12, 500) == 2
-    assert budget.take(12, 60_000) == 4  # an idle minute saves up no more than a second's worth
+    assert budget.available(0) == 4
+    budget.spend(4)
+    assert budget.available(500) == 2
+    budget.spend(2)
+    assert budget.available(60_000) == 4  # an idle minute saves up no more than a second's worth
     slow = ThumbnailBudget(0.5, now_ms=0)
-    assert [slow.take(1, t) for t in (0, 1000, 2000, 3000, 4000)] == [1, 0, 1, 0, 1]
+    granted = []
+    for t in (0, 1000, 2000, 3000, 4000):
+        granted.append(slow.available(t))
+        slow.spend(granted[-1])
+    assert granted == [1, 0, 1, 0, 1]

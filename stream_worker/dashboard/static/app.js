@@ -72,7 +72,7 @@
     return Number(m[1]) * { ms: 0.001, s: 1, m: 60, h: 3600, d: 86400 }[m[2]];
   }
 
-  /* Labels without a picture: thumbnails are off (--thumbnail-rate 0), or the source waits its turn. */
+  /* Labels without a picture: thumbnails are off (--thumbnail-rate 0), or one could not be made. */
   function missingText(s) {
     return s && s.latest && s.latest.frame_id ? "no picture" : "no recent frame";
   }
@@ -180,7 +180,7 @@
     const img = $("latest-thumb");
     const missing = $("latest-missing");
     if (s && s.thumbnail) {
-      const url = thumbUrl(s.id, s.updated_ms);
+      const url = thumbUrl(s.id, s.latest.frame_id);
       if (img.dataset.src !== url) { img.dataset.src = url; img.src = url; }
       img.hidden = false;
       missing.hidden = true;
@@ -247,7 +247,7 @@
       c.ageTag.textContent = age(s.age_s);
       c.ageTag.classList.toggle("stale", s.age_s !== null && s.age_s > 30);
       if (s.thumbnail) {
-        const url = thumbUrl(s.id, s.updated_ms);
+        const url = thumbUrl(s.id, s.latest.frame_id);
         if (c.img.dataset.src !== url) { c.img.dataset.src = url; c.img.src = url; }
         c.img.hidden = false;
         c.missing.hidden = true;
