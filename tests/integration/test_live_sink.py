@@ -95,6 +95,13 @@ def settings_with(key_prefix: str, thumbnail_rate: float) -> Settings:
     )
 
 
+def clocked_sink(
+    client: aioredis.Redis, settings: Settings, pool: ThreadPoolExecutor, clock: list[float]
+) -> LiveViewSink:
+    """The live-view sink on a simulated clock (``clock[0]``, in ms)."""
+    return LiveViewSink(client, settings, model=lambda: MODEL, executor=pool, clock_ms=lambda: clock[0])
+
+
 def every_source(offset: int, sources: int) -> Batch:
     batch = Batch(opened_at=0.0)
     batch.predictions = [prediction(offset + i, f"cam-{i:02d}") for i in range(sources)]
@@ -112,13 +119,7 @@ async def test_many_cameras_get_their_thumbnails_in_turn_within_the_budget(
     view = LiveView(redis_client, key_prefix=key_prefix, windows=["1m"])
     shown: list[int] = []
     with ThreadPoolExecutor(1) as pool:
-        sink = LiveViewSink(
-            redis_client,
-            settings_with(key_prefix, 4),
-            model=lambda: MODEL,
-            executor=pool,
-            clock_ms=lambda: clock[0],
-        )
+        sink = clocked_sink(redis_client, settings_with(key_prefix, 4), pool, clock)
         for second in range(4):
             clock[0] = second * 1000.0
             await sink.write(every_source(100 * second, 12))
@@ -159,13 +160,7 @@ async def test_the_picture_budget_goes_to_the_camera_that_waited_longest_whichev
     clock = [0.0]
     view = LiveView(redis_client, key_prefix=key_prefix, windows=["1m"])
     with ThreadPoolExecutor(1) as pool:
-        sink = LiveViewSink(
-            redis_client,
-            settings_with(key_prefix, 1),
-            model=lambda: MODEL,
-            executor=pool,
-            clock_ms=lambda: clock[0],
-        )
+        sink = clocked_sink(redis_client, settings_with(key_prefix, 1), pool, clock)
         for tick in range(160):  # 4 s
             clock[0] = tick * 25.0
             camera = f"cam-{tick % 2:02d}"
